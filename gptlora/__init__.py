@@ -1,0 +1,12 @@
+"""gptlora: GPT-2 from scratch in PyTorch, for learning and teaching LLM fine-tuning.
+
+One module per stage, in the order a reader meets them:
+``model`` (the architecture), ``generation`` (tokenizer and sampling),
+``pretrained`` (GPT-2 weights), ``spam`` (the data set), ``classifier``
+(fine-tuning), ``lora`` (low-rank adaptation) and ``cli`` (the ``gptlora`` command).
+"""
+
+from .model import GPTConfig, GPTModel, count_parameters
+
+__all__ = ["GPTConfig", "GPTModel", "count_parameters"]
+__version__ = "0.1.0"
