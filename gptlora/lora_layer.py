@@ -1,0 +1,202 @@
+"""The LoRA maths: the low-rank update, the wrapper around a linear layer, and tools to study it.
+
+A frozen linear layer ``y = x W^T + b`` gets a trainable low-rank update::
+
+    y = x W^T + b + scaling * dropout(x) @ A @ B        A: [in, r]   B: [r, out]
+
+Only ``A`` and ``B`` train: ``r * (in + out)`` numbers instead of ``in * out``.
+``B`` starts at zero, so the adapted model starts exactly where the base model is.
+Injection into a model lives in ``lora.py``, files and the peft export in ``lora_io.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+# Why the rule matters: with Adam every entry of A and B moves by about the learning
+# rate per step, so the update x @ A @ B, a sum over `rank` terms, grows with the rank.
+# Dividing by the rank (the LoRA paper) keeps its size roughly independent of the rank,
+# so a learning rate tuned at one rank needs no retuning at another; plain "alpha"
+# lets it grow with the rank; rsLoRA (Kalajdzievski, 2023) shows that alpha/rank
+# over-corrects at large ranks (learning slows) and that alpha/sqrt(rank) keeps it stable.
+SCALINGS = {
+    "alpha/rank": lambda alpha, rank: alpha / rank,  # LoRA paper, peft, the book's current text
+    "alpha": lambda alpha, rank: alpha,  # the book's original appendix and several tutorials
+    "alpha/sqrt(rank)": lambda alpha, rank: alpha / math.sqrt(rank),  # rsLoRA
+}
+
+
+def lora_scaling(alpha: float, rank: int, scaling: str) -> float:
+    """The factor that multiplies ``x @ A @ B`` under the rule ``scaling`` (a key of ``SCALINGS``)."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown LoRA scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+    return SCALINGS[scaling](alpha, rank)
+
+
+class LoRALayer(nn.Module):
+    """The low-rank update alone: ``[..., in_dim] -> [..., out_dim]``, ``scaling * dropout(x) @ A @ B``.
+
+    ``A`` is ``[in_dim, rank]`` with Kaiming-uniform initialisation (``a=sqrt(5)``, as
+    the book: torch takes the fan-in from A's second dimension, the rank); ``B`` is
+    ``[rank, out_dim]`` zeros. ``scaling`` names the rule in ``SCALINGS``:
+    ``"alpha/rank"`` (default), ``"alpha"`` or ``"alpha/sqrt(rank)"`` (rsLoRA). The
+    rule matters as soon as you change the rank: only with a rank-aware rule does the
+    learning rate you tuned at one rank stay sensible at another.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float = 0.0,
+                 scaling: str = "alpha/rank", device=None, dtype=None):
+        super().__init__()
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, found {rank!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must lie in [0, 1), found {dropout}")
+        self.rank, self.alpha, self.scaling_rule, self.dropout_p = rank, alpha, scaling, dropout
+        self.scaling = lora_scaling(alpha, rank, scaling)
+        self.A = nn.Parameter(torch.empty(in_dim, rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(rank, out_dim, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * (self.dropout(x) @ self.A @ self.B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in ``nn.Linear``'s layout, ``[out_dim, in_dim]``: ``scaling * (A @ B)^T``."""
+        return self.scaling * (self.A @ self.B).T
+
+
+class LinearWithLoRA(nn.Module):
+    """``linear(x) + lora(x)`` for the active adapter; ``[..., in] -> [..., out]``.
+
+    The wrapped layer stays reachable as ``.linear`` and the adapters as
+    ``.lora[name]``, so state-dict keys read ``W_query.linear.weight`` and
+    ``W_query.lora.default.A``. Passing ``rank`` and ``alpha`` adds an adapter at once,
+    as the book's ``LinearWithLoRA(linear, rank, alpha)`` does.
+    """
+
+    def __init__(self, linear: nn.Linear, rank: int | None = None, alpha: float | None = None,
+                 dropout: float = 0.0, scaling: str = "alpha/rank", adapter_name: str = "default"):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LinearWithLoRA wraps an nn.Linear, found {type(linear).__name__}")
+        self.linear = linear
+        self.lora = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.enabled = True
+        self._unmerged_weight: nn.Parameter | None = None  # set while an adapter is merged
+        if rank is not None:
+            self.add_adapter(adapter_name, rank, alpha, dropout, scaling)
+            self.active_adapter = adapter_name
+
+    in_features = property(lambda self: self.linear.in_features)
+    out_features = property(lambda self: self.linear.out_features)
+    merged = property(lambda self: self._unmerged_weight is not None)
+
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, scaling: str = "alpha/rank"):
+        """Add a fresh adapter ``name`` (``B`` = 0), on the wrapped layer's device and dtype."""
+        if name in self.lora:
+            raise ValueError(f"this layer already has a LoRA adapter named {name!r}; pick another name")
+        weight = self.linear.weight
+        self.lora[name] = LoRALayer(self.in_features, self.out_features, rank, alpha, dropout, scaling,
+                                    device=weight.device, dtype=weight.dtype)
+
+    def _uses_lora(self) -> bool:
+        return self.enabled and not self.merged and self.active_adapter in self.lora
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        if self._uses_lora():
+            out = out + self.lora[self.active_adapter](x)
+        return out
+
+    def base_weight(self) -> nn.Parameter:
+        """The wrapped layer's own weight ``[out, in]``, whether or not an adapter is merged into it."""
+        return self._unmerged_weight if self.merged else self.linear.weight
+
+    def merge(self) -> None:
+        """Fold the active adapter into the weight: ``W + scaling * (A @ B)^T``.
+
+        The original weight is kept aside rather than updated in place, so ``unmerge``
+        restores it bit for bit and a weight tied to another layer (GPT-2's head and
+        token embedding) is never modified. The price: one extra weight copy while merged.
+        """
+        if self.merged or self.active_adapter not in self.lora:
+            return
+        original = self.linear.weight
+        merged = original.detach() + self.lora[self.active_adapter].delta_weight().detach().to(original.dtype)
+        self._unmerged_weight = original
+        self.linear.weight = nn.Parameter(merged, requires_grad=False)
+
+    def unmerge(self) -> None:
+        """Put the original weight back (exactly) after ``merge``."""
+        if self.merged:
+            self.linear.weight, self._unmerged_weight = self._unmerged_weight, None
+
+
+class ModuleToSave(nn.Module):
+    """A module trained in full alongside the adapters (e.g. a new classification head).
+
+    Keeps the ``original`` frozen and one trainable copy per adapter in ``copies``;
+    forwards through the active adapter's copy, or the original when LoRA is disabled.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.enabled = True
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.copies:
+            raise ValueError(f"this module already has a copy for adapter {name!r}; pick another name")
+        self.copies[name] = copy.deepcopy(self.original)  # a deep copy also unties shared weights
+
+    def current(self) -> nn.Module:
+        """The module the forward pass uses now."""
+        use_copy = self.enabled and self.active_adapter in self.copies
+        return self.copies[self.active_adapter] if use_copy else self.original
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- understanding LoRA
+
+def low_rank_approximation(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` approximation of ``matrix`` ``[m, n]`` as factors ``left @ right``.
+
+    Returns ``left`` ``[m, rank]`` and ``right`` ``[rank, n]`` from the truncated SVD
+    (Eckart-Young: no rank-``rank`` matrix is closer in Frobenius norm; the error is
+    the root sum of squares of the discarded singular values).
+    """
+    if matrix.dim() != 2:
+        raise ValueError(f"expected a matrix [m, n], found shape {list(matrix.shape)}")
+    if not 1 <= rank <= min(matrix.shape):
+        raise ValueError(f"rank must lie in [1, {min(matrix.shape)}] for a {list(matrix.shape)} matrix, found {rank}")
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank] * s[:rank], vh[:rank]
+
+
+def amplification_factor(delta_w: torch.Tensor, w: torch.Tensor, rank: int | None = None) -> float:
+    """How much an update ``delta_w`` amplifies directions that ``w`` barely uses (LoRA paper, sec. 7).
+
+    ``||delta_w||_F / ||U^T w V||_F``, with ``U`` ``[m, r]`` and ``V`` ``[n, r]`` the
+    top-``r`` singular vectors of ``delta_w`` (``r``: its numerical rank unless given).
+    Both matrices are ``[m, n]`` (any consistent layout). A large factor means the
+    update boosts features that were weak in ``w``, as the paper found for GPT-3.
+    """
+    if delta_w.shape != w.shape or delta_w.dim() != 2:
+        raise ValueError(f"expected two matrices of one shape, found {list(delta_w.shape)} and {list(w.shape)}")
+    delta, weight = delta_w.double(), w.double()
+    rank = rank or int(torch.linalg.matrix_rank(delta))
+    if rank == 0:
+        raise ValueError("delta_w is zero: an update that changes nothing amplifies nothing")
+    u, _, vh = torch.linalg.svd(delta, full_matrices=False)
+    projected = u[:, :rank].T @ weight @ vh[:rank].T  # [r, r]: w seen through delta_w's subspaces
+    return float(torch.linalg.norm(delta) / torch.linalg.norm(projected))
