@@ -9,13 +9,42 @@ loader must undo, each of which fails silently if missed:
    separate ``nn.Linear`` layers, so it is split in three along the output.
 3. The output head is the token embedding (weight tying): we tie the tensors,
    we do not copy them.
+
+On top of the mapping: :func:`download_gpt2` fetches a checkpoint (verified and
+resumable, see :mod:`gptlora.download`), :func:`load_pretrained` turns one into a
+``GPTModel`` with strict accounting of every tensor, and :func:`save_hf` writes a
+model back in the layout ``transformers`` reads. Only safetensors files are read:
+never a pickle from the internet.
 """
 
 from __future__ import annotations
 
-import torch
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
 
-from .model import GPTConfig, GPTModel
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .download import DownloadError, OfflineError, download_file, offline_mode, place_by_hand_hint, replace_atomically
+from .model import PRESET_ALIASES, GPTConfig, GPTModel
+
+# The Hub repository of each GPT-2 size, and where its files can be fetched from, in order.
+HUB_REPOS = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+HUB_MIRRORS = ("https://huggingface.co", "https://hf-mirror.com")
+BASE_URL_ENV = "GPTLORA_HF_BASE_URL"  # one base URL, or several separated by commas
+CHECKPOINT_FILES = ("config.json", "model.safetensors")
+# Causal-mask buffers that some GPT-2 files carry (h.<i>.attn.bias, h.<i>.attn.masked_bias): not weights.
+_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
 # Per-block names: ours -> Hugging Face's (inside "h.<i>."), for the one-to-one tensors.
 # "T" marks a Conv1D weight that must be transposed.
@@ -47,6 +76,14 @@ def config_from_hf(hf_config: dict) -> GPTConfig:
     dropout is 0 because pretrained models are loaded for inference or fine-tuning
     recipes that set their own.
     """
+    unsupported = {
+        "activation_function": (hf_config.get("activation_function", "gelu_new"), {"gelu_new", "gelu_pytorch_tanh"}),
+        "n_inner": (hf_config.get("n_inner"), {None, 4 * hf_config.get("n_embd", 0)}),
+        "layer_norm_epsilon": (hf_config.get("layer_norm_epsilon", 1e-5), {1e-5}),
+    }
+    for field, (found, supported) in unsupported.items():
+        if found not in supported:  # GPTModel hard-wires these; loading anyway would give wrong outputs
+            raise ValueError(f"config.json has {field}={found!r}; GPTModel supports only {sorted(map(str, supported))}")
     try:
         return GPTConfig(
             vocab_size=hf_config["vocab_size"],
@@ -64,7 +101,7 @@ def config_from_hf(hf_config: dict) -> GPTConfig:
         ) from None
 
 
-def config_to_hf(cfg: GPTConfig) -> dict:
+def config_to_hf(cfg: GPTConfig, tie_word_embeddings: bool = True) -> dict:
     """A Hugging Face ``GPT2Config``-compatible dict for ``cfg`` (what ``config.json`` holds)."""
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -84,7 +121,7 @@ def config_to_hf(cfg: GPTConfig) -> dict:
         "initializer_range": 0.02,
         "bos_token_id": 50256,
         "eos_token_id": 50256,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": tie_word_embeddings,
     }
 
 
@@ -145,3 +182,218 @@ def gptlora_to_hf(model: GPTModel) -> dict:
         hf[hf_prefix + "attn.c_attn.bias"] = torch.cat([state[f"{our_prefix}{n}.bias"] for n in _QKV])
     hf["lm_head.weight"] = state["out_head.weight"]
     return {name: tensor.detach().contiguous().clone() for name, tensor in hf.items()}
+
+
+# ---------------------------------------------------------------- download
+def gpt2_name(name: str) -> str:
+    """The canonical name of a GPT-2 size: ``"124M"`` -> ``"gpt2-small"``; ValueError listing known names."""
+    GPTConfig.from_preset(name)  # raises the error that lists every known name and alias
+    return PRESET_ALIASES.get(name, name)
+
+
+def hub_urls(name: str, file: str, base_url: str | list[str] | None = None) -> list[str]:
+    """URLs of ``file`` of GPT-2 ``name``, one per base URL, in the order they are tried.
+
+    Base URLs come from ``base_url`` (a string or a list), else from the environment
+    variable ``GPTLORA_HF_BASE_URL`` (comma-separated), else :data:`HUB_MIRRORS`.
+    """
+    if base_url is None:
+        base_url = os.environ.get(BASE_URL_ENV) or list(HUB_MIRRORS)
+    bases = base_url.split(",") if isinstance(base_url, str) else base_url
+    return [f"{base.strip().rstrip('/')}/{HUB_REPOS[gpt2_name(name)]}/resolve/main/{file}" for base in bases]
+
+
+def download_gpt2(name: str, models_dir: str | Path = "weights", base_url: str | list[str] | None = None) -> Path:
+    """Download ``config.json`` and ``model.safetensors`` of a GPT-2 size; return their directory.
+
+    ``name`` is ``gpt2-small``/``-medium``/``-large``/``-xl`` or ``124M``/``355M``/
+    ``774M``/``1558M``; files land in ``<models_dir>/<canonical name>/``. Files already
+    there are used without touching the network (they were verified when they were
+    downloaded, or placed there by hand). With ``GPTLORA_OFFLINE=1`` a missing file
+    raises :class:`~gptlora.download.OfflineError` naming the directory and the files.
+    """
+    canonical = gpt2_name(name)
+    directory = Path(models_dir) / canonical
+    missing = {file: hub_urls(canonical, file, base_url) for file in CHECKPOINT_FILES
+               if not (directory / file).is_file()}
+    if missing and offline_mode():
+        raise OfflineError(f"GPTLORA_OFFLINE=1 and {canonical} is not in {directory}.\n"
+                           f"{place_by_hand_hint(directory, missing)}\nOr unset GPTLORA_OFFLINE to download it.")
+    for file, urls in missing.items():
+        try:
+            download_file(urls, directory / file, desc=f"{canonical}/{file}")
+        except DownloadError as error:
+            if isinstance(error, OfflineError):
+                raise
+            raise DownloadError(f"{error}\n{canonical} needs all of {', '.join(CHECKPOINT_FILES)} "
+                                f"in {directory.resolve()}.") from error
+    return directory
+
+
+# ---------------------------------------------------------------- load
+def load_pretrained(name_or_dir: str | Path, models_dir: str | Path = "weights", download: bool = True) -> GPTModel:
+    """A ``GPTModel`` (eval mode, head tied to the token embedding) with pretrained GPT-2 weights.
+
+    ``name_or_dir`` is a directory holding ``config.json`` + ``model.safetensors``
+    (any GPT-2-shaped checkpoint: the shape comes from ``config.json``), or a GPT-2
+    name, looked up in ``<models_dir>/<name>/`` and downloaded there if missing and
+    ``download`` is true.
+    """
+    directory = Path(name_or_dir)
+    if not directory.is_dir():
+        try:
+            canonical = gpt2_name(str(name_or_dir))
+        except ValueError as error:
+            raise ValueError(f"{str(name_or_dir)!r} is neither a directory nor a GPT-2 name: {error}") from None
+        directory = download_gpt2(canonical, models_dir) if download else Path(models_dir) / canonical
+    for file in CHECKPOINT_FILES:
+        if not (directory / file).is_file():
+            found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else "no such directory"
+            raise FileNotFoundError(f"{directory / file} not found (found: {found}); a checkpoint directory holds "
+                                    f"{' and '.join(CHECKPOINT_FILES)}. Fetch one with `gptlora download gpt2-small`")
+    hf_config = json.loads((directory / "config.json").read_text())
+    cfg = config_from_hf(hf_config)
+    return load_gpt2_weights(directory / "model.safetensors", cfg, hf_config.get("tie_word_embeddings", True)).eval()
+
+
+def load_gpt2_weights(path: str | Path, cfg: GPTConfig, tie_word_embeddings: bool = True) -> GPTModel:
+    """A ``GPTModel`` of shape ``cfg`` holding the Hugging Face GPT-2 weights in the safetensors file ``path``.
+
+    Accepts the Hub's keys (``h.0.attn.c_attn.weight``) and ``save_pretrained``'s
+    (``transformer.h.0...``). Every tensor is accounted for: missing, unexpected and
+    wrongly shaped ones are listed in one ValueError; causal-mask buffers are skipped,
+    and so is a stored ``lm_head.weight`` when the head is tied (as transformers does).
+
+    Memory: the model is built on the ``meta`` device (no storage) and takes the
+    loaded tensors as its parameters. The file is memory-mapped one group of tensors
+    at a time (embeddings first, then each block); each group is copied out, in our
+    layout, and its mapping released before the next, so the pages read never pile
+    up: peak memory stays close to one checkpoint size (measure: bench/).
+    """
+    path = Path(path)
+    found = {key.removeprefix("transformer."): (key, shape) for key, shape in safetensors_shapes(path).items()}
+    with torch.device("meta"):
+        model = GPTModel(cfg)  # parameters without storage, replaced below
+    if tie_word_embeddings:
+        model.tie_weights()
+    expected = {k.removeprefix("transformer."): tuple(v.shape) for k, v in gptlora_to_hf(model).items()}
+    if tie_word_embeddings:
+        del expected["lm_head.weight"]
+    _check_keys_and_shapes(path, cfg, expected, {name: shape for name, (_, shape) in found.items()})
+
+    state = {}
+    for group in _by_block(expected):
+        tensors = read_safetensors(path, [found[name][0] for name in group])
+        part = {name: tensors[found[name][0]] for name in group}
+        mapped = hf_to_gptlora(part, cfg)
+        if "lm_head.weight" in part:
+            mapped["out_head.weight"] = part["lm_head.weight"]
+        # Contiguous copies, so nothing refers to this group's mapping any more and its pages are released.
+        state.update({k: v.clone(memory_format=torch.contiguous_format) for k, v in mapped.items()})
+        del tensors, part, mapped
+    model.load_state_dict(state, strict=not tie_word_embeddings, assign=True)
+    if tie_word_embeddings:
+        model.tie_weights()  # assign=True replaced tok_emb.weight: tie the head to the new tensor
+    return model
+
+
+def _by_block(names) -> list[list[str]]:
+    """Group Hugging Face names by transformer block (``h.<i>.``); the other names form one group.
+
+    Groups keep the order of ``names``: with the embeddings first, their (large)
+    group is copied while little else is loaded yet.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        block = ".".join(name.split(".")[:2]) if name.startswith("h.") else "top"
+        groups.setdefault(block, []).append(name)
+    return list(groups.values())
+
+
+def _check_keys_and_shapes(path: Path, cfg: GPTConfig, expected: dict, found: dict, show: int = 10) -> None:
+    """Raise one ValueError listing missing, unexpected and wrongly shaped tensors (Hugging Face names)."""
+    def skippable(name):  # mask buffers; a stored copy of a tied head (transformers ignores it too)
+        return _MASK_BUFFER.fullmatch(name) or name == "lm_head.weight"
+
+    def listed(title, items):
+        more = [f"    ... and {len(items) - show} more"] if len(items) > show else []
+        return [f"  {title} ({len(items)}):"] + [f"    {item}" for item in items[:show]] + more
+
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected and not skippable(name)]
+    wrong_shapes = []
+    for name, shape in expected.items():
+        if name in found and tuple(found[name]) != shape:
+            transposed = len(shape) == 2 and tuple(found[name]) == shape[::-1]
+            wrong_shapes.append(f"{name}: expected shape {list(shape)}, found {list(found[name])}"
+                                + (" (transposed? GPT-2's Conv1D weights are stored [in, out])" if transposed else ""))
+    if missing or unexpected or wrong_shapes:
+        lines = [f"{path} does not match the GPT-2 shape of its config.json (emb_dim={cfg.emb_dim}, "
+                 f"n_layers={cfg.n_layers}, vocab_size={cfg.vocab_size}, context_length={cfg.context_length}):"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shapes)):
+            if items:
+                lines += listed(title, items)
+        lines.append("Are config.json and model.safetensors from the same GPT-2 checkpoint?")
+        raise ValueError("\n".join(lines))
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in a safetensors file, read from its header alone."""
+    with _open_safetensors(path) as f:
+        return {key: f.get_slice(key).get_shape() for key in f.keys()}
+
+
+def read_safetensors(path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors ``keys`` (default: all) of a safetensors file, memory-mapped rather than read up front.
+
+    The returned CPU tensors share the file's pages (copy-on-write) until written to,
+    so reading costs little memory until they are used. Never unpickles anything.
+    """
+    with _open_safetensors(path) as f:
+        return {key: f.get_tensor(key) for key in (f.keys() if keys is None else keys)}
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str | Path):
+    """``safe_open`` whose errors say which file is damaged and what to do about it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); it may be truncated or "
+                         "corrupt. Delete it and download it again (gptlora download NAME)") from None
+    with handle as f:
+        yield f
+
+
+# ---------------------------------------------------------------- export
+def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` in Hugging Face's ``GPT2LMHeadModel`` layout.
+
+    ``transformers.GPT2LMHeadModel.from_pretrained(out_dir)`` loads the result. A tied
+    head is stored once (as ``wte``). An untied head ``[V, D]`` is written as
+    ``lm_head.weight`` with ``tie_word_embeddings: false``, so it round-trips. A model
+    whose head is not a language-model head (e.g. a 2-class classifier) is refused.
+    Each file is written to a temporary name and renamed into place. Returns ``out_dir``.
+    """
+    head, embedding = model.out_head, model.tok_emb.weight
+    if not isinstance(head, nn.Linear) or head.bias is not None or head.weight.shape != embedding.shape:
+        raise ValueError(f"save_hf exports GPT-2 language models, whose head is Linear({embedding.shape[1]}, "
+                         f"{embedding.shape[0]}, bias=False); this model's head is {head}. A classifier head has "
+                         "no place in GPT2LMHeadModel: save it with torch.save or your own format instead")
+    tied = head.weight is embedding
+    try:
+        state = gptlora_to_hf(model)
+    except KeyError as unknown:
+        raise ValueError(f"save_hf does not know the parameter {unknown} (LoRA layers still injected? "
+                         "merge them into the base weights first)") from None
+    if tied:
+        del state["lm_head.weight"]  # transformers re-creates the head from wte
+    out_dir = Path(out_dir)
+    with replace_atomically(out_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})  # transformers requires the "format" entry
+    with replace_atomically(out_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps(config_to_hf(model.cfg, tie_word_embeddings=tied), indent=2) + "\n")
+    return out_dir
