@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import http.client
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -106,7 +107,7 @@ def download_file(
         problem = _verification_problem(dest, expected_size, expected_sha256)
         if problem is None:
             return dest
-        print(f"warning: {dest} {problem}; downloading it again", flush=True)
+        print(f"warning: {dest} {problem}; downloading it again", file=sys.stderr)
         dest.unlink()
     hint = place_by_hand_hint(dest.parent, {dest.name: list(urls)})
     if offline_mode():
