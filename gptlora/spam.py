@@ -1,0 +1,270 @@
+"""The SMS Spam Collection: download, balance, split, and PyTorch loaders.
+
+The recipe is chapter 6 of "Build a Large Language Model (From Scratch)", step for
+step, so the split is row-for-row the book's: read the 5,572 messages (4,825 ham,
+747 spam), keep all 747 spam and a sample of 747 ham (``random_state=123``), map
+ham -> 0 and spam -> 1, shuffle (``random_state=123``) and cut 70% / 10% / rest
+into 1,045 / 149 / 300 rows. Each split is stored as a parquet file, which keeps
+every text byte for byte (a CSV round trip may not).
+
+Shapes: ``B`` batch size, ``T`` tokens per row (``max_length``, or the batch's
+longest text with dynamic padding).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import warnings
+import zipfile
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .download import DownloadError, download_file, replace_atomically, sha256_of
+from .generation import END_OF_TEXT_ID
+
+# UCI first, then the mirror the book falls back to. GPTLORA_SPAM_URL (comma-separated) replaces both.
+SPAM_URLS = [
+    "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+    "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
+]
+SPAM_FILE_NAME = "SMSSpamCollection"
+SPAM_FILE_SIZE = 477_907  # bytes
+SPAM_FILE_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+LABELS = {"ham": 0, "spam": 1}
+SPLITS = ("train", "validation", "test")
+
+
+# --- reading and checking the raw file ------------------------------------------------
+
+def read_sms_spam(path: str | Path) -> pd.DataFrame:
+    """Read a ``label<TAB>text`` file into a DataFrame with columns ``Label``, ``Text``.
+
+    Parsed exactly as the book's ``pd.read_csv(path, sep="\\t", header=None)``
+    does, quotes included (two quoted messages in the UCI file swallow the line
+    after them, which is why 5,574 lines give 5,572 rows), but with Python's csv
+    reader so that every problem can name its line. Raises ``ValueError`` for a
+    wrong column count, an unknown label, an empty text or bytes that are not UTF-8.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text ({error.reason} at byte {error.start}); "
+                         "expected the UCI SMS Spam Collection, which is UTF-8") from None
+    rows, reader = [], csv.reader(content.splitlines(keepends=True), delimiter="\t")
+    for fields in reader:
+        line = reader.line_num
+        if len(fields) != 2:
+            raise ValueError(f"{path}, line {line}: expected 2 tab-separated columns (label, text), "
+                             f"found {len(fields)}: {fields!r:.120}")
+        label, text = fields
+        if label not in LABELS:
+            raise ValueError(f"{path}, line {line}: unknown label {label!r}; expected one of {sorted(LABELS)}")
+        if not text.strip():
+            raise ValueError(f"{path}, line {line}: empty text; every message needs at least one character")
+        rows.append((label, text))
+    if not rows:
+        raise ValueError(f"{path}: no messages found; expected lines of the form 'ham<TAB>text'")
+    return pd.DataFrame(rows, columns=["Label", "Text"])
+
+
+def balance_and_split(df: pd.DataFrame, seed: int = 123) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The book's balancing and 70/10/20 split of a ``Label``/``Text`` frame of ham/spam.
+
+    Returns ``(train, validation, test)`` with labels mapped to 0 (ham) / 1 (spam).
+    """
+    spam = df[df["Label"] == "spam"]
+    ham = df[df["Label"] == "ham"].sample(len(spam), random_state=seed)
+    balanced = pd.concat([ham, spam])
+    balanced["Label"] = balanced["Label"].map(LABELS)
+    shuffled = balanced.sample(frac=1, random_state=seed).reset_index(drop=True)
+    train_end = int(len(shuffled) * 0.7)
+    validation_end = train_end + int(len(shuffled) * 0.1)
+    return shuffled[:train_end], shuffled[train_end:validation_end], shuffled[validation_end:]
+
+
+# --- getting the file: local copy, zip, or download -----------------------------------
+
+def is_uci_file(path: Path) -> bool:
+    """True when ``path`` is byte for byte the UCI ``SMSSpamCollection`` (size, then SHA-256)."""
+    return path.stat().st_size == SPAM_FILE_SIZE and sha256_of(path) == SPAM_FILE_SHA256
+
+
+def extract_member(zip_path: Path, member: str, dest: Path) -> Path:
+    """Extract the archive member whose file name is ``member`` to ``dest``, atomically.
+
+    Refuses the whole archive if any member would land outside ``dest``'s
+    directory (an absolute path or ``..``, the "zip slip" attack): such an
+    archive is not the one we asked for.
+    """
+    target_dir = dest.parent.resolve()
+    with zipfile.ZipFile(zip_path) as archive:
+        for name in archive.namelist():
+            if not (target_dir / name).resolve().is_relative_to(target_dir):
+                raise ValueError(f"{zip_path}: refusing to extract, member {name!r} would be written outside "
+                                 f"{target_dir}; the archive is damaged or malicious")
+        matches = [info for info in archive.infolist() if Path(info.filename).name == member and not info.is_dir()]
+        if not matches:
+            raise ValueError(f"{zip_path}: no member named {member!r}; found {archive.namelist()}")
+        with replace_atomically(dest) as tmp, archive.open(matches[0]) as source, open(tmp, "wb") as out:
+            shutil.copyfileobj(source, out)
+    return dest
+
+
+def spam_urls() -> list[str]:
+    """Where the zip is downloaded from, in order: ``$GPTLORA_SPAM_URL`` (comma-separated URLs of the
+    zip) if set, else UCI and the book's mirror."""
+    override = os.environ.get("GPTLORA_SPAM_URL", "")
+    return [url.strip() for url in override.split(",") if url.strip()] or list(SPAM_URLS)
+
+
+def download_spam_file(data_dir: Path) -> Path:
+    """Download the UCI zip into ``data_dir``, extract ``SMSSpamCollection`` and verify it."""
+    try:
+        zip_path = download_file(spam_urls(), data_dir / "sms_spam_collection.zip", desc="SMS Spam Collection")
+    except DownloadError as error:  # same class (OfflineError stays OfflineError), one more way out
+        raise type(error)(f"{error}\nOr point --spam-source or GPTLORA_SPAM_SOURCE at a local "
+                          f"{SPAM_FILE_NAME} file or UCI zip.") from error
+    return checked_uci_file(extract_member(zip_path, SPAM_FILE_NAME, data_dir / SPAM_FILE_NAME), zip_path)
+
+
+def checked_uci_file(path: Path, origin: Path) -> Path:
+    """``path`` if it is the UCI file; otherwise delete it and raise."""
+    if is_uci_file(path):
+        return path
+    size = path.stat().st_size
+    path.unlink()
+    raise ValueError(f"{SPAM_FILE_NAME} from {origin} is not UCI's file (expected {SPAM_FILE_SIZE:,} bytes with "
+                     f"SHA-256 {SPAM_FILE_SHA256}, found {size:,} bytes); delete {origin} and download it again")
+
+
+def find_spam_file(data_dir: Path, source: str | Path | None = None) -> Path:
+    """The ``SMSSpamCollection`` to read: ``source`` (a file or a zip), else ``$GPTLORA_SPAM_SOURCE``,
+    else a verified copy in ``data_dir``, else a fresh download.
+
+    A local file that differs from UCI's is used with a warning: it is read, but
+    the split will not be the book's.
+    """
+    source = source or os.environ.get("GPTLORA_SPAM_SOURCE")
+    if not source:
+        local = data_dir / SPAM_FILE_NAME
+        return local if local.is_file() and is_uci_file(local) else download_spam_file(data_dir)
+    source = Path(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"SMS spam source {source} does not exist; pass the path of an "
+                                f"{SPAM_FILE_NAME} file or of the UCI zip (or unset GPTLORA_SPAM_SOURCE to download)")
+    if zipfile.is_zipfile(source):
+        source = extract_member(source, SPAM_FILE_NAME, data_dir / SPAM_FILE_NAME)
+    if not is_uci_file(source):
+        warnings.warn(f"{source} is not byte for byte UCI's {SPAM_FILE_NAME} (sha256 {SPAM_FILE_SHA256[:12]}...); "
+                      "using it, but the split will differ from the book's", stacklevel=3)
+    return source
+
+
+def prepare_spam_data(data_dir: str | Path = "data", source: str | Path | None = None) -> dict[str, Path]:
+    """Make ``train.parquet``, ``validation.parquet`` and ``test.parquet`` in ``data_dir``.
+
+    ``source`` is a local ``SMSSpamCollection`` or UCI zip; ``None`` reads
+    ``$GPTLORA_SPAM_SOURCE`` or downloads. Idempotent: once the three files
+    exist nothing is read, downloaded or rewritten. Each file is written to a
+    temporary name and renamed, so an interrupted run leaves no half file.
+    Returns ``{"train": path, "validation": path, "test": path}``.
+    """
+    data_dir = Path(data_dir)
+    paths = {split: data_dir / f"{split}.parquet" for split in SPLITS}
+    if all(path.is_file() for path in paths.values()):
+        return paths
+    data_dir.mkdir(parents=True, exist_ok=True)
+    frames = balance_and_split(read_sms_spam(find_spam_file(data_dir, source)))
+    for split, frame in zip(SPLITS, frames):
+        with replace_atomically(paths[split]) as tmp:
+            frame.to_parquet(tmp, index=False)
+    return paths
+
+
+# --- dataset and loaders ---------------------------------------------------------------
+
+class SpamDataset(Dataset):
+    """Token ids and labels of one split.
+
+    ``max_length=None`` takes the longest text of this split (use it for the
+    training split, then pass ``train.max_length`` to the others); longer texts
+    are cut to ``max_length`` tokens. With ``pad=True`` (the book) every item is
+    padded with ``pad_token_id`` to ``max_length``; with ``pad=False`` items keep
+    their length, for :func:`pad_batch` to pad per batch.
+
+    Item: ``(ids [max_length] or [n], label [])``, both ``torch.long``.
+    """
+
+    def __init__(self, parquet_or_dataframe, tokenizer, max_length: int | None = None,
+                 pad_token_id: int = END_OF_TEXT_ID, pad: bool = True):
+        data = parquet_or_dataframe
+        if not isinstance(data, pd.DataFrame):
+            data = pd.read_parquet(data)
+        missing = {"Label", "Text"} - set(data.columns)
+        if missing:
+            raise ValueError(f"expected columns 'Label' and 'Text', missing {sorted(missing)} "
+                             f"(found {list(data.columns)}); build splits with prepare_spam_data()")
+        self.labels = [int(label) for label in data["Label"]]
+        encoded = [tokenizer.encode(text) for text in data["Text"]]
+        self.max_length = max_length or max(len(ids) for ids in encoded)
+        self.encoded_texts = [ids[: self.max_length] for ids in encoded]
+        self.pad_token_id, self.pad = pad_token_id, pad
+
+    def __getitem__(self, index):
+        ids = self.encoded_texts[index]
+        if self.pad:
+            ids = ids + [self.pad_token_id] * (self.max_length - len(ids))
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(self.labels[index], dtype=torch.long)
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def pad_batch(items, pad_token_id: int = END_OF_TEXT_ID):
+    """Collate unpadded items into ``(ids [B, T], labels [B], lengths [B])``, T = the longest item.
+
+    Padding goes on the right: in a causal model no real token attends to a pad,
+    so the logits at position ``lengths - 1`` are those of the unpadded text.
+    """
+    lengths = torch.tensor([len(ids) for ids, _ in items])
+    ids = torch.full((len(items), int(lengths.max())), pad_token_id, dtype=torch.long)
+    for row, (item_ids, _) in enumerate(items):
+        ids[row, : len(item_ids)] = item_ids
+    return ids, torch.stack([label for _, label in items]), lengths
+
+
+def create_dataloaders(data_dir: str | Path, tokenizer, batch_size: int = 8, max_length: int | None = None,
+                       dynamic_padding: bool = False, num_workers: int = 0, pad_token_id: int = END_OF_TEXT_ID):
+    """``(train_loader, val_loader, test_loader)`` over the parquet splits in ``data_dir``.
+
+    As in the book: training batches are shuffled and the last incomplete one is
+    dropped (130 / 19 / 38 batches at ``batch_size=8``); validation and test use
+    the training split's ``max_length`` (120). Shuffling draws from PyTorch's
+    global generator, so ``torch.manual_seed(123)`` before training reproduces
+    the book's order. A batch is ``(ids [B, T], labels [B])``.
+
+    ``dynamic_padding=True`` (beyond the book) pads each batch only to its own
+    longest text and adds ``lengths [B]``, the count of real tokens per row, so
+    the classifier reads the last real token instead of the last position.
+    """
+    data_dir = Path(data_dir)
+    for split in SPLITS:
+        if not (data_dir / f"{split}.parquet").is_file():
+            raise FileNotFoundError(f"{data_dir / f'{split}.parquet'} not found; run prepare_spam_data({str(data_dir)!r}) first")
+    make = partial(SpamDataset, tokenizer=tokenizer, pad_token_id=pad_token_id, pad=not dynamic_padding)
+    train = make(data_dir / "train.parquet", max_length=max_length)
+    val = make(data_dir / "validation.parquet", max_length=train.max_length)
+    test = make(data_dir / "test.parquet", max_length=train.max_length)
+    collate = partial(pad_batch, pad_token_id=pad_token_id) if dynamic_padding else None
+    loader = partial(DataLoader, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    return (loader(train, shuffle=True, drop_last=True), loader(val, drop_last=False),
+            loader(test, drop_last=False))
