@@ -1,0 +1,180 @@
+"""The SMS spam pipeline on the real UCI file: the book's split, loaders, errors, download and extraction."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pandas as pd
+import pytest
+import torch
+from test_download import LoopbackServer  # the loopback HTTP server of the downloader's tests
+
+from gptlora import spam
+from gptlora.download import OfflineError
+from gptlora.spam import SpamDataset, create_dataloaders, prepare_spam_data, read_sms_spam
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory, spam_file):
+    """The three parquet splits, prepared once for this module from the local UCI file."""
+    return prepare_spam_data(tmp_path_factory.mktemp("spam"), source=spam_file)
+
+
+@pytest.fixture(scope="module")
+def loaders(splits, tokenizer):
+    return create_dataloaders(splits["train"].parent, tokenizer)
+
+
+def uci_zip(spam_file, member="sms+spam+collection/SMSSpamCollection") -> bytes:
+    """A zip holding the UCI file (under a folder, as archives often do) and a readme."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("readme", "SMS Spam Collection v.1\n")
+        archive.writestr(member, spam_file.read_bytes())
+    return buffer.getvalue()
+
+
+def test_raw_file_has_the_documented_counts(spam_file):
+    df = read_sms_spam(spam_file)
+    assert len(df) == 5572
+    assert df["Label"].value_counts().to_dict() == {"ham": 4825, "spam": 747}
+
+
+def test_split_is_the_books_row_for_row(splits):
+    frames = {name: pd.read_parquet(path) for name, path in splits.items()}
+    assert {name: len(frame) for name, frame in frames.items()} == {"train": 1045, "validation": 149, "test": 300}
+    counts = {name: frame["Label"].value_counts().sort_index().tolist() for name, frame in frames.items()}
+    assert counts == {"train": [528, 517], "validation": [70, 79], "test": [149, 151]}  # [ham, spam]
+    assert frames["train"]["Text"].tolist()[:3] == [
+        "Dude how do you like the buff wind.",
+        "Tessy..pls do me a favor. Pls convey my birthday wishes to Nimya..pls dnt forget it. Today is her birthday Shijas",
+        "Reminder: You have not downloaded the content you have already paid for. Goto http://doit. mymoby. tv/ to collect your content.",
+    ]
+    assert frames["validation"]["Text"].iloc[0].startswith("Mila, age23, blonde, new in UK. I look s")
+    assert frames["test"]["Text"].iloc[0] == "85233 FREE>Ringtone!Reply REAL"
+
+
+def test_prepare_is_idempotent_and_never_downloads_again(splits, monkeypatch):
+    before = {name: path.stat().st_mtime_ns for name, path in splits.items()}
+    monkeypatch.setenv("GPTLORA_OFFLINE", "1")  # any download attempt would raise OfflineError
+    monkeypatch.delenv("GPTLORA_SPAM_SOURCE", raising=False)
+    again = prepare_spam_data(splits["train"].parent)
+    assert again == splits
+    assert {name: path.stat().st_mtime_ns for name, path in again.items()} == before
+
+
+def test_loaders_have_the_books_batches(loaders):
+    train, val, test = loaders
+    assert (len(train), len(val), len(test)) == (130, 19, 38)
+    assert train.dataset.max_length == val.dataset.max_length == test.dataset.max_length == 120
+    ids, labels = next(iter(train))
+    assert ids.shape == (8, 120) and labels.shape == (8,)
+    assert ids.dtype == labels.dtype == torch.long
+    assert len(list(test)[-1][1]) == 300 - 37 * 8  # validation and test keep their last, smaller batch
+
+
+def test_shuffling_is_reproducible_under_a_seed(loaders):
+    def first_labels(seed):
+        torch.manual_seed(seed)
+        return torch.cat([labels for _, labels in loaders[0]])
+
+    assert torch.equal(first_labels(123), first_labels(123))
+    assert not torch.equal(first_labels(123), first_labels(124))
+
+
+def test_dynamic_padding_pads_each_batch_to_its_longest_text(splits, tokenizer, loaders):
+    train, _, _ = create_dataloaders(splits["train"].parent, tokenizer, dynamic_padding=True)
+    lengths = [len(ids) for ids in train.dataset.encoded_texts]
+    assert round(sum(lengths) / len(lengths), 1) == 30.4  # vs 120 for every row with the book's padding
+    torch.manual_seed(123)
+    fixed = list(loaders[0])
+    torch.manual_seed(123)
+    for (ids, labels, row_lengths), (fixed_ids, fixed_labels) in zip(train, fixed):  # same seed, same rows
+        assert ids.shape[1] == int(row_lengths.max()) <= 120
+        assert torch.equal(labels, fixed_labels)
+        assert torch.equal(ids, fixed_ids[:, : ids.shape[1]])  # same tokens, just less padding
+        assert (fixed_ids[:, ids.shape[1]:] == 50256).all()
+
+
+def test_dataset_truncates_to_max_length_and_rejects_wrong_columns(tokenizer):
+    frame = pd.DataFrame({"Label": [0, 1], "Text": ["hi", "one two three four five six"]})
+    dataset = SpamDataset(frame, tokenizer, max_length=3)
+    assert [dataset[i][0].tolist() for i in range(2)] == [tokenizer.encode("hi") + [50256] * 2,
+                                                          tokenizer.encode("one two three")]
+    with pytest.raises(ValueError, match="expected columns 'Label' and 'Text'"):
+        SpamDataset(frame.rename(columns={"Text": "message"}), tokenizer)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"ham\tfine\nham\n", r"line 2: expected 2 tab-separated columns .* found 1"),
+    (b"ham\tfine\nham\ta\tb\n", r"line 2: expected 2 tab-separated columns .* found 3"),
+    (b"ham\tfine\nspma\tWIN\n", r"line 2: unknown label 'spma'"),
+    (b"ham\tfine\nspam\t  \n", r"line 2: empty text"),
+    (b"ham\tfine\nham\tok\nham\tcaf\xe9\n", r"line 3: not UTF-8"),
+])
+def test_malformed_files_name_file_line_and_problem(tmp_path, content, problem):
+    path = tmp_path / "SMSSpamCollection"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=problem) as error:
+        read_sms_spam(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_file_that_is_not_ucis_is_used_with_a_warning(tmp_path):
+    source = tmp_path / "mine.tsv"
+    source.write_text("".join(f"ham\tmessage {i}\nspam\tWIN {i}\n" for i in range(10)))
+    with pytest.warns(UserWarning, match="split will differ from the book's"):
+        paths = prepare_spam_data(tmp_path / "data", source=source)
+    assert sum(len(pd.read_parquet(path)) for path in paths.values()) == 20
+
+
+def test_download_falls_back_to_the_mirror_extracts_and_verifies(tmp_path, spam_file, splits, monkeypatch):
+    monkeypatch.delenv("GPTLORA_SPAM_SOURCE", raising=False)
+    monkeypatch.delenv("GPTLORA_OFFLINE", raising=False)
+    with LoopbackServer({"/mirror/spam.zip": uci_zip(spam_file)}) as server:
+        monkeypatch.setenv("GPTLORA_SPAM_URL", f"{server.url}/gone/spam.zip,{server.url}/mirror/spam.zip")
+        paths = prepare_spam_data(tmp_path)
+        assert [path for path, _ in server.requests] == ["/gone/spam.zip", "/mirror/spam.zip"]
+    assert (tmp_path / "SMSSpamCollection").read_bytes() == spam_file.read_bytes()
+    for name in paths:
+        assert pd.read_parquet(paths[name]).equals(pd.read_parquet(splits[name]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temporary files left behind
+        "SMSSpamCollection", "sms_spam_collection.zip", "test.parquet", "train.parquet", "validation.parquet"]
+
+
+def test_a_downloaded_file_that_is_not_ucis_is_rejected_and_deleted(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPTLORA_SPAM_SOURCE", raising=False)
+    monkeypatch.delenv("GPTLORA_OFFLINE", raising=False)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("SMSSpamCollection", "ham\tnot the real file\n")
+    with LoopbackServer({"/spam.zip": buffer.getvalue()}) as server:
+        monkeypatch.setenv("GPTLORA_SPAM_URL", f"{server.url}/spam.zip")
+        with pytest.raises(ValueError, match="is not UCI's file"):
+            prepare_spam_data(tmp_path)
+    assert not (tmp_path / "SMSSpamCollection").exists() and not (tmp_path / "train.parquet").exists()
+
+
+def test_offline_without_a_source_says_how_to_get_the_data(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPTLORA_SPAM_SOURCE", raising=False)
+    monkeypatch.setenv("GPTLORA_OFFLINE", "1")
+    with pytest.raises(OfflineError, match="GPTLORA_SPAM_SOURCE"):
+        prepare_spam_data(tmp_path)
+
+
+def test_local_zip_source_and_environment_variable(tmp_path, spam_file, monkeypatch):
+    zip_path = tmp_path / "sms+spam+collection.zip"
+    zip_path.write_bytes(uci_zip(spam_file))
+    monkeypatch.setenv("GPTLORA_SPAM_SOURCE", str(zip_path))
+    paths = prepare_spam_data(tmp_path / "data")
+    assert len(pd.read_parquet(paths["train"])) == 1045
+
+
+def test_archive_members_outside_the_target_are_refused(tmp_path, spam_file):
+    for evil in ("../SMSSpamCollection", "/tmp/SMSSpamCollection"):
+        zip_path = tmp_path / "evil.zip"
+        zip_path.write_bytes(uci_zip(spam_file, member=evil))
+        with pytest.raises(ValueError, match="outside"):
+            spam.extract_member(zip_path, "SMSSpamCollection", tmp_path / "data" / "SMSSpamCollection")
+        assert not (tmp_path / "SMSSpamCollection").exists() and not (tmp_path / "data").exists()
