@@ -1,0 +1,183 @@
+"""Execute every notebook in notebooks/, in numeric order, the way a class would.
+
+All notebooks share one temporary workspace (data, weights, runs and figure folders
+passed through the ``GPTLORA_*`` variables of ``gptlora.notebook_params``), so later
+notebooks read what earlier ones wrote and the repository itself stays clean. From
+notebook 03 on, ``GPTLORA_MODEL`` is a small GPT-2-shaped checkpoint written here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError, CellTimeoutError
+
+from gptlora.notebook_params import env_name, notebook_params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+CELL_TIMEOUT_S = 180
+# Folders a notebook would write to when run by hand; the test must leave them as they were.
+REPO_OUTPUT_DIRS = ("data", "weights", "runs", "notebooks")
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def notebook_number(path: Path) -> int:
+    return int(path.name[:2])
+
+
+def write_tiny_checkpoint(directory: Path) -> Path:
+    """A randomly initialised GPT-2 in the real Hugging Face layout (config.json + model.safetensors)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, spam_file) -> dict:
+    """The environment all notebooks run under, and where they write (one per test module)."""
+    root = tmp_path_factory.mktemp("notebooks")
+    env = {
+        env_name("data_dir"): str(root / "data"),
+        env_name("weights_dir"): str(root / "weights"),
+        env_name("runs_dir"): str(root / "runs"),
+        env_name("output_dir"): str(root / "figures"),
+        env_name("new_tokens"): "4",  # enough to slide notebook 02's 6-token window
+        env_name("epochs"): "1",
+        env_name("device"): "cpu",
+        "GPTLORA_SPAM_SOURCE": str(spam_file),
+        "GPTLORA_OFFLINE": "1",  # a notebook that tries to download fails here instead of hanging
+    }
+    return {"root": root, "env": env, "checkpoint": None}
+
+
+def checkpoint_for(workspace: dict) -> Path:
+    """The small checkpoint, written on first use (transformers is slow to import)."""
+    if workspace["checkpoint"] is None:
+        workspace["checkpoint"] = write_tiny_checkpoint(workspace["root"] / "tiny-gpt2")
+    return workspace["checkpoint"]
+
+
+def snapshot(directories) -> set[str]:
+    """Every file below ``directories`` of the repository, as relative paths."""
+    found = set()
+    for name in directories:
+        for path in (REPO_ROOT / name).rglob("*"):
+            found.add(str(path.relative_to(REPO_ROOT)))
+    return found
+
+
+def failing_cell(nb, started: list[int]) -> tuple[int, str]:
+    """Index and source of the cell that failed: the one with an error output, else the last started."""
+    for index, cell in enumerate(nb.cells):
+        if any(output.get("output_type") == "error" for output in cell.get("outputs", [])):
+            return index, cell.source
+    index = started[-1] if started else -1
+    return index, nb.cells[index].source if started else ""
+
+
+def execute(path: Path, env: dict, executed_copy: Path):
+    """Run ``path`` in a fresh kernel with cwd notebooks/; fail the test naming the notebook and cell."""
+    nb = nbformat.read(path, as_version=4)
+    started: list[int] = []
+    client = NotebookClient(
+        nb,
+        kernel_name="python3",
+        timeout=CELL_TIMEOUT_S,
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+        on_cell_execute=lambda cell, cell_index: started.append(cell_index),
+    )
+    try:
+        client.execute(env={**os.environ, **env})
+    except (CellExecutionError, CellTimeoutError) as error:
+        index, source = failing_cell(nb, started)
+        report = ANSI_COLOUR.sub("", str(error))  # IPython colours its tracebacks for terminals
+        pytest.fail(f"{path.name}, cell index {index} (markdown counted) failed:\n{source}\n\n{report}",
+                    pytrace=False)
+    finally:
+        executed_copy.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, executed_copy)
+    return nb
+
+
+def inline_images(nb) -> int:
+    return sum("image/png" in output.get("data", {})
+               for cell in nb.cells if cell.cell_type == "code" for output in cell.outputs)
+
+
+def test_kernel_runs_in_this_environment(monkeypatch):
+    """``python3`` must start this virtual environment's interpreter, not another Python on the machine."""
+    monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "1")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys; print(sys.prefix)")])
+    NotebookClient(nb, kernel_name="python3", timeout=60).execute()
+    assert nb.cells[0].outputs[0]["text"].strip() == sys.prefix
+
+
+def test_there_are_notebooks_in_sequence():
+    numbers = [notebook_number(path) for path in NOTEBOOKS]
+    assert numbers[:2] == [1, 2], f"expected notebooks 01_... and 02_... in {NOTEBOOK_DIR}, found {numbers}"
+    assert numbers == list(range(1, len(numbers) + 1)), f"notebook numbers must have no gaps, found {numbers}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
+def test_notebook_is_committed_clean(path):
+    """No outputs or execution counts (numbers from a test checkpoint would mislead a reader)."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert not [i for i, cell in enumerate(code) if cell.outputs or cell.execution_count], \
+        f"{path.name} has outputs; clear them (Jupyter: Edit > Clear Outputs of All Cells) before committing"
+    first_parameters = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert first_parameters and nb.cells[first_parameters[0]] is code[0], \
+        f"{path.name}: the first code cell must be the parameter cell, tagged 'parameters'"
+    assert re.search(r"Needs from earlier notebooks", nb.cells[0].source), \
+        f"{path.name}: the first cell must say what the notebook needs from earlier ones"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
+def test_notebook_runs(path, workspace, monkeypatch):
+    monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "1")
+    env = dict(workspace["env"])
+    if notebook_number(path) >= 3:  # 01-02 build GPT-2 presets with random weights
+        env[env_name("model")] = str(checkpoint_for(workspace))
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own inline backend, as in Jupyter
+    figures = Path(env[env_name("output_dir")])
+    figures_before = set(figures.glob("*.png"))
+    repo_before = snapshot(REPO_OUTPUT_DIRS)
+
+    nb = execute(path, env, workspace["root"] / "executed" / path.name)
+
+    new_figures = set(figures.glob("*.png")) - figures_before
+    assert bool(new_figures) == bool(inline_images(nb)), (
+        f"{path.name} shows {inline_images(nb)} plot(s) inline and saved {len(new_figures)} PNG(s) "
+        f"to {figures}: every plot must do both (params.save_figure, then plt.show())")
+    assert snapshot(REPO_OUTPUT_DIRS) == repo_before, f"{path.name} wrote into the repository"
+
+
+def test_parameters_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv(env_name("epochs"), "2")
+    monkeypatch.setenv(env_name("data_dir"), "/somewhere/data")
+    monkeypatch.delenv(env_name("new_tokens"), raising=False)
+    params = notebook_params(epochs=7, new_tokens=40)
+    assert params.epochs == 2  # the environment beats the notebook's default
+    assert params.new_tokens == 40  # the notebook's default beats the package's
+    assert params.data_dir == Path("/somewhere/data")
+    assert params.runs_dir == Path("../runs")
+
+
+def test_bad_parameters_are_explained(monkeypatch):
+    monkeypatch.setenv(env_name("epochs"), "three")
+    with pytest.raises(ValueError, match=r"epochs \(GPTLORA_EPOCHS\) must be a whole number, found 'three'"):
+        notebook_params()
+    monkeypatch.delenv(env_name("epochs"))
+    with pytest.raises(ValueError, match=r"unknown notebook parameter\(s\) \['epoch'\]; known: model, "):
+        notebook_params(epoch=3)
