@@ -56,6 +56,10 @@ def workspace(tmp_path_factory, spam_file) -> dict:
         env_name("device"): "cpu",
         "GPTLORA_SPAM_SOURCE": str(spam_file),
         "GPTLORA_OFFLINE": "1",  # a notebook that tries to download fails here instead of hanging
+        # One thread per kernel: with these small matrices, waking a second thread costs more than it
+        # saves, and on cores shared with other jobs each wake-up can wait a whole scheduler tick
+        # (measured: notebook 02 took 30 s with two threads, 8 s with one, on 2 busy cores).
+        "OMP_NUM_THREADS": "1",
     }
     return {"root": root, "env": env, "checkpoint": None}
 
