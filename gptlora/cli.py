@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def cmd_download(args) -> int:
@@ -47,6 +48,72 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def finetuning_base(name_or_dir: str, models_dir: str, random_init: bool):
+    """The model to fine-tune: pretrained GPT-2 (a name or a checkpoint directory), or, with
+    ``random_init``, the same shape (a preset, or the directory's config.json) with random weights."""
+    import json
+
+    from .model import GPTConfig, GPTModel
+    from .pretrained import config_from_hf, load_pretrained
+
+    if not random_init:
+        return load_pretrained(name_or_dir, models_dir)
+    if Path(name_or_dir).is_dir():
+        return GPTModel(config_from_hf(json.loads((Path(name_or_dir) / "config.json").read_text())))
+    return GPTModel(GPTConfig.from_preset(name_or_dir, qkv_bias=True, drop_rate=0.0))
+
+
+def pick_device(name: str):
+    import torch
+
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def cmd_finetune(args) -> int:
+    import torch
+
+    from .classifier import check_method, finetune_spam
+    from .download import DownloadError
+    from .generation import get_tokenizer
+    from .spam import prepare_spam_data
+
+    out = args.out or f"runs/spam-{Path(args.model).name}-{args.method}"
+    try:
+        check_method(args.method)
+        prepare_spam_data(args.data_dir, args.spam_source)
+        torch.manual_seed(args.seed)
+        model = finetuning_base(args.model, args.models_dir, args.random_init)
+        metrics = finetune_spam(model, get_tokenizer(), args.data_dir, out, args.method, epochs=args.epochs,
+                                lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                                seed=args.seed, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
+                                dynamic_padding=args.dynamic_padding, device=pick_device(args.device),
+                                base_model=str(args.model))
+    except (DownloadError, ValueError, FileNotFoundError, NotImplementedError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for split, accuracy in metrics["accuracy"].items():
+        print(f"{split} accuracy: {accuracy:.2%}")
+    print(f"training took {metrics['training_seconds']:.1f} s; classifier, metrics.json, loss.png and "
+          f"accuracy.png are in {out}")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    from .classifier import classify, load_classifier
+    from .generation import get_tokenizer
+
+    device = pick_device(args.device)
+    try:
+        model, info = load_classifier(args.run, device)
+        label = classify(args.text, model, get_tokenizer(), device, info["max_length"],
+                         pad_to_max_length=not info["dynamic_padding"])
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(label)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -71,6 +138,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--seed", type=int, default=123)
     gen.set_defaults(func=cmd_generate)
+
+    fine = sub.add_parser("finetune", help="fine-tune GPT-2 as an SMS spam classifier (book, chapter 6)")
+    fine.add_argument("--model", default="gpt2-small",
+                      help="GPT-2 name (gpt2-small, 124M, ...: downloaded on first use) or a checkpoint directory")
+    fine.add_argument("--models-dir", default="weights", help="where named models are stored (default: weights)")
+    fine.add_argument("--random-init", action="store_true",
+                      help="start from random weights of that shape (a preset, or the directory's config.json)")
+    fine.add_argument("--method", default="last-block",
+                      help="last-block: last block + final norm + head (the book, default); full: everything; "
+                           "lora: low-rank adapters")
+    fine.add_argument("--epochs", type=int, default=5)
+    fine.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default: 5e-5)")
+    fine.add_argument("--weight-decay", type=float, default=0.1)
+    fine.add_argument("--batch-size", type=int, default=8)
+    fine.add_argument("--seed", type=int, default=123)
+    fine.add_argument("--eval-freq", type=int, default=50, help="log losses every N steps (default: 50)")
+    fine.add_argument("--eval-iter", type=int, default=5, help="batches per logged loss/accuracy (default: 5)")
+    fine.add_argument("--dynamic-padding", action="store_true",
+                      help="pad each batch to its longest text and classify from the last real token")
+    fine.add_argument("--data-dir", default="data", help="where the prepared splits live (default: data)")
+    fine.add_argument("--spam-source", default=None,
+                      help="a local SMSSpamCollection file or UCI zip instead of downloading "
+                           "(default: $GPTLORA_SPAM_SOURCE)")
+    fine.add_argument("--out", default=None, help="run directory (default: runs/spam-MODEL-METHOD)")
+    fine.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    fine.set_defaults(func=cmd_finetune)
+
+    cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
+    cls.add_argument("--run", required=True, help="the --out directory of a finetune run")
+    cls.add_argument("text")
+    cls.add_argument("--device", default="auto")
+    cls.set_defaults(func=cmd_classify)
     return parser
 
 
