@@ -114,6 +114,14 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, random_init_help: str) -> None:
+    """``--model``, ``--models-dir`` and ``--random-init``, shared by the commands that load GPT-2."""
+    parser.add_argument("--model", default="gpt2-small",
+                        help="GPT-2 name (gpt2-small, 124M, ...: downloaded on first use) or a checkpoint directory")
+    parser.add_argument("--models-dir", default="weights", help="where named models are stored (default: weights)")
+    parser.add_argument("--random-init", action="store_true", help=random_init_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -127,11 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(func=cmd_download)
 
     gen = sub.add_parser("generate", help="continue a prompt with a GPT-2 model")
-    gen.add_argument("--model", default="gpt2-small",
-                     help="GPT-2 name (gpt2-small, 124M, ...: downloaded on first use) or a checkpoint directory")
-    gen.add_argument("--models-dir", default="weights", help="where named models are stored (default: weights)")
-    gen.add_argument("--random-init", action="store_true",
-                     help="use the named size with random weights instead of pretrained ones (no download)")
+    add_model_arguments(gen, random_init_help="use the named size with random weights instead of pretrained "
+                                              "ones (no download)")
     gen.add_argument("--prompt", default="Every effort moves you")
     gen.add_argument("--max-new-tokens", type=int, default=15)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -140,11 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     fine = sub.add_parser("finetune", help="fine-tune GPT-2 as an SMS spam classifier (book, chapter 6)")
-    fine.add_argument("--model", default="gpt2-small",
-                      help="GPT-2 name (gpt2-small, 124M, ...: downloaded on first use) or a checkpoint directory")
-    fine.add_argument("--models-dir", default="weights", help="where named models are stored (default: weights)")
-    fine.add_argument("--random-init", action="store_true",
-                      help="start from random weights of that shape (a preset, or the directory's config.json)")
+    add_model_arguments(fine, random_init_help="start from random weights of that shape (a preset, or the "
+                                               "directory's config.json)")
     fine.add_argument("--method", default="last-block",
                       help="last-block: last block + final norm + head (the book, default); full: everything; "
                            "lora: low-rank adapters")
