@@ -334,7 +334,9 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     prepare_for_classification(model, method, len(LABEL_NAMES), method_options).to(device)
     torch.manual_seed(seed)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    # foreach: one batched update for all tensors (PyTorch's default on GPUs, not on CPUs, where it
+    # makes AdamW about 2.5x faster for a small model; the arithmetic is the same).
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, foreach=True)
     start = time.perf_counter()
     history = train_classifier(model, loaders[0], loaders[1], optimizer, device, epochs, eval_freq, eval_iter,
                                progress=progress)

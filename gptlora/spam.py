@@ -14,6 +14,7 @@ longest text with dynamic padding).
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
 import warnings
@@ -59,7 +60,9 @@ def read_sms_spam(path: str | Path) -> pd.DataFrame:
         line = raw[: error.start].count(b"\n") + 1
         raise ValueError(f"{path}, line {line}: not UTF-8 text ({error.reason} at byte {error.start}); "
                          "expected the UCI SMS Spam Collection, which is UTF-8") from None
-    rows, reader = [], csv.reader(content.splitlines(keepends=True), delimiter="\t")
+    # newline="": split lines only at \n, \r\n or \r, as pandas does (str.splitlines would also split at
+    # form feeds and Unicode line separators inside a message).
+    rows, reader = [], csv.reader(io.StringIO(content, newline=""), delimiter="\t")
     for fields in reader:
         line = reader.line_num
         if len(fields) != 2:

@@ -121,6 +121,12 @@ def test_malformed_files_name_file_line_and_problem(tmp_path, content, problem):
     assert str(path) in str(error.value)
 
 
+def test_only_newlines_end_a_message(tmp_path):
+    path = tmp_path / "SMSSpamCollection"
+    path.write_bytes("ham\tpage\x0cbreak and line\u2028separator\r\nspam\tWIN\n".encode())
+    assert read_sms_spam(path).values.tolist() == [["ham", "page\x0cbreak and line\u2028separator"], ["spam", "WIN"]]
+
+
 def test_a_file_that_is_not_ucis_is_used_with_a_warning(tmp_path):
     source = tmp_path / "mine.tsv"
     source.write_text("".join(f"ham\tmessage {i}\nspam\tWIN {i}\n" for i in range(10)))
