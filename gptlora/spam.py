@@ -139,14 +139,20 @@ def download_spam_file(data_dir: Path) -> Path:
     return checked_uci_file(extract_member(zip_path, SPAM_FILE_NAME, data_dir / SPAM_FILE_NAME), zip_path)
 
 
-def checked_uci_file(path: Path, origin: Path) -> Path:
-    """``path`` if it is the UCI file; otherwise delete it and raise."""
+def checked_uci_file(path: Path, zip_path: Path) -> Path:
+    """``path`` if it is the UCI file; otherwise delete it and the downloaded zip it came from, and raise.
+
+    The zip's own checksum is not published, so this is where a damaged or changed
+    download is caught; deleting both lets the next run download afresh.
+    """
     if is_uci_file(path):
         return path
     size = path.stat().st_size
     path.unlink()
-    raise ValueError(f"{SPAM_FILE_NAME} from {origin} is not UCI's file (expected {SPAM_FILE_SIZE:,} bytes with "
-                     f"SHA-256 {SPAM_FILE_SHA256}, found {size:,} bytes); delete {origin} and download it again")
+    zip_path.unlink()
+    raise ValueError(f"the {SPAM_FILE_NAME} in the downloaded {zip_path} is not UCI's file (expected "
+                     f"{SPAM_FILE_SIZE:,} bytes with SHA-256 {SPAM_FILE_SHA256}, found {size:,} bytes); both were "
+                     "deleted. Run again to download afresh, or pass a good copy with --spam-source")
 
 
 def find_spam_file(data_dir: Path, source: str | Path | None = None) -> Path:

@@ -159,7 +159,7 @@ def test_a_downloaded_file_that_is_not_ucis_is_rejected_and_deleted(tmp_path, mo
         monkeypatch.setenv("GPTLORA_SPAM_URL", f"{server.url}/spam.zip")
         with pytest.raises(ValueError, match="is not UCI's file"):
             prepare_spam_data(tmp_path)
-    assert not (tmp_path / "SMSSpamCollection").exists() and not (tmp_path / "train.parquet").exists()
+    assert sorted(tmp_path.iterdir()) == []  # extracted file, zip and splits: nothing kept
 
 
 def test_offline_without_a_source_says_how_to_get_the_data(tmp_path, monkeypatch):
