@@ -72,7 +72,8 @@ def pick_device(name: str):
 def cmd_finetune(args) -> int:
     import torch
 
-    from .classifier import check_method, finetune_spam
+    from .classifier import check_method
+    from .finetune import finetune_spam
     from .download import DownloadError
     from .generation import get_tokenizer
     from .spam import prepare_spam_data
@@ -99,7 +100,8 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from .classifier import classify, load_classifier
+    from .classifier import classify
+    from .finetune import load_classifier
     from .generation import get_tokenizer
 
     device = pick_device(args.device)

@@ -11,7 +11,6 @@ and whatever they know about the file.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import os
@@ -51,23 +50,6 @@ def place_by_hand_hint(directory: Path, sources: dict[str, list[str]]) -> str:
         lines.append(f"  {name}" + (f"   (from {urls[0]})" if urls else ""))
     lines.append("then run again; a file already there is used without touching the network.")
     return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def replace_atomically(dest: Path):
-    """Yield a temporary path next to ``dest``; on success it replaces ``dest`` in one step.
-
-    If the body raises, the temporary file is removed and ``dest`` is untouched, so a
-    reader never sees a half-written file under the final name.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def sha256_of(path: Path) -> str:

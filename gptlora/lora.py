@@ -16,7 +16,6 @@ import contextlib
 import re
 from collections.abc import Iterable, Iterator
 
-import torch
 from torch import nn
 
 from .lora_layer import (SCALINGS, LinearWithLoRA, LoRALayer, ModuleToSave, amplification_factor,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .download import replace_atomically
+from .atomic import replace_atomically, write_json
 from .lora import (LinearWithLoRA, ModuleToSave, active_adapter, adapter_names, inject_adapter,
                    linear_layer_names, lora_layers, mark_trainable, saved_modules, set_adapter)
 from .model import GPTConfig
@@ -27,11 +27,6 @@ from .pretrained import _BLOCK_RENAMES, _QKV, _TOP_RENAMES
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "gptlora-lora-adapter"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with replace_atomically(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
@@ -136,7 +131,7 @@ def save_adapter(model: torch.nn.Module, path, adapter_name: str | None = None, 
     tensors = adapter_tensors(model, adapter_name)
     path = Path(path)
     _write_safetensors(path / ADAPTER_WEIGHTS, tensors, {"format": FORMAT})
-    _write_json(path / ADAPTER_CONFIG, config)
+    write_json(config, path / ADAPTER_CONFIG)
     info = {"path": str(path), "parameters": sum(t.numel() for t in tensors.values()),
             "bytes": sum((path / f).stat().st_size for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))}
     if verbose:
@@ -377,7 +372,7 @@ def export_peft(model, out_dir, adapter_name: str | None = None, base_model_name
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     out_dir = Path(out_dir)
     _write_safetensors(out_dir / ADAPTER_WEIGHTS, tensors, {"format": "pt"})  # transformers wants "format"
-    _write_json(out_dir / ADAPTER_CONFIG, config)
+    write_json(config, out_dir / ADAPTER_CONFIG)
     return out_dir
 
 

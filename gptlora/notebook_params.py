@@ -33,7 +33,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .download import replace_atomically
+from .atomic import replace_atomically
 from .model import PRESET_ALIASES, PRESETS
 
 ENV_PREFIX = "GPTLORA_"

@@ -30,7 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .download import DownloadError, OfflineError, download_file, offline_mode, place_by_hand_hint, replace_atomically
+from .atomic import replace_atomically
+from .download import DownloadError, OfflineError, download_file, offline_mode, place_by_hand_hint
 from .model import PRESET_ALIASES, GPTConfig, GPTModel
 
 # The Hub repository of each GPT-2 size, and where its files can be fetched from, in order.

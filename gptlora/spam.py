@@ -26,7 +26,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .download import DownloadError, download_file, replace_atomically, sha256_of
+from .atomic import replace_atomically
+from .download import DownloadError, download_file, sha256_of
 from .generation import END_OF_TEXT_ID
 
 # UCI first, then the mirror the book falls back to. GPTLORA_SPAM_URL (comma-separated) replaces both.

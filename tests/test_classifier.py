@@ -13,15 +13,14 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from gptlora import cli
 from gptlora.classifier import (
-    TrainingHistory,
     calc_accuracy_loader,
     calc_loss_loader,
     classification_logits,
     classify,
-    load_classifier,
     prepare_for_classification,
     train_classifier,
 )
+from gptlora.finetune import load_classifier
 from gptlora.model import GPTConfig, GPTModel
 from gptlora.spam import create_dataloaders, pad_batch, prepare_spam_data
 
@@ -203,7 +202,7 @@ def test_book_accuracy_before_fine_tuning(gpt2_loaders):
 @pytest.mark.slow
 @needs_gpt2
 def test_book_accuracy_after_last_block_fine_tuning(data_dir, tokenizer, tmp_path):
-    from gptlora.classifier import finetune_spam
+    from gptlora.finetune import finetune_spam
     from gptlora.pretrained import load_pretrained
 
     model = load_pretrained(os.environ["GPTLORA_GPT2_DIR"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gptlora import download
+from gptlora import atomic, download
 from gptlora.download import DownloadError, OfflineError, download_file
 
 PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes
@@ -222,10 +222,10 @@ def test_replace_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
     dest = tmp_path / "out.txt"
     dest.write_text("old")
     with pytest.raises(RuntimeError):
-        with download.replace_atomically(dest) as tmp:
+        with atomic.replace_atomically(dest) as tmp:
             Path(tmp).write_text("half")
             raise RuntimeError("crash while writing")
     assert dest.read_text() == "old" and list(tmp_path.iterdir()) == [dest]
-    with download.replace_atomically(dest) as tmp:
+    with atomic.replace_atomically(dest) as tmp:
         Path(tmp).write_text("new")
     assert dest.read_text() == "new" and list(tmp_path.iterdir()) == [dest]

@@ -168,7 +168,7 @@ def test_starts_at_the_base_model_then_b_then_a_learn():
     assert torch.equal(model(x), base_logits)  # B = 0: exactly the base model
 
     lora = model.trf_blocks[0].att.W_query.lora["default"]
-    a_before, b_before = lora.A.detach().clone(), lora.B.detach().clone()
+    b_before = lora.B.detach().clone()
     # AdamW with weight decay over *all* parameters, as a careless recipe would: frozen ones must not move.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
 
