@@ -88,6 +88,7 @@ def cmd_finetune(args) -> int:
                                 lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                                 seed=args.seed, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
                                 dynamic_padding=args.dynamic_padding, device=pick_device(args.device),
+                                bucket_by_length=args.bucket_by_length, cache_prefix=args.cache_prefix,
                                 base_model=str(args.model))
     except (DownloadError, ValueError, FileNotFoundError, NotImplementedError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -161,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--eval-iter", type=int, default=5, help="batches per logged loss/accuracy (default: 5)")
     fine.add_argument("--dynamic-padding", action="store_true",
                       help="pad each batch to its longest text and classify from the last real token")
+    fine.add_argument("--bucket-by-length", action="store_true",
+                      help="with --dynamic-padding: batch messages of similar length together (less padding)")
+    fine.add_argument("--cache-prefix", action="store_true",
+                      help="--method last-block only: run the frozen blocks once per message and train the last "
+                           "block on their cached output (same results, several times faster)")
     fine.add_argument("--data-dir", default="data", help="where the prepared splits live (default: data)")
     fine.add_argument("--spam-source", default=None,
                       help="a local SMSSpamCollection file or UCI zip instead of downloading "

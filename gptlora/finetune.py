@@ -20,6 +20,7 @@ from .atomic import replace_atomically, write_json
 from .classifier import (LABEL_NAMES, calc_accuracy_loader, plot_history, prepare_for_classification,
                          train_classifier)
 from .model import GPTConfig, GPTModel, count_parameters
+from .prefix_cache import cache_frozen_prefix
 from .spam import create_dataloaders
 
 
@@ -65,7 +66,7 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
                   *, epochs: int = 5, lr: float = 5e-5, weight_decay: float = 0.1, batch_size: int = 8,
                   seed: int = 123, eval_freq: int = 50, eval_iter: int = 5, dynamic_padding: bool = False,
                   device="cpu", base_model: str | None = None, method_options: dict | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, bucket_by_length: bool = False, cache_prefix: bool = False) -> dict:
     """Chapter 6 end to end: fine-tune ``model`` on the spam splits in ``data_dir``, save the run.
 
     Seeds as the book does (before the loaders, the new head and the optimizer),
@@ -73,9 +74,18 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     splits and writes ``classifier.safetensors``, ``classifier.json``,
     ``metrics.json``, ``loss.png`` and ``accuracy.png`` to ``out_dir``.
     Returns the metrics dict (accuracies 0 to 1, losses, timing).
+
+    Speed options (see ``prefix_cache`` and ``spam``): ``cache_prefix`` runs the
+    frozen blocks once per message instead of at every step (``last-block`` only;
+    same numbers up to rounding); ``bucket_by_length`` (with ``dynamic_padding``)
+    batches messages of similar length together.
     """
+    if cache_prefix and method != "last-block":
+        raise ValueError(f"cache_prefix works only with method 'last-block' (frozen blocks below the trained "
+                         f"one); {method!r} trains the lower blocks too, so their output changes at every step")
     torch.manual_seed(seed)
-    loaders = create_dataloaders(data_dir, tokenizer, batch_size, dynamic_padding=dynamic_padding)
+    loaders = create_dataloaders(data_dir, tokenizer, batch_size, dynamic_padding=dynamic_padding,
+                                 bucket_by_length=bucket_by_length)
     max_length = loaders[0].dataset.max_length
     if max_length > model.cfg.context_length:
         raise ValueError(f"the longest training text has {max_length} tokens but the model's context length is "
@@ -88,15 +98,19 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     # makes AdamW about 2.5x faster for a small model; the arithmetic is the same).
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, foreach=True)
     start = time.perf_counter()
-    history = train_classifier(model, loaders[0], loaders[1], optimizer, device, epochs, eval_freq, eval_iter,
-                               progress=progress)
+    trained_model = model  # with cache_prefix: the model's last block, norm and head, fed cached states
+    if cache_prefix:
+        trained_model, loaders = cache_frozen_prefix(model, loaders)
+    history = train_classifier(trained_model, loaders[0], loaders[1], optimizer, device, epochs, eval_freq,
+                               eval_iter, progress=progress)
     seconds = time.perf_counter() - start
-    accuracy = {split: calc_accuracy_loader(loader, model, device)
+    accuracy = {split: calc_accuracy_loader(loader, trained_model, device)
                 for split, loader in zip(("train", "validation", "test"), loaders)}
     info = dict(method=method, method_options=method_options, max_length=max_length,
                 dynamic_padding=dynamic_padding, base_model=base_model, accuracy=accuracy)
     save_classifier(model, out_dir, info)
     metrics = dict(info, training_seconds=round(seconds, 1), epochs=epochs, lr=lr, weight_decay=weight_decay,
+                   bucket_by_length=bucket_by_length, cache_prefix=cache_prefix,
                    batch_size=batch_size, seed=seed, trainable_parameters=count_parameters(model, trainable_only=True),
                    history=asdict(history))
     write_json(metrics, Path(out_dir) / "metrics.json")

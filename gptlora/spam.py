@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .atomic import replace_atomically
 from .download import DownloadError, download_file, sha256_of
@@ -244,16 +244,61 @@ def pad_batch(items, pad_token_id: int = END_OF_TEXT_ID):
 
     Padding goes on the right: in a causal model no real token attends to a pad,
     so the logits at position ``lengths - 1`` are those of the unpadded text.
+    Items may also be float rows ``[n, D]`` (cached hidden states, see
+    ``prefix_cache``): they are padded with zeros to ``[B, T, D]``.
     """
+    first = items[0][0]
+    fill = pad_token_id if not first.is_floating_point() else 0.0
     lengths = torch.tensor([len(ids) for ids, _ in items])
-    ids = torch.full((len(items), int(lengths.max())), pad_token_id, dtype=torch.long)
+    ids = first.new_full((len(items), int(lengths.max()), *first.shape[1:]), fill)
     for row, (item_ids, _) in enumerate(items):
         ids[row, : len(item_ids)] = item_ids
     return ids, torch.stack([label for _, label in items]), lengths
 
 
+class LengthBucketBatchSampler(Sampler):
+    """Shuffled batches of messages of similar length, so that dynamic padding pads little.
+
+    Each epoch: shuffle all indices, drop the last ``len % batch_size`` of them when
+    ``drop_last`` (as a shuffled ``DataLoader`` does: a different few each epoch), cut
+    the rest into pools of ``pool_batches`` batches, sort each pool by length, cut it
+    into batches, and shuffle the order of all the batches. The seed of each epoch is
+    drawn from PyTorch's global generator (as ``DataLoader(shuffle=True)`` does) unless
+    a ``generator`` is given, so ``torch.manual_seed`` reproduces the batches.
+
+    ``lengths``: tokens per item. Yields lists of ``batch_size`` indices (the last
+    one shorter when ``drop_last`` is false).
+    """
+
+    def __init__(self, lengths, batch_size: int, drop_last: bool = True, pool_batches: int = 16,
+                 generator: torch.Generator | None = None):
+        if batch_size < 1 or pool_batches < 1:
+            raise ValueError(f"batch_size and pool_batches must be at least 1, found {batch_size} and {pool_batches}")
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size, self.drop_last, self.pool_batches, self.generator = batch_size, drop_last, pool_batches, generator
+
+    def __len__(self):
+        full, rest = divmod(len(self.lengths), self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self):
+        generator = self.generator
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        order = torch.randperm(len(self.lengths), generator=generator)
+        if self.drop_last:
+            order = order[: len(self) * self.batch_size]
+        batches = []
+        for pool in order.split(self.pool_batches * self.batch_size):
+            by_length = pool[torch.argsort(self.lengths[pool], stable=True)]
+            batches.extend(by_length.split(self.batch_size))
+        for position in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[position].tolist()
+
+
 def create_dataloaders(data_dir: str | Path, tokenizer, batch_size: int = 8, max_length: int | None = None,
-                       dynamic_padding: bool = False, num_workers: int = 0, pad_token_id: int = END_OF_TEXT_ID):
+                       dynamic_padding: bool = False, num_workers: int = 0, pad_token_id: int = END_OF_TEXT_ID,
+                       bucket_by_length: bool = False):
     """``(train_loader, val_loader, test_loader)`` over the parquet splits in ``data_dir``.
 
     As in the book: training batches are shuffled and the last incomplete one is
@@ -265,7 +310,12 @@ def create_dataloaders(data_dir: str | Path, tokenizer, batch_size: int = 8, max
     ``dynamic_padding=True`` (beyond the book) pads each batch only to its own
     longest text and adds ``lengths [B]``, the count of real tokens per row, so
     the classifier reads the last real token instead of the last position.
+    ``bucket_by_length=True`` (with dynamic padding) draws the training batches
+    from :class:`LengthBucketBatchSampler`, so each batch holds similar lengths.
     """
+    if bucket_by_length and not dynamic_padding:
+        raise ValueError("bucket_by_length=True needs dynamic_padding=True: with every row padded to "
+                         "max_length, grouping by length saves nothing")
     data_dir = Path(data_dir)
     for split in SPLITS:
         if not (data_dir / f"{split}.parquet").is_file():
@@ -276,5 +326,10 @@ def create_dataloaders(data_dir: str | Path, tokenizer, batch_size: int = 8, max
     test = make(data_dir / "test.parquet", max_length=train.max_length)
     collate = partial(pad_batch, pad_token_id=pad_token_id) if dynamic_padding else None
     loader = partial(DataLoader, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    return (loader(train, shuffle=True, drop_last=True), loader(val, drop_last=False),
-            loader(test, drop_last=False))
+    if bucket_by_length:
+        lengths = [len(ids) for ids in train.encoded_texts]
+        train_loader = DataLoader(train, batch_sampler=LengthBucketBatchSampler(lengths, batch_size, drop_last=True),
+                                  num_workers=num_workers, collate_fn=collate)
+    else:
+        train_loader = loader(train, shuffle=True, drop_last=True)
+    return train_loader, loader(val, drop_last=False), loader(test, drop_last=False)
