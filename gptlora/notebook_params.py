@@ -75,6 +75,21 @@ class NotebookParams:
             figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         return path
 
+    def show_saved_figure(self, png_path, file_name: str) -> Path:
+        """Show a PNG the package already wrote (e.g. a run's ``loss.png``) inline; copy it to ``output_dir / file_name``.
+
+        For plots made outside the notebook, so that they too are both shown and kept
+        with the others. Returns the copy's path.
+        """
+        from IPython.display import Image, display
+
+        data = Path(png_path).read_bytes()
+        path = self.output_dir / file_name
+        with replace_atomically(path) as tmp:
+            tmp.write_bytes(data)
+        display(Image(data=data, format="png"))
+        return path
+
 
 def env_name(field_name: str) -> str:
     """The environment variable that overrides ``field_name``, e.g. ``GPTLORA_DATA_DIR``."""
