@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .atomic import replace_atomically
 from .generation import END_OF_TEXT_ID
+from .lora import apply_lora
 from .model import GPTModel
 
 METHODS = ("last-block", "full", "lora")
@@ -35,8 +36,29 @@ def check_method(method: str) -> None:
     """Raise unless ``method`` is one this version can train (called before any slow work)."""
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "lora":  # >>> LoRA plugs in here (1 of 2): drop this refusal <<<
-        raise NotImplementedError("--method lora arrives with the LoRA issue; use last-block or full for now")
+
+
+# The recipe of the book's appendix E: rank 16, alpha 16 on every linear layer, the new head included.
+LORA_DEFAULTS = dict(rank=16, alpha=16, target_modules=None, exclude_modules=None, modules_to_save=None,
+                     dropout=0.0, scaling="alpha/rank")
+
+
+def lora_options(method_options: dict | None) -> dict:
+    """``LORA_DEFAULTS`` updated with ``method_options``; a key ``apply_lora`` does not take is a ValueError."""
+    unknown = sorted(set(method_options or {}) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown LoRA option(s) {unknown}; expected some of {', '.join(LORA_DEFAULTS)}")
+    return {**LORA_DEFAULTS, **(method_options or {})}
+
+
+def add_classification_head(model: GPTModel, num_classes: int = 2) -> GPTModel:
+    """Replace the vocabulary head by a fresh ``Linear(D, num_classes)``: ``[B, T, D] -> [B, T, C]``.
+
+    Its initial weights come from PyTorch's global generator, so the same seed
+    gives the same head: a LoRA run relies on this to rebuild its (frozen) head.
+    """
+    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes)
+    return model
 
 
 def prepare_for_classification(model: GPTModel, method: str, num_classes: int = 2,
@@ -45,21 +67,25 @@ def prepare_for_classification(model: GPTModel, method: str, num_classes: int = 
 
     - ``last-block`` (the book): the last transformer block, the final LayerNorm and the head.
     - ``full``: every parameter.
-    - ``lora``: low-rank adapters (``method_options`` holds their rank, alpha, ...).
+    - ``lora``: low-rank adapters only (the book's appendix E); ``method_options``
+      overrides ``LORA_DEFAULTS`` (rank 16, alpha 16, every linear layer, the new head
+      included: 2,666,528 trainable parameters on gpt2-small). The head itself stays
+      frozen, as the book has it; ``modules_to_save=["out_head"]`` trains it in full.
 
     The new head draws its initial weights from PyTorch's global generator: call
     ``torch.manual_seed`` first (the book uses 123). Modifies and returns ``model``.
     """
     check_method(method)
-    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes)
+    options = lora_options(method_options) if method == "lora" else None  # bad options fail before any change
+    add_classification_head(model, num_classes)
     if method == "full":
         model.requires_grad_(True)
     elif method == "last-block":
         model.requires_grad_(False)
         for part in (model.trf_blocks[-1], model.final_norm, model.out_head):
             part.requires_grad_(True)
-    else:  # >>> LoRA plugs in here (2 of 2): freeze the base, apply_lora(model, **method_options), train the head <<<
-        raise AssertionError("unreachable until LoRA lands")
+    else:
+        apply_lora(model, **options, verbose=False)  # freezes everything but the adapters
     return model
 
 

@@ -48,32 +48,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def finetuning_base(name_or_dir: str, models_dir: str, random_init: bool):
-    """The model to fine-tune: pretrained GPT-2 (a name or a checkpoint directory), or, with
-    ``random_init``, the same shape (a preset, or the directory's config.json) with random weights."""
-    import json
-
-    from .model import GPTConfig, GPTModel
-    from .pretrained import config_from_hf, load_pretrained
-
-    if not random_init:
-        return load_pretrained(name_or_dir, models_dir)
-    if Path(name_or_dir).is_dir():
-        return GPTModel(config_from_hf(json.loads((Path(name_or_dir) / "config.json").read_text())))
-    return GPTModel(GPTConfig.from_preset(name_or_dir, qkv_bias=True, drop_rate=0.0))
-
-
 def pick_device(name: str):
     import torch
 
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def cmd_finetune(args) -> int:
-    import torch
+def lora_method_options(args) -> dict | None:
+    """The ``--rank/--alpha/--targets/--scaling/--lora-dropout`` options as ``apply_lora`` keywords."""
+    if args.method != "lora":
+        return None
+    return dict(rank=args.rank, alpha=args.alpha, target_modules=args.targets, scaling=args.scaling,
+                dropout=args.lora_dropout)
 
+
+def cmd_finetune(args) -> int:
     from .classifier import check_method
-    from .finetune import finetune_spam
+    from .finetune import base_source, finetune_spam, load_base
     from .download import DownloadError
     from .generation import get_tokenizer
     from .spam import prepare_spam_data
@@ -82,17 +73,19 @@ def cmd_finetune(args) -> int:
     try:
         check_method(args.method)
         prepare_spam_data(args.data_dir, args.spam_source)
-        torch.manual_seed(args.seed)
-        model = finetuning_base(args.model, args.models_dir, args.random_init)
+        source = base_source(args.model, args.models_dir, args.random_init, args.seed)
+        model = load_base(source)
         metrics = finetune_spam(model, get_tokenizer(), args.data_dir, out, args.method, epochs=args.epochs,
                                 lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                                 seed=args.seed, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
                                 dynamic_padding=args.dynamic_padding, device=pick_device(args.device),
                                 bucket_by_length=args.bucket_by_length, cache_prefix=args.cache_prefix,
-                                base_model=str(args.model))
+                                base_model=str(args.model), method_options=lora_method_options(args),
+                                base_source=source)
     except (DownloadError, ValueError, FileNotFoundError, NotImplementedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    print(f"trainable parameters: {metrics['trainable_parameters']:,} (method {args.method}, lr {metrics['lr']:g})")
     for split, accuracy in metrics["accuracy"].items():
         print(f"{split} accuracy: {accuracy:.2%}")
     print(f"training took {metrics['training_seconds']:.1f} s; classifier, metrics.json, loss.png and "
@@ -102,6 +95,7 @@ def cmd_finetune(args) -> int:
 
 def cmd_classify(args) -> int:
     from .classifier import classify
+    from .download import DownloadError
     from .finetune import load_classifier
     from .generation import get_tokenizer
 
@@ -110,10 +104,23 @@ def cmd_classify(args) -> int:
         model, info = load_classifier(args.run, device)
         label = classify(args.text, model, get_tokenizer(), device, info["max_length"],
                          pad_to_max_length=not info["dynamic_padding"])
-    except (ValueError, FileNotFoundError) as error:
+    except (DownloadError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(label)
+    return 0
+
+
+def cmd_export_peft(args) -> int:
+    from .download import DownloadError
+    from .finetune import export_run_to_peft
+
+    try:
+        out = export_run_to_peft(args.run, args.out)
+    except (DownloadError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"peft adapter written to {out}; load it with peft.PeftModel.from_pretrained(hf_model, {str(out)!r})")
     return 0
 
 
@@ -154,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="last-block: last block + final norm + head (the book, default); full: everything; "
                            "lora: low-rank adapters")
     fine.add_argument("--epochs", type=int, default=5)
-    fine.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default: 5e-5)")
+    fine.add_argument("--lr", type=float, default=None,
+                      help="AdamW learning rate (default: 8e-4 for lora, 5e-5 for the other methods)")
     fine.add_argument("--weight-decay", type=float, default=0.1)
     fine.add_argument("--batch-size", type=int, default=8)
     fine.add_argument("--seed", type=int, default=123)
@@ -173,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: $GPTLORA_SPAM_SOURCE)")
     fine.add_argument("--out", default=None, help="run directory (default: runs/spam-MODEL-METHOD)")
     fine.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    lora = fine.add_argument_group("LoRA (--method lora; defaults: the book's appendix E)")
+    lora.add_argument("--rank", type=int, default=16, help="rank r of every adapter (default: 16)")
+    lora.add_argument("--alpha", type=float, default=16, help="LoRA alpha (default: 16)")
+    lora.add_argument("--targets", nargs="+", default=None, metavar="NAME",
+                      help="layers to adapt, by full name or suffix, e.g. W_query W_value (default: every "
+                           "linear layer, the new head included)")
+    lora.add_argument("--scaling", default="alpha/rank", choices=("alpha/rank", "alpha", "alpha/sqrt(rank)"),
+                      help="the factor on x @ A @ B: alpha/rank (LoRA paper, peft; default), alpha (the book's "
+                           "original appendix), alpha/sqrt(rank) (rsLoRA)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default: 0)")
     fine.set_defaults(func=cmd_finetune)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
@@ -180,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("text")
     cls.add_argument("--device", default="auto")
     cls.set_defaults(func=cmd_classify)
+
+    exp = sub.add_parser("export-peft", help="write a LoRA run's adapter in Hugging Face peft's format")
+    exp.add_argument("--run", required=True, help="the --out directory of a `finetune --method lora` run")
+    exp.add_argument("--out", required=True, help="directory for adapter_config.json + adapter_model.safetensors")
+    exp.set_defaults(func=cmd_export_peft)
     return parser
 
 

@@ -17,11 +17,53 @@ from pathlib import Path
 import torch
 
 from .atomic import replace_atomically, write_json
-from .classifier import (LABEL_NAMES, calc_accuracy_loader, plot_history, prepare_for_classification,
-                         train_classifier)
+from .classifier import (LABEL_NAMES, add_classification_head, calc_accuracy_loader, check_method, lora_options,
+                         plot_history, prepare_for_classification, train_classifier)
+from .lora_io import export_peft, load_adapter, save_adapter
 from .model import GPTConfig, GPTModel, count_parameters
 from .prefix_cache import cache_frozen_prefix
+from .pretrained import HUB_REPOS, config_from_hf, gpt2_name, load_pretrained, save_hf
 from .spam import create_dataloaders
+
+# AdamW learning rates per method. LoRA's is the book's appendix E rate with its original scaling
+# (alpha, 5e-5) carried over to alpha/rank: at rank 16, alpha 16 the update is 16 times smaller per
+# step, and Adam moves every entry by about the learning rate, so 16 x 5e-5 = 8e-4 (roughly equivalent).
+DEFAULT_LR = {"last-block": 5e-5, "full": 5e-5, "lora": 8e-4}
+ADAPTER_DIR = "adapter"  # inside a LoRA run directory: adapter_model.safetensors + adapter_config.json
+
+
+# --- the base model of a run -----------------------------------------------------------
+
+def finetuning_base(name_or_dir: str, models_dir: str | Path = "weights", random_init: bool = False) -> GPTModel:
+    """The model to fine-tune: pretrained GPT-2 (a name or a checkpoint directory), or, with
+    ``random_init``, the same shape (a preset, or the directory's config.json) with random weights
+    drawn from PyTorch's global generator (seed it first)."""
+    if not random_init:
+        return load_pretrained(name_or_dir, models_dir)
+    if Path(name_or_dir).is_dir():
+        return GPTModel(config_from_hf(json.loads((Path(name_or_dir) / "config.json").read_text())))
+    return GPTModel(GPTConfig.from_preset(name_or_dir, qkv_bias=True, drop_rate=0.0))
+
+
+def base_source(name_or_dir: str, models_dir: str | Path = "weights", random_init: bool = False,
+                seed: int = 123) -> dict:
+    """How to rebuild a base with :func:`load_base`; a LoRA run records it, as it saves only its adapter.
+
+    Directories are stored as absolute paths, so the run loads from any working directory.
+    """
+    directory = Path(name_or_dir)
+    return dict(model=str(directory.resolve()) if directory.is_dir() else str(name_or_dir),
+                models_dir=str(Path(models_dir).resolve()), random_init=random_init, seed=seed)
+
+
+def load_base(source: dict) -> GPTModel:
+    """The base described by ``source`` (from :func:`base_source`); random weights are drawn after
+    seeding with ``source["seed"]``, so the same source always gives the same weights."""
+    torch.manual_seed(source["seed"])
+    return finetuning_base(source["model"], source["models_dir"], source["random_init"])
+
+
+# --- run directories -------------------------------------------------------------------
 
 
 def save_classifier(model: GPTModel, run_dir: str | Path, info: dict) -> Path:
@@ -30,42 +72,108 @@ def save_classifier(model: GPTModel, run_dir: str | Path, info: dict) -> Path:
     ``info`` must hold ``method`` and ``max_length``; the model config and class
     count are added. The whole model is saved, not just what was trained: a run
     directory then classifies on its own, without the base weights and without
-    trusting that they are unchanged. (LoRA saves only its adapters.)
-    Each file is written under a temporary name and renamed into place.
+    trusting that they are unchanged.
+
+    LoRA is the exception, its point being small files: ``adapter/`` holds only the
+    adapter (``save_adapter``), with a fingerprint of the base it was trained on. The
+    new head is part of that base (frozen, with a LoRA on it, as in the book), and is
+    rebuilt from the seed in ``info`` rather than shipped: this keeps the book's
+    2,666,528 trainable parameters, while the fingerprint still refuses a base whose
+    body or head differs. (``modules_to_save=["out_head"]`` instead trains the head in
+    full and ships it in the adapter.) Each file is written under a temporary name
+    and renamed into place.
     """
     from safetensors.torch import save_model
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with replace_atomically(run_dir / "classifier.safetensors") as tmp:
-        save_model(model, str(tmp))  # save_model, unlike save_file, copes with tied (shared) tensors
+    if info["method"] == "lora":
+        save_adapter(model, run_dir / ADAPTER_DIR, verbose=False)
+    else:
+        with replace_atomically(run_dir / "classifier.safetensors") as tmp:
+            save_model(model, str(tmp))  # save_model, unlike save_file, copes with tied (shared) tensors
     full_info = {**info, "config": model.cfg.to_dict(), "num_classes": model.out_head.out_features}
     write_json(full_info, run_dir / "classifier.json")
     return run_dir
 
 
-def load_classifier(run_dir: str | Path, device="cpu") -> tuple[GPTModel, dict]:
-    """The model saved by :func:`save_classifier` (in eval mode, on ``device``) and its info dict."""
+def load_classifier(run_dir: str | Path, device="cpu", base: GPTModel | None = None) -> tuple[GPTModel, dict]:
+    """The model saved by :func:`save_classifier` (in eval mode, on ``device``) and its info dict.
+
+    A LoRA run holds only its adapter: it is loaded onto ``base`` (the model the run
+    started from, with its language-model head) or, by default, onto the base rebuilt
+    from the run's ``base_source``, with the head redrawn under the run's seed. A
+    base other than the one trained on is a ValueError (the fingerprint differs).
+    """
     from safetensors.torch import load_model
 
     run_dir = Path(run_dir)
-    info_path, weights_path = run_dir / "classifier.json", run_dir / "classifier.safetensors"
-    for path in (info_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; is {run_dir} the --out directory of a `gptlora finetune` run?")
-    info = json.loads(info_path.read_text())
+    info = json.loads(_run_file(run_dir, "classifier.json").read_text())
+    if info["method"] == "lora":
+        return _load_lora_classifier(run_dir, info, base).to(device).eval(), info
+    weights_path = _run_file(run_dir, "classifier.safetensors")
     model = GPTModel(GPTConfig(**info["config"]))
     prepare_for_classification(model, info["method"], info["num_classes"], info.get("method_options"))
     load_model(model, str(weights_path), strict=True)
     return model.to(device).eval(), info
 
 
+def _run_file(run_dir: Path, name: str) -> Path:
+    path = run_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; is {run_dir} the --out directory of a `gptlora finetune` run?")
+    return path
+
+
+def _load_lora_classifier(run_dir: Path, info: dict, base: GPTModel | None) -> GPTModel:
+    """The base (given, or rebuilt from ``info["base_source"]``) + the seeded head + the run's adapter."""
+    _run_file(run_dir / ADAPTER_DIR, "adapter_config.json")
+    source = info.get("base_source")
+    origin = "passed in" if base is not None else f"rebuilt from {source}"
+    if base is None:
+        if source is None:
+            raise ValueError(f"{run_dir} holds only a LoRA adapter and does not record how its base was made; "
+                             "pass the model it was trained from: load_classifier(run_dir, base=model)")
+        base = load_base(source)
+    torch.manual_seed(info["seed"])  # the head belongs to the base: the run's seed redraws it
+    add_classification_head(base, info["num_classes"])
+    try:
+        load_adapter(base, run_dir / ADAPTER_DIR)
+    except ValueError as error:
+        raise ValueError(f"{error}\nThe base was {origin}; the run {run_dir} needs the exact base it "
+                         "was trained on") from None
+    return base
+
+
+def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a LoRA run's adapter as a Hugging Face ``peft`` adapter in ``out_dir`` (see ``export_peft``).
+
+    Its ``base_model_name_or_path`` names the base the run started from: the Hub
+    repository of a GPT-2 name, or the checkpoint directory. A base of random weights
+    has neither, so it is written to ``out_dir/base`` (``save_hf``) and named instead.
+    """
+    method = json.loads(_run_file(Path(run_dir), "classifier.json").read_text())["method"]
+    if method != "lora":
+        raise ValueError(f"{run_dir} is a {method!r} run, which saves a whole model; only a "
+                         "`--method lora` run has an adapter to export")
+    model, info = load_classifier(run_dir)
+    source = info["base_source"]  # load_classifier has checked that it is there
+    if source["random_init"]:
+        base_name = str(save_hf(load_base(source), Path(out_dir) / "base"))
+    elif Path(source["model"]).is_dir():
+        base_name = source["model"]
+    else:
+        base_name = HUB_REPOS[gpt2_name(source["model"])]
+    return export_peft(model, out_dir, base_model_name_or_path=base_name)
+
+
 # --- the whole recipe ------------------------------------------------------------------
 
 def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str | Path, method: str = "last-block",
-                  *, epochs: int = 5, lr: float = 5e-5, weight_decay: float = 0.1, batch_size: int = 8,
+                  *, epochs: int = 5, lr: float | None = None, weight_decay: float = 0.1, batch_size: int = 8,
                   seed: int = 123, eval_freq: int = 50, eval_iter: int = 5, dynamic_padding: bool = False,
                   device="cpu", base_model: str | None = None, method_options: dict | None = None,
+                  base_source: dict | None = None,
                   progress: bool = True, bucket_by_length: bool = False, cache_prefix: bool = False) -> dict:
     """Chapter 6 end to end: fine-tune ``model`` on the spam splits in ``data_dir``, save the run.
 
@@ -75,6 +183,12 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     ``metrics.json``, ``loss.png`` and ``accuracy.png`` to ``out_dir``.
     Returns the metrics dict (accuracies 0 to 1, losses, timing).
 
+    ``lr=None`` takes the method's ``DEFAULT_LR`` (8e-4 for LoRA, 5e-5 otherwise).
+    A LoRA run (``method_options`` override ``LORA_DEFAULTS``) writes ``adapter/``
+    instead of ``classifier.safetensors``; pass ``base_source`` (from
+    :func:`base_source`, describing ``model``) so that ``load_classifier`` can
+    rebuild the base on its own.
+
     Speed options (see ``prefix_cache`` and ``spam``): ``cache_prefix`` runs the
     frozen blocks once per message instead of at every step (``last-block`` only;
     same numbers up to rounding); ``bucket_by_length`` (with ``dynamic_padding``)
@@ -83,6 +197,10 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     if cache_prefix and method != "last-block":
         raise ValueError(f"cache_prefix works only with method 'last-block' (frozen blocks below the trained "
                          f"one); {method!r} trains the lower blocks too, so their output changes at every step")
+    check_method(method)
+    lr = DEFAULT_LR[method] if lr is None else lr
+    if method == "lora":
+        method_options = lora_options(method_options)  # recorded in full in the run's files
     torch.manual_seed(seed)
     loaders = create_dataloaders(data_dir, tokenizer, batch_size, dynamic_padding=dynamic_padding,
                                  bucket_by_length=bucket_by_length)
@@ -107,7 +225,8 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     accuracy = {split: calc_accuracy_loader(loader, trained_model, device)
                 for split, loader in zip(("train", "validation", "test"), loaders)}
     info = dict(method=method, method_options=method_options, max_length=max_length,
-                dynamic_padding=dynamic_padding, base_model=base_model, accuracy=accuracy)
+                dynamic_padding=dynamic_padding, base_model=base_model, accuracy=accuracy,
+                seed=seed, base_source=base_source)
     save_classifier(model, out_dir, info)
     metrics = dict(info, training_seconds=round(seconds, 1), epochs=epochs, lr=lr, weight_decay=weight_decay,
                    bucket_by_length=bucket_by_length, cache_prefix=cache_prefix,

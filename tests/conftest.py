@@ -30,3 +30,53 @@ def spam_file() -> Path:
     if not path.is_file():
         pytest.skip(f"the SMS Spam Collection is not at {path}; see ../shared/README.md")
     return path
+
+
+@pytest.fixture(scope="session")
+def spam_data_dir(tmp_path_factory, spam_file) -> Path:
+    """The book's three parquet splits of the real data, prepared once per session."""
+    from gptlora.spam import prepare_spam_data
+
+    return prepare_spam_data(tmp_path_factory.mktemp("spam"), source=spam_file)["train"].parent
+
+
+@pytest.fixture(scope="session")
+def tiny_spam_run(tmp_path_factory, spam_data_dir):
+    """``gptlora finetune --method full`` of a 2-layer, 64-wide GPT from random weights: 3 epochs, lr 1e-3.
+
+    About 30 s on one thread, so it runs once per session and is shared:
+    test_classifier checks the run itself, test_finetune_lora uses the trained
+    model as the base of a LoRA run. Returns ``status``, ``stdout`` (what the
+    command printed), ``run`` (its directory), ``model_dir`` and ``data_dir``.
+    """
+    import contextlib
+    import io
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from gptlora import cli
+    from gptlora.model import GPTConfig
+    from gptlora.pretrained import config_to_hf
+
+    config = GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
+                       qkv_bias=True)
+    root = tmp_path_factory.mktemp("tiny-spam")
+    model_dir, run = root / "tiny", root / "run"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(config_to_hf(config)))
+    threads = torch.get_num_threads()
+    # One thread: for these tiny matrices a second one gains little, and when other processes
+    # share the cores its spin-waiting made training four times slower (measured).
+    torch.set_num_threads(1)
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            status = cli.main(["finetune", "--model", str(model_dir), "--random-init", "--method", "full",
+                               "--epochs", "3", "--lr", "1e-3", "--data-dir", str(spam_data_dir), "--out", str(run),
+                               "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(status=status, stdout=stdout.getvalue(), run=run, model_dir=model_dir,
+                           data_dir=spam_data_dir, config=config)

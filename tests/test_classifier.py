@@ -22,15 +22,15 @@ from gptlora.classifier import (
 )
 from gptlora.finetune import load_classifier
 from gptlora.model import GPTConfig, GPTModel
-from gptlora.spam import create_dataloaders, pad_batch, prepare_spam_data
+from gptlora.spam import create_dataloaders, pad_batch
 
 TINY = GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, spam_file):
-    """The book's three parquet splits, prepared once for this module."""
-    return prepare_spam_data(tmp_path_factory.mktemp("spam"), source=spam_file)["train"].parent
+def data_dir(spam_data_dir):
+    """The book's three parquet splits (prepared once per session by conftest.py)."""
+    return spam_data_dir
 
 
 def tiny_model(seed=123) -> GPTModel:
@@ -121,13 +121,11 @@ def test_classify_truncates_long_text_and_refuses_empty_text(tokenizer):
         classify("hello", model, tokenizer, "cpu", max_length=129)
 
 
-def test_lora_is_refused_before_any_work(tmp_path, capsys):
-    with pytest.raises(NotImplementedError, match="arrives with the LoRA issue"):
-        prepare_for_classification(tiny_model(), "lora")
+def test_unknown_method_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(ValueError, match="choose one of last-block, full, lora"):
         prepare_for_classification(tiny_model(), "everything")
-    assert cli.main(["finetune", "--method", "lora", "--random-init", "--data-dir", str(tmp_path / "d")]) == 1
-    assert "arrives with the LoRA issue" in capsys.readouterr().err
+    assert cli.main(["finetune", "--method", "everything", "--random-init", "--data-dir", str(tmp_path / "d")]) == 1
+    assert "unknown fine-tuning method 'everything'" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 
@@ -136,27 +134,11 @@ def test_load_classifier_names_what_is_missing(tmp_path):
         load_classifier(tmp_path)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: for these tiny matrices a second one gains little, and when other
-    processes share the cores its spin-waiting made training four times slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_finetune_and_classify_end_to_end_from_random_init(tmp_path, data_dir, tokenizer, capsys, one_thread):
-    """A 2-layer, 64-wide GPT from random weights, all parameters trained 3 epochs on the real split."""
-    model_dir, run = tmp_path / "tiny", tmp_path / "run"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps(
-        {"vocab_size": TINY.vocab_size, "n_positions": TINY.context_length, "n_embd": TINY.emb_dim,
-         "n_head": TINY.n_heads, "n_layer": TINY.n_layers}))
-    status = cli.main(["finetune", "--model", str(model_dir), "--random-init", "--method", "full", "--epochs", "3",
-                       "--lr", "1e-3", "--data-dir", str(data_dir), "--out", str(run), "--device", "cpu"])
-    printed = capsys.readouterr().out
-    assert status == 0
+def test_finetune_and_classify_end_to_end_from_random_init(tokenizer, capsys, tiny_spam_run):
+    """A 2-layer, 64-wide GPT from random weights, all parameters trained 3 epochs on the real split
+    (the run is the shared ``tiny_spam_run`` fixture of conftest.py)."""
+    run, data_dir, printed = tiny_spam_run.run, tiny_spam_run.data_dir, tiny_spam_run.stdout
+    assert tiny_spam_run.status == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["accuracy"]["test"] >= 0.90
     assert f"test accuracy: {metrics['accuracy']['test']:.2%}" in printed

@@ -1,0 +1,214 @@
+"""LoRA fine-tuning of the spam classifier end to end: the CLI, an adapter-only run directory,
+reloading onto a fresh base, classify, the peft export, and the book's numbers (real weights only)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from gptlora import cli
+from gptlora.classifier import LORA_DEFAULTS, calc_accuracy_loader, classify, prepare_for_classification
+from gptlora.finetune import ADAPTER_DIR, finetune_spam, load_classifier
+from gptlora.lora import lora_disabled, lora_layers
+from gptlora.lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_fingerprint, read_adapter_config
+from gptlora.lora_layer import SCALINGS
+from gptlora.model import GPTConfig, GPTModel, count_parameters
+from gptlora.pretrained import load_pretrained, save_hf
+from gptlora.spam import create_dataloaders
+
+SPLITS = ("train", "validation", "test")
+MESSAGE = "85233 FREE>Ringtone!Reply REAL"  # the first test message
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    """``gptlora ARGV`` on one thread (see conftest's tiny_spam_run); its status and what it printed."""
+    threads, stdout = torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            status = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return status, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tiny_spam_run, tmp_path_factory):
+    """A 'pretrained' base that knows about spam: conftest's fully fine-tuned tiny GPT, given back a
+    language-model head (tied to its token embedding, as GPT-2's) and saved as a Hugging Face checkpoint."""
+    model, _ = load_classifier(tiny_spam_run.run)
+    model.out_head = nn.Linear(model.cfg.emb_dim, model.cfg.vocab_size, bias=False)
+    model.tie_weights()
+    return save_hf(model, tmp_path_factory.mktemp("base") / "tiny-spam-gpt")
+
+
+@pytest.fixture(scope="module")
+def lora_run(base_dir, tiny_spam_run, tmp_path_factory):
+    """``gptlora finetune --method lora`` on that base with the book's defaults (rank 16, alpha 16, all layers)."""
+    run = tmp_path_factory.mktemp("lora") / "run"
+    status, printed = run_cli(["finetune", "--model", str(base_dir), "--method", "lora", "--epochs", "1",
+                               "--data-dir", str(tiny_spam_run.data_dir), "--out", str(run), "--device", "cpu"])
+    metrics = json.loads((run / "metrics.json").read_text()) if status == 0 else None
+    return SimpleNamespace(status=status, stdout=printed, run=run, metrics=metrics, data_dir=tiny_spam_run.data_dir)
+
+
+def fresh_base_with_head(base_dir, seed=123) -> GPTModel:
+    """What a LoRA run's base is: the checkpoint plus the head drawn under the run's seed (no LoRA)."""
+    model = load_pretrained(base_dir)
+    torch.manual_seed(seed)
+    return prepare_for_classification(model, "full")
+
+
+def test_lora_run_trains_and_saves_only_the_adapter(lora_run, base_dir):
+    assert lora_run.status == 0
+    metrics = lora_run.metrics
+    assert metrics["lr"] == 8e-4  # the method-aware default
+    assert metrics["method_options"] == LORA_DEFAULTS
+    # rank 16 on every linear layer, the 2-class head included: 16 * (in + out) each
+    expected = sum(16 * (m.in_features + m.out_features) for m in fresh_base_with_head(base_dir).modules()
+                   if isinstance(m, nn.Linear))
+    assert metrics["trainable_parameters"] == expected
+    assert f"trainable parameters: {expected:,} (method lora, lr 0.0008)" in lora_run.stdout
+    for split in SPLITS:
+        assert f"{split} accuracy: {metrics['accuracy'][split]:.2%}" in lora_run.stdout
+    assert metrics["accuracy"]["test"] >= 0.90
+
+    run = lora_run.run
+    assert {"accuracy.png", ADAPTER_DIR, "classifier.json", "loss.png", "metrics.json"} <= set(os.listdir(run))
+    assert not (run / "classifier.safetensors").exists()
+    assert sorted(os.listdir(run / ADAPTER_DIR)) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    adapter_bytes = (run / ADAPTER_DIR / ADAPTER_WEIGHTS).stat().st_size
+    assert adapter_bytes < 4 * expected + 20_000  # float32 A and B, plus the safetensors header
+    base_bytes = (base_dir / "model.safetensors").stat().st_size
+    assert all(path.stat().st_size < 0.05 * base_bytes for path in run.rglob("*") if path.is_file())  # no base copy
+
+
+def test_adapter_reloads_onto_a_fresh_base_with_the_same_accuracy(lora_run, base_dir, tokenizer):
+    loaded, info = load_classifier(lora_run.run)
+    assert info["method"] == "lora" and info["base_source"]["model"] == str(base_dir.resolve())
+    _, val_loader, test_loader = create_dataloaders(lora_run.data_dir, tokenizer)
+    # (the training loader shuffles and drops its last batch: its rows differ from one call to the next)
+    for split, loader in (("validation", val_loader), ("test", test_loader)):
+        assert calc_accuracy_loader(loader, loaded, "cpu") == lora_run.metrics["accuracy"][split], split
+    # The fingerprint was taken after training, in the training process: equal to a fresh base's, the
+    # base weights and the frozen head came out of training bitwise unchanged.
+    fresh = fresh_base_with_head(base_dir)
+    assert read_adapter_config(lora_run.run / ADAPTER_DIR)["base_fingerprint"] == base_fingerprint(fresh)
+    assert len(lora_layers(loaded)) == 2 * 6 + 1
+    x = torch.tensor([tokenizer.encode(MESSAGE)])
+    with torch.no_grad(), lora_disabled(loaded):
+        base_logits = loaded(x)
+    with torch.no_grad():
+        torch.testing.assert_close(base_logits, fresh.eval()(x), rtol=0, atol=0)
+        assert not torch.equal(loaded(x), base_logits)  # the adapter learned something
+
+
+def test_classify_cli_loads_base_and_adapter(lora_run, tokenizer):
+    loaded, info = load_classifier(lora_run.run)
+    status, printed = run_cli(["classify", "--run", str(lora_run.run), MESSAGE, "--device", "cpu"])
+    assert status == 0
+    assert printed.strip() == classify(MESSAGE, loaded, tokenizer, "cpu", info["max_length"])
+
+
+def test_another_base_or_head_is_a_clear_error(lora_run, base_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match="(?s)trained on other base weights.*was passed in"):
+        load_classifier(lora_run.run, base=GPTModel(load_pretrained(base_dir).cfg))
+    other_head = shutil.copytree(lora_run.run, tmp_path / "run")
+    info = json.loads((other_head / "classifier.json").read_text())
+    (other_head / "classifier.json").write_text(json.dumps({**info, "seed": info["seed"] + 1}))
+    assert cli.main(["classify", "--run", str(other_head), MESSAGE, "--device", "cpu"]) == 1
+    assert "trained on other base weights" in capsys.readouterr().err
+
+
+# transformers warns about a renamed attribute; peft that fan_in_fan_out is set.
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:fan_in_fan_out is set to True")
+def test_export_peft_reproduces_the_run(lora_run, base_dir, tiny_spam_run, tokenizer, tmp_path, capsys):
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    out = tmp_path / "peft"
+    assert cli.main(["export-peft", "--run", str(lora_run.run), "--out", str(out)]) == 0
+    config = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(base_dir.resolve())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    hf_model = transformers.GPT2ForSequenceClassification.from_pretrained(base_dir, num_labels=2).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf_model, str(out))
+    loaded, _ = load_classifier(lora_run.run)
+    x = torch.tensor([tokenizer.encode(MESSAGE)])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=x).logits, loaded(x)[:, -1, :], atol=1e-4, rtol=0)
+
+    capsys.readouterr()
+    assert cli.main(["export-peft", "--run", str(tiny_spam_run.run), "--out", str(tmp_path / "x")]) == 1
+    assert "only a `--method lora` run has an adapter to export" in capsys.readouterr().err
+
+
+def test_cli_lora_options_match_the_library(capsys):
+    parser = cli.build_parser()
+    finetune = parser._subparsers._group_actions[0].choices["finetune"]
+    scaling = next(a for a in finetune._actions if a.dest == "scaling")
+    assert tuple(scaling.choices) == tuple(SCALINGS) and scaling.default == LORA_DEFAULTS["scaling"]
+    defaults = {a.dest: a.default for a in finetune._actions}
+    assert (defaults["rank"], defaults["alpha"], defaults["lora_dropout"]) == (
+        LORA_DEFAULTS["rank"], LORA_DEFAULTS["alpha"], LORA_DEFAULTS["dropout"])
+    assert defaults["lr"] is None and "8e-4 for lora" in finetune.format_help()
+
+
+def test_documented_recipe_count_on_gpt2_small():
+    """The recipe itself (head, then LoRA on every linear layer) on gpt2-small: 2,666,528 trainable.
+
+    Built on the meta device: counting needs shapes only, so no 124M-parameter allocation.
+    """
+    with torch.device("meta"):
+        model = GPTModel(GPTConfig.from_preset("gpt2-small", qkv_bias=True))
+        model.tie_weights()
+        prepare_for_classification(model, "lora")
+    assert count_parameters(model, trainable_only=True) == 2_666_528
+    assert count_parameters(model) == 124_441_346 + 2_666_528
+
+
+def test_unknown_lora_option_is_refused_before_any_change():
+    model = GPTModel(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=1))
+    head = model.out_head
+    with pytest.raises(ValueError, match=r"unknown LoRA option\(s\) \['ranks'\]; expected some of rank, alpha"):
+        prepare_for_classification(model, "lora", method_options={"ranks": 8})
+    assert model.out_head is head
+
+
+# --- the book's numbers, with the real gpt2-small --------------------------------------
+
+needs_gpt2 = pytest.mark.skipif(not os.environ.get("GPTLORA_GPT2_DIR"),
+                                reason="set GPTLORA_GPT2_DIR to a Hugging Face gpt2 (small) directory to run")
+
+
+@pytest.mark.real_weights
+@needs_gpt2
+def test_book_accuracy_right_after_lora_injection(spam_data_dir, tokenizer):
+    """B starts at zero, so injection leaves the book's pre-fine-tuning accuracies unchanged."""
+    torch.manual_seed(123)
+    loaders = create_dataloaders(spam_data_dir, tokenizer)
+    model = load_pretrained(os.environ["GPTLORA_GPT2_DIR"])
+    torch.manual_seed(123)
+    prepare_for_classification(model, "lora")
+    assert count_parameters(model, trainable_only=True) == 2_666_528
+    torch.manual_seed(123)
+    accuracy = [calc_accuracy_loader(loader, model, "cpu", num_batches=10) for loader in loaders]
+    assert accuracy == [0.4625, 0.45, 0.4875]
+
+
+@pytest.mark.real_weights
+@pytest.mark.slow
+@needs_gpt2
+def test_book_accuracy_after_lora_fine_tuning(spam_data_dir, tokenizer, tmp_path):
+    model = load_pretrained(os.environ["GPTLORA_GPT2_DIR"])
+    metrics = finetune_spam(model, tokenizer, spam_data_dir, tmp_path, "lora", epochs=5, lr=8e-4,
+                            weight_decay=0.1, seed=123, progress=False)
+    book = {"train": 0.9981, "validation": 0.9799, "test": 0.9667}  # published on another device
+    for split, expected in book.items():
+        assert metrics["accuracy"][split] == pytest.approx(expected, abs=0.015), split
