@@ -40,6 +40,35 @@ def spam_data_dir(tmp_path_factory, spam_file) -> Path:
     return prepare_spam_data(tmp_path_factory.mktemp("spam"), source=spam_file)["train"].parent
 
 
+def run_cli_on_one_thread(argv: list[str]) -> tuple[int, str]:
+    """``gptlora ARGV`` in this process; its exit status and what it printed to stdout.
+
+    One thread: for the tiny models of the tests a second one gains little, and when
+    other processes share the cores its spin-waiting made training four times slower (measured).
+    """
+    import contextlib
+    import io
+
+    import torch
+
+    from gptlora import cli
+
+    threads, stdout = torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            status = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return status, stdout.getvalue()
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """:func:`run_cli_on_one_thread`, for tests that run ``gptlora`` commands."""
+    return run_cli_on_one_thread
+
+
 @pytest.fixture(scope="session")
 def tiny_spam_run(tmp_path_factory, spam_data_dir):
     """``gptlora finetune --method full`` of a 2-layer, 64-wide GPT from random weights: 3 epochs, lr 1e-3.
@@ -49,14 +78,9 @@ def tiny_spam_run(tmp_path_factory, spam_data_dir):
     model as the base of a LoRA run. Returns ``status``, ``stdout`` (what the
     command printed), ``run`` (its directory), ``model_dir`` and ``data_dir``.
     """
-    import contextlib
-    import io
     import json
     from types import SimpleNamespace
 
-    import torch
-
-    from gptlora import cli
     from gptlora.model import GPTConfig
     from gptlora.pretrained import config_to_hf
 
@@ -66,17 +90,8 @@ def tiny_spam_run(tmp_path_factory, spam_data_dir):
     model_dir, run = root / "tiny", root / "run"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(config_to_hf(config)))
-    threads = torch.get_num_threads()
-    # One thread: for these tiny matrices a second one gains little, and when other processes
-    # share the cores its spin-waiting made training four times slower (measured).
-    torch.set_num_threads(1)
-    stdout = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(stdout):
-            status = cli.main(["finetune", "--model", str(model_dir), "--random-init", "--method", "full",
-                               "--epochs", "3", "--lr", "1e-3", "--data-dir", str(spam_data_dir), "--out", str(run),
-                               "--device", "cpu"])
-    finally:
-        torch.set_num_threads(threads)
-    return SimpleNamespace(status=status, stdout=stdout.getvalue(), run=run, model_dir=model_dir,
-                           data_dir=spam_data_dir, config=config)
+    status, stdout = run_cli_on_one_thread([
+        "finetune", "--model", str(model_dir), "--random-init", "--method", "full", "--epochs", "3", "--lr", "1e-3",
+        "--data-dir", str(spam_data_dir), "--out", str(run), "--device", "cpu"])
+    return SimpleNamespace(status=status, stdout=stdout, run=run, model_dir=model_dir, data_dir=spam_data_dir,
+                           config=config)

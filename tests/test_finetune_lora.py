@@ -3,8 +3,6 @@ reloading onto a fresh base, classify, the peft export, and the book's numbers (
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -28,18 +26,6 @@ SPLITS = ("train", "validation", "test")
 MESSAGE = "85233 FREE>Ringtone!Reply REAL"  # the first test message
 
 
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    """``gptlora ARGV`` on one thread (see conftest's tiny_spam_run); its status and what it printed."""
-    threads, stdout = torch.get_num_threads(), io.StringIO()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(stdout):
-            status = cli.main(argv)
-    finally:
-        torch.set_num_threads(threads)
-    return status, stdout.getvalue()
-
-
 @pytest.fixture(scope="module")
 def base_dir(tiny_spam_run, tmp_path_factory):
     """A 'pretrained' base that knows about spam: conftest's fully fine-tuned tiny GPT, given back a
@@ -51,7 +37,7 @@ def base_dir(tiny_spam_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lora_run(base_dir, tiny_spam_run, tmp_path_factory):
+def lora_run(base_dir, tiny_spam_run, tmp_path_factory, run_cli):
     """``gptlora finetune --method lora`` on that base with the book's defaults (rank 16, alpha 16, all layers)."""
     run = tmp_path_factory.mktemp("lora") / "run"
     status, printed = run_cli(["finetune", "--model", str(base_dir), "--method", "lora", "--epochs", "1",
@@ -111,7 +97,7 @@ def test_adapter_reloads_onto_a_fresh_base_with_the_same_accuracy(lora_run, base
         assert not torch.equal(loaded(x), base_logits)  # the adapter learned something
 
 
-def test_classify_cli_loads_base_and_adapter(lora_run, tokenizer):
+def test_classify_cli_loads_base_and_adapter(lora_run, tokenizer, run_cli):
     loaded, info = load_classifier(lora_run.run)
     status, printed = run_cli(["classify", "--run", str(lora_run.run), MESSAGE, "--device", "cpu"])
     assert status == 0
@@ -158,6 +144,15 @@ def test_cli_lora_options_match_the_library(capsys):
     assert (defaults["rank"], defaults["alpha"], defaults["lora_dropout"]) == (
         LORA_DEFAULTS["rank"], LORA_DEFAULTS["alpha"], LORA_DEFAULTS["dropout"])
     assert defaults["lr"] is None and "8e-4 for lora" in finetune.format_help()
+
+    args = parser.parse_args(["finetune", "--method", "lora", "--rank", "2", "--alpha", "3", "--targets", "W_query",
+                              "W_value", "--scaling", "alpha", "--lora-dropout", "0.1"])
+    model = prepare_for_classification(GPTModel(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4,
+                                                          n_layers=1)), "lora", method_options=cli.lora_method_options(args))
+    layers = lora_layers(model)
+    assert sorted(layers) == ["trf_blocks.0.att.W_query", "trf_blocks.0.att.W_value"]
+    lora = layers["trf_blocks.0.att.W_query"].lora["default"]
+    assert (lora.rank, lora.scaling, lora.dropout_p) == (2, 3.0, 0.1)
 
 
 def test_documented_recipe_count_on_gpt2_small():
