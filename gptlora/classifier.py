@@ -24,6 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import replace_atomically
+from .checkpoint import NoCheckpoints
+from .distributed import set_sampler_epoch, sum_over_processes, world_size
 from .generation import END_OF_TEXT_ID
 from .lora import apply_lora
 from .model import GPTModel
@@ -138,15 +140,18 @@ def first_batches(data_loader, num_batches: int | None):
 
 
 def calc_loss_loader(data_loader, model, device, num_batches=None) -> float:
-    """Mean batch loss over the first ``num_batches`` batches; NaN for an empty loader."""
-    if len(data_loader) == 0:
-        return float("nan")
+    """Mean batch loss over the first ``num_batches`` batches; NaN for an empty loader.
+
+    Under ``torchrun`` each process has its share of every batch: the sums and
+    counts of all processes are added before dividing.
+    """
     losses = []
     with evaluating(model):
         for batch in first_batches(data_loader, num_batches):
             inputs, labels, lengths = split_batch(batch, device)
             losses.append(calc_loss_batch(inputs, labels, model, device, lengths).item())
-    return sum(losses) / len(losses)
+    total, count = sum_over_processes(sum(losses), len(losses))
+    return total / count if count else float("nan")
 
 
 def calc_accuracy_loader(data_loader, model, device, num_batches=None) -> float:
@@ -158,6 +163,7 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None) -> float:
             predicted = classification_logits(model(inputs), lengths).argmax(dim=-1)
             correct += (predicted == labels).sum().item()
             seen += labels.shape[0]
+    correct, seen = sum_over_processes(correct, seen)  # all processes' shares (see calc_loss_loader)
     return correct / seen if seen else float("nan")
 
 
@@ -192,8 +198,8 @@ class TrainingHistory:
 
 
 def train_classifier(model, train_loader, val_loader, optimizer, device, num_epochs: int, eval_freq: int,
-                     eval_iter: int, *, progress: bool = True, history: TrainingHistory | None = None
-                     ) -> TrainingHistory:
+                     eval_iter: int, *, progress: bool = True, history: TrainingHistory | None = None,
+                     checkpoints: NoCheckpoints | None = None) -> TrainingHistory:
     """Train for ``num_epochs`` epochs; the book's ``train_classifier_simple`` with a progress bar.
 
     Every ``eval_freq`` steps the mean loss over ``eval_iter`` batches of each
@@ -201,28 +207,37 @@ def train_classifier(model, train_loader, val_loader, optimizer, device, num_epo
     The loaders are iterated exactly as the book does, so under the same seed the
     shuffles, and therefore the numbers, are the book's. Passing a ``history``
     continues from its ``epochs_done``. ``progress=False`` silences bar and log.
+
+    ``checkpoints`` (a ``checkpoint.Checkpointer``) saves the training state after
+    steps and epochs, and when resuming hands out only the batches still to train
+    on. The same loop runs under ``torchrun`` (see ``distributed``).
     """
     history = history or TrainingHistory()
+    checkpoints = checkpoints or NoCheckpoints()
     log = tqdm.write if progress else (lambda message: None)
     for epoch in range(history.epochs_done, num_epochs):
         model.train()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{num_epochs}", unit="batch", disable=not progress)
+        set_sampler_epoch(train_loader, epoch)  # under torchrun: this epoch's shuffle
+        bar = tqdm(checkpoints.epoch_batches(train_loader, epoch), total=len(train_loader),
+                   desc=f"epoch {epoch + 1}/{num_epochs}", unit="batch", disable=not progress)
         for batch in bar:
             inputs, labels, lengths = split_batch(batch, device)
             optimizer.zero_grad()
             loss = calc_loss_batch(inputs, labels, model, device, lengths)
             loss.backward()
             optimizer.step()
-            history.examples_seen += inputs.shape[0]
+            history.examples_seen += inputs.shape[0] * world_size()  # each process trains on its share
             history.global_step += 1
             if history.global_step % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
                 history.train_losses.append(train_loss)
                 history.val_losses.append(val_loss)
                 bar.set_postfix(train_loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}")
+            checkpoints.step_done(history)
         history.train_accs.append(calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter))
         history.val_accs.append(calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter))
         history.epochs_done = epoch + 1
+        checkpoints.epoch_done(history)
         log(f"epoch {epoch + 1}: training accuracy {history.train_accs[-1]:.2%}, "
             f"validation accuracy {history.val_accs[-1]:.2%} (over {eval_iter} batches)")
     return history

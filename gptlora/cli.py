@@ -62,15 +62,55 @@ def lora_method_options(args) -> dict | None:
                 dropout=args.lora_dropout)
 
 
+# `finetune --resume` takes every option from the run's checkpoint; these few may be changed on the
+# command line, and these are never the run's (they say where the run is and how to start it).
+RESUME_MAY_CHANGE = {"epochs", "device", "save_every"}
+NOT_RUN_OPTIONS = {"resume", "overwrite", "out", "command", "func", "argv"}
+
+
+def options_given(args: argparse.Namespace) -> set[str]:
+    """The options written on the command line (``--name`` or ``--name=value``), or set to a value other
+    than their default (which also catches an abbreviated name)."""
+    defaults = vars(build_parser().parse_args([args.command]))
+    written = {token.split("=", 1)[0] for token in args.argv if token.startswith("--")}
+    return {name for name, value in vars(args).items()
+            if f"--{name.replace('_', '-')}" in written or value != defaults.get(name)}
+
+
+def resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the options of the run in ``args.resume``, read from its checkpoint. ``--epochs``,
+    ``--device`` and ``--save-every`` may be given anew; any other option given with a value other than
+    the run's is a ValueError: resuming cannot change the run."""
+    from .checkpoint import CHECKPOINT_NAME, read_checkpoint_values
+
+    saved = read_checkpoint_values(Path(args.resume) / CHECKPOINT_NAME).get("extra")
+    if not saved:
+        raise ValueError(f"the checkpoint in {args.resume} records no command-line options (it was not written "
+                         "by `gptlora finetune`); resume it from Python with finetune_spam(..., resume=True)")
+    if args.overwrite:
+        raise ValueError("--resume continues the run in its directory and --overwrite replaces it: choose one")
+    if args.out is not None and Path(args.out) != Path(args.resume):
+        raise ValueError(f"--out {args.out} and --resume {args.resume} differ; a resumed run stays in its directory")
+    given = options_given(args) - NOT_RUN_OPTIONS
+    for name in sorted(given - RESUME_MAY_CHANGE):
+        if name in saved and getattr(args, name) != saved[name]:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the run being resumed "
+                             f"({saved[name]!r}); leave it out to resume, or start a new run with another --out")
+    kept = {name: value for name, value in saved.items() if name not in given | NOT_RUN_OPTIONS}
+    return argparse.Namespace(**{**vars(args), **kept, "out": args.resume})
+
+
 def cmd_finetune(args) -> int:
     from .classifier import check_method
+    from .distributed import is_main_process, stop_processes
     from .finetune import base_source, finetune_spam, load_base
     from .download import DownloadError
     from .generation import get_tokenizer
     from .spam import prepare_spam_data
 
-    out = args.out or f"runs/spam-{Path(args.model).name}-{args.method}"
     try:
+        args = resumed_arguments(args) if args.resume else args
+        out = args.out or f"runs/spam-{Path(args.model).name}-{args.method}"
         check_method(args.method)
         prepare_spam_data(args.data_dir, args.spam_source)
         source = base_source(args.model, args.models_dir, args.random_init, args.seed)
@@ -81,10 +121,16 @@ def cmd_finetune(args) -> int:
                                 dynamic_padding=args.dynamic_padding, device=pick_device(args.device),
                                 bucket_by_length=args.bucket_by_length, cache_prefix=args.cache_prefix,
                                 base_model=str(args.model), method_options=lora_method_options(args),
-                                base_source=source)
-    except (DownloadError, ValueError, FileNotFoundError, NotImplementedError) as error:
+                                base_source=source, save_every=args.save_every, resume=bool(args.resume),
+                                overwrite=args.overwrite,
+                                command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
+        if not is_main_process():  # under torchrun, rank 0 reports
+            return 0
+    except (DownloadError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        stop_processes()
     print(f"trainable parameters: {metrics['trainable_parameters']:,} (method {args.method}, lr {metrics['lr']:g})")
     for split, accuracy in metrics["accuracy"].items():
         print(f"{split} accuracy: {accuracy:.2%}")
@@ -181,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: $GPTLORA_SPAM_SOURCE)")
     fine.add_argument("--out", default=None, help="run directory (default: runs/spam-MODEL-METHOD)")
     fine.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    fine.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+                      help="also save a checkpoint every STEPS optimizer steps (always: at each epoch end)")
+    fine.add_argument("--resume", default=None, metavar="RUN_DIR",
+                      help="continue the run in RUN_DIR from its checkpoint, with its own options (--epochs, "
+                           "--device and --save-every may change)")
+    fine.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
     lora = fine.add_argument_group("LoRA (--method lora; defaults: the book's appendix E)")
     lora.add_argument("--rank", type=int, default=16, help="rank r of every adapter (default: 16)")
     lora.add_argument("--alpha", type=float, default=16, help="LoRA alpha (default: 16)")
@@ -209,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # `finetune --resume` needs what was written
     if not hasattr(args, "func"):
         parser.print_help()
         return 0

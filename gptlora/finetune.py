@@ -10,20 +10,22 @@ it combines live in ``spam`` (data), ``classifier`` (head, loss, loop, plots) an
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .atomic import replace_atomically, write_json
+from .checkpoint import CHECKPOINT_NAME, Checkpointer, open_run_dir, tensors_sha256
 from .classifier import (LABEL_NAMES, add_classification_head, calc_accuracy_loader, check_method, lora_options,
-                         plot_history, prepare_for_classification, train_classifier)
+                         plot_history, prepare_for_classification, train_classifier, TrainingHistory)
+from .distributed import shard_loaders, start_processes, wrap_for_training
+from .download import sha256_of
 from .lora_io import export_peft, load_adapter, save_adapter
 from .model import GPTConfig, GPTModel, count_parameters
 from .prefix_cache import cache_frozen_prefix
 from .pretrained import HUB_REPOS, config_from_hf, gpt2_name, load_pretrained, save_hf
-from .spam import create_dataloaders
+from .spam import SPLITS, create_dataloaders
 
 # AdamW learning rates per method. LoRA's is the book's appendix E rate with its original scaling
 # (alpha, 5e-5) carried over to alpha/rank: at rank 16, alpha 16 the update is 16 times smaller per
@@ -174,7 +176,9 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
                   seed: int = 123, eval_freq: int = 50, eval_iter: int = 5, dynamic_padding: bool = False,
                   device="cpu", base_model: str | None = None, method_options: dict | None = None,
                   base_source: dict | None = None,
-                  progress: bool = True, bucket_by_length: bool = False, cache_prefix: bool = False) -> dict:
+                  progress: bool = True, bucket_by_length: bool = False, cache_prefix: bool = False,
+                  save_every: int | None = None, resume: bool = False, overwrite: bool = True,
+                  command_options: dict | None = None) -> dict:
     """Chapter 6 end to end: fine-tune ``model`` on the spam splits in ``data_dir``, save the run.
 
     Seeds as the book does (before the loaders, the new head and the optimizer),
@@ -193,11 +197,26 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     frozen blocks once per message instead of at every step (``last-block`` only;
     same numbers up to rounding); ``bucket_by_length`` (with ``dynamic_padding``)
     batches messages of similar length together.
+
+    Checkpoints (see ``checkpoint``): ``checkpoint.safetensors`` in ``out_dir`` is
+    saved at each epoch end and every ``save_every`` steps; ``resume=True``
+    continues from it, to the same end as an uninterrupted run. A fresh run in an
+    ``out_dir`` that holds files needs ``overwrite=True`` (the default here; the
+    command asks for ``--overwrite``). ``command_options`` are stored in the
+    checkpoint for ``gptlora finetune --resume``.
+
+    Under ``torchrun`` every process runs this with its share of each batch
+    (``batch_size`` is the global batch; see ``distributed``); only rank 0 writes.
     """
     if cache_prefix and method != "last-block":
         raise ValueError(f"cache_prefix works only with method 'last-block' (frozen blocks below the trained "
                          f"one); {method!r} trains the lower blocks too, so their output changes at every step")
     check_method(method)
+    processes = start_processes(device)
+    device = processes.device
+    checkpoint_path = Path(out_dir) / CHECKPOINT_NAME
+    if processes.is_main:
+        open_run_dir(out_dir, resume, overwrite)
     lr = DEFAULT_LR[method] if lr is None else lr
     if method == "lora":
         method_options = lora_options(method_options)  # recorded in full in the run's files
@@ -215,23 +234,47 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     # foreach: one batched update for all tensors (PyTorch's default on GPUs, not on CPUs, where it
     # makes AdamW about 2.5x faster for a small model; the arithmetic is the same).
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, foreach=True)
-    start = time.perf_counter()
+    fingerprint = dict(config=model.cfg.to_dict(), method=method, method_options=method_options, seed=seed, lr=lr,
+                       weight_decay=weight_decay, batch_size=batch_size, eval_freq=eval_freq, eval_iter=eval_iter,
+                       dynamic_padding=dynamic_padding, bucket_by_length=bucket_by_length, cache_prefix=cache_prefix,
+                       frozen_weights=frozen_weights_sha256(model), data=data_sha256(data_dir),
+                       data_order="distributed" if processes.distributed else "book")
+    checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, save_every,
+                               writes_files=processes.is_main, extra=command_options)
     trained_model = model  # with cache_prefix: the model's last block, norm and head, fed cached states
     if cache_prefix:
         trained_model, loaders = cache_frozen_prefix(model, loaders)
+    loaders = shard_loaders(loaders, processes, seed)
+    history = TrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
+    trained_model = wrap_for_training(trained_model, processes)
     history = train_classifier(trained_model, loaders[0], loaders[1], optimizer, device, epochs, eval_freq,
-                               eval_iter, progress=progress)
-    seconds = time.perf_counter() - start
+                               eval_iter, progress=progress and processes.is_main, history=history,
+                               checkpoints=checkpoints)
+    seconds = checkpoints.training_seconds()
     accuracy = {split: calc_accuracy_loader(loader, trained_model, device)
                 for split, loader in zip(("train", "validation", "test"), loaders)}
     info = dict(method=method, method_options=method_options, max_length=max_length,
                 dynamic_padding=dynamic_padding, base_model=base_model, accuracy=accuracy,
                 seed=seed, base_source=base_source)
-    save_classifier(model, out_dir, info)
+    if processes.is_main:  # under torchrun, one process writes the run directory
+        save_classifier(model, out_dir, info)
     metrics = dict(info, training_seconds=round(seconds, 1), epochs=epochs, lr=lr, weight_decay=weight_decay,
                    bucket_by_length=bucket_by_length, cache_prefix=cache_prefix,
                    batch_size=batch_size, seed=seed, trainable_parameters=count_parameters(model, trainable_only=True),
                    history=asdict(history))
-    write_json(metrics, Path(out_dir) / "metrics.json")
-    plot_history(history, out_dir)
+    if processes.is_main:
+        write_json(metrics, Path(out_dir) / "metrics.json")
+        plot_history(history, out_dir)
     return metrics
+
+
+def frozen_weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of the parameters that do not train: a checkpoint holds only the others, so resuming
+    needs these exactly as they were (the same base model)."""
+    return tensors_sha256({name: parameter.detach().cpu() for name, parameter in model.named_parameters()
+                           if not parameter.requires_grad})
+
+
+def data_sha256(data_dir: str | Path) -> dict[str, str]:
+    """SHA-256 of each split's parquet file in ``data_dir``."""
+    return {split: sha256_of(Path(data_dir) / f"{split}.parquet") for split in SPLITS}
