@@ -40,6 +40,17 @@ def spam_data_dir(tmp_path_factory, spam_file) -> Path:
     return prepare_spam_data(tmp_path_factory.mktemp("spam"), source=spam_file)["train"].parent
 
 
+@pytest.fixture(scope="session")
+def small_spam_data_dir(tmp_path_factory, spam_data_dir) -> Path:
+    """The first 120 / 44 / 40 rows of the real splits: 15 training batches of 8, for seconds-long runs."""
+    import pandas as pd
+
+    small = tmp_path_factory.mktemp("small-spam")
+    for split, rows in (("train", 120), ("validation", 44), ("test", 40)):
+        pd.read_parquet(spam_data_dir / f"{split}.parquet")[:rows].to_parquet(small / f"{split}.parquet", index=False)
+    return small
+
+
 def run_cli_on_one_thread(argv: list[str]) -> tuple[int, str]:
     """``gptlora ARGV`` in this process; its exit status and what it printed to stdout.
 
