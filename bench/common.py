@@ -6,9 +6,13 @@ slow or busy machine moves both sides alike; the absolute numbers are only conte
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import torch
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")  # bytes per page, the unit of /proc/self/statm
 
 
 def best_seconds(fns: dict, repeats: int = 3, warmup: int = 1) -> dict:
@@ -30,11 +34,19 @@ def best_seconds(fns: dict, repeats: int = 3, warmup: int = 1) -> dict:
     return {name: min(values) for name, values in times.items()}
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """The machine's single-precision matrix-multiply rate in GFLOP/s (``n x n`` by ``n x n``)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    seconds = best_seconds({"matmul": lambda: a @ b}, repeats=repeats, warmup=2)["matmul"]
-    return 2 * n**3 / seconds / 1e9
+def matmul_task(n: int = 2048, count: int = 8):
+    """``(fn, flops)``: ``fn()`` multiplies two ``n x n`` float32 matrices ``count`` times.
+
+    Timed as one more candidate of :func:`best_seconds`, it measures the matmul rate
+    under the same load as the code it is compared with.
+    """
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+
+    def fn():
+        for _ in range(count):
+            torch.mm(a, b, out=out)
+
+    return fn, 2 * n**3 * count
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
@@ -52,3 +64,59 @@ def machine_line() -> str:
 
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}, python {platform.python_version()}")
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now, in bytes (Linux ``/proc``)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE_SIZE
+
+
+def release_free_memory() -> None:
+    """Hand memory that is freed but kept by C's allocator back to the system (glibc ``malloc_trim``).
+
+    Otherwise memory freed by an earlier measurement is reused without raising the
+    resident size, and a later measurement's rise reads too low.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: rises may read low after earlier work
+        pass
+
+
+class PeakRSS:
+    """Context manager: the highest rise of resident memory over its start while inside, in bytes.
+
+    A thread samples ``/proc/self/statm`` every ``interval`` seconds (PyTorch releases the
+    GIL in its kernels, so the sampler runs while they do). ``ru_maxrss`` cannot be used
+    for this: it only ever grows over the whole process.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.rise = interval, 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.rise = max(self.rise, rss_bytes() - self.start)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        release_free_memory()
+        self.start = rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.rise = max(self.rise, rss_bytes() - self.start)
+        return False
+
+
+def verdict(met: bool) -> str:
+    """How a table cell says whether a target is met."""
+    return "met" if met else "NOT met"

@@ -1,0 +1,90 @@
+"""The speed benchmark: gptlora against transformers (+ peft), and the work-saving options, in one run.
+
+    .venv/bin/python bench/run.py                      # everything, about 10 minutes on 2 cores
+    .venv/bin/python bench/run.py --quick              # every section, small sizes: a check that it runs
+    .venv/bin/python bench/run.py --sections steps,load
+
+Sections (random-weight gpt2-small throughout; nothing is downloaded):
+  steps     training step (batch 8 x 120), full / last-block / LoRA r16, ours vs transformers (+ peft),
+            and the share of the measured matmul rate each reaches (FLOP formulas: bench_model.step_flops)
+  epoch     one epoch of the book's spam training split, last-block: plain vs frozen-prefix cache vs
+            dynamic padding with length bucketing vs both (time, padded tokens, peak memory)
+  generate  greedy generation tokens/s, KV cache vs none vs transformers' generate
+  load      load time and peak-RSS rise vs checkpoint size, each load in a fresh process
+Every comparison is a ratio against a reference measured in the same run (candidates
+alternate, best of several rounds), so a busy machine moves both sides; absolute
+seconds are context only. The closing table says whether each target is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_line, print_table, verdict  # noqa: E402
+
+SECTIONS = ("steps", "epoch", "generate", "load")
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+# Offline, as the tests run: tiktoken reads the cached gpt2 files, transformers never calls the Hub.
+if (SHARED / "tiktoken-cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes (1 timed step, 40 messages per split, 20 new tokens): checks, not numbers")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from bench_finetune import epoch_section
+    from bench_model import build_pair, generation_section, load_section, steps_section
+
+    print(f"Machine: {machine_line()}")
+    print("Command: " + " ".join(["python", "bench/run.py", *sys.argv[1:]]))
+    start = time.perf_counter()
+    tables, targets = [], []
+    ours = theirs = None
+    if {"steps", "generate", "load"} & set(sections):
+        ours, theirs = build_pair()
+    for name in sections:
+        if name == "steps":
+            result = steps_section(ours, theirs, repeats=1 if args.quick else 3)
+        elif name == "epoch":
+            with tempfile.TemporaryDirectory() as work_dir:
+                result = epoch_section(Path(work_dir), messages=40 if args.quick else None)
+        elif name == "generate":
+            result = generation_section(ours, theirs, new_tokens=20 if args.quick else 100,
+                                        repeats=1 if args.quick else 2)
+        else:
+            result = load_section(ours, repeats=1 if args.quick else 2)
+        tables += result[0]
+        targets += result[1]
+        for table in result[0]:
+            print_table(*table)
+        sys.stdout.flush()
+    rows = [[what, measured, target, "-" if met is None else verdict(met)] for what, measured, target, met in targets]
+    print_table("Targets (issue 7)" + (" -- quick run: sizes too small to judge" if args.quick else ""),
+                ["what", "measured", "target", "verdict"], rows)
+    print(f"\nTotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
