@@ -1,4 +1,4 @@
-"""The ``gptlora`` command: one subcommand per stage of the pipeline.
+"""The gptlora command: one subcommand per stage of the pipeline.
 
 Each subcommand is a thin wrapper: it parses arguments and calls the package's
 functions, so everything the command does can also be done from Python.
@@ -193,11 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="continue a prompt with a GPT-2 model")
     add_model_arguments(gen, random_init_help="use the named size with random weights instead of pretrained "
                                               "ones (no download)")
-    gen.add_argument("--prompt", default="Every effort moves you")
-    gen.add_argument("--max-new-tokens", type=int, default=15)
+    gen.add_argument("--prompt", default="Every effort moves you", help="text to continue (default: %(default)r)")
+    gen.add_argument("--max-new-tokens", type=int, default=15, help="tokens to add (default: 15)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--seed", type=int, default=123)
+    gen.add_argument("--top-k", type=int, default=None, help="sample only among the K most likely tokens")
+    gen.add_argument("--seed", type=int, default=123, help="random seed for sampling (default: 123)")
     gen.set_defaults(func=cmd_generate)
 
     fine = sub.add_parser("finetune", help="fine-tune GPT-2 as an SMS spam classifier (book, chapter 6)")
@@ -206,12 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--method", default="last-block",
                       help="last-block: last block + final norm + head (the book, default); full: everything; "
                            "lora: low-rank adapters")
-    fine.add_argument("--epochs", type=int, default=5)
+    fine.add_argument("--epochs", type=int, default=5, help="passes over the training split (default: 5)")
     fine.add_argument("--lr", type=float, default=None,
                       help="AdamW learning rate (default: 8e-4 for lora, 5e-5 for the other methods)")
-    fine.add_argument("--weight-decay", type=float, default=0.1)
-    fine.add_argument("--batch-size", type=int, default=8)
-    fine.add_argument("--seed", type=int, default=123)
+    fine.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
+    fine.add_argument("--batch-size", type=int, default=8,
+                      help="messages per optimizer step, over all processes (default: 8)")
+    fine.add_argument("--seed", type=int, default=123,
+                      help="seeds shuffling and the new head, as the book does (default: 123)")
     fine.add_argument("--eval-freq", type=int, default=50, help="log losses every N steps (default: 50)")
     fine.add_argument("--eval-iter", type=int, default=5, help="batches per logged loss/accuracy (default: 5)")
     fine.add_argument("--dynamic-padding", action="store_true",
@@ -247,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
     cls.add_argument("--run", required=True, help="the --out directory of a finetune run")
-    cls.add_argument("text")
-    cls.add_argument("--device", default="auto")
+    cls.add_argument("text", help="the message to label")
+    cls.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     cls.set_defaults(func=cmd_classify)
 
     exp = sub.add_parser("export-peft", help="write a LoRA run's adapter in Hugging Face peft's format")
