@@ -20,9 +20,10 @@ import torch
 from common import best_seconds, matmul_task
 
 from gptlora.generation import generate
+from gptlora.hf_layout import config_to_hf, gptlora_to_hf
 from gptlora.lora import apply_lora
 from gptlora.model import GPTConfig, GPTModel
-from gptlora.pretrained import config_to_hf, gptlora_to_hf, save_hf
+from gptlora.pretrained import save_hf
 
 ROWS, TOKENS = 8, 120  # the book's batch: 8 messages of 120 tokens
 LORA_RANK = 16

@@ -2,8 +2,9 @@
 
 One module per stage, in the order a reader meets them:
 ``model`` (the architecture), ``generation`` (tokenizer and sampling),
-``pretrained`` (GPT-2 weights), ``spam`` (the data set), ``classifier``
-(fine-tuning), ``lora`` (low-rank adaptation) and ``cli`` (the ``gptlora`` command).
+``pretrained`` (GPT-2 weights) with ``hf_layout`` (Hugging Face's names for
+them), ``spam`` (the data set), ``classifier`` (fine-tuning), ``lora``
+(low-rank adaptation) and ``cli`` (the ``gptlora`` command).
 """
 
 from .model import GPTConfig, GPTModel, count_parameters

@@ -21,10 +21,11 @@ from .classifier import (LABEL_NAMES, add_classification_head, calc_accuracy_loa
                          plot_history, prepare_for_classification, train_classifier, TrainingHistory)
 from .distributed import shard_loaders, start_processes, wrap_for_training
 from .download import sha256_of
+from .hf_layout import config_from_hf
 from .lora_io import export_peft, load_adapter, save_adapter
 from .model import GPTConfig, GPTModel, count_parameters
 from .prefix_cache import cache_frozen_prefix
-from .pretrained import HUB_REPOS, config_from_hf, gpt2_name, load_pretrained, save_hf
+from .pretrained import HUB_REPOS, gpt2_name, load_pretrained, save_hf
 from .spam import SPLITS, create_dataloaders
 
 # AdamW learning rates per method. LoRA's is the book's appendix E rate with its original scaling

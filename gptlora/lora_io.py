@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from .atomic import replace_atomically, write_json
 from .lora import (LinearWithLoRA, ModuleToSave, active_adapter, adapter_names, inject_adapter,
                    linear_layer_names, lora_layers, mark_trainable, saved_modules, set_adapter)
+from .hf_layout import BLOCK_RENAMES, QKV, TOP_RENAMES
 from .model import GPTConfig
-from .pretrained import _BLOCK_RENAMES, _QKV, _TOP_RENAMES
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -225,11 +225,11 @@ def _hf_param(our_name: str, head: str) -> tuple[str, bool] | None:
     """
     if our_name.startswith("out_head."):
         return head + our_name[len("out_head"):], False
-    if our_name in _TOP_RENAMES:
-        return "transformer." + _TOP_RENAMES[our_name], False
+    if our_name in TOP_RENAMES:
+        return "transformer." + TOP_RENAMES[our_name], False
     block, _, rest = our_name.partition(".")[2].partition(".")
-    if our_name.startswith("trf_blocks.") and rest in _BLOCK_RENAMES:
-        hf_name, transposed = _BLOCK_RENAMES[rest]
+    if our_name.startswith("trf_blocks.") and rest in BLOCK_RENAMES:
+        hf_name, transposed = BLOCK_RENAMES[rest]
         return f"transformer.h.{block}.{hf_name}", transposed
     return None
 
@@ -320,7 +320,7 @@ def export_peft(model, out_dir, adapter_name: str | None = None, base_model_name
 
     factors = {}  # peft module name -> (lora_A [r, in], lora_B [out, r], scaling)
     for i in range(cfg.n_layers):
-        qkv = [layers.get(f"trf_blocks.{i}.{part}") for part in _QKV]
+        qkv = [layers.get(f"trf_blocks.{i}.{part}") for part in QKV]
         if any(lora is not None for lora in qkv):
             factors[f"transformer.h.{i}.attn.c_attn"] = _fuse_qkv(qkv, cfg.emb_dim)
     for name, lora in layers.items():

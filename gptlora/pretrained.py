@@ -1,20 +1,11 @@
-"""GPT-2 weights: the name mapping between Hugging Face's layout and ours.
+"""GPT-2 weights: download, load and export in Hugging Face's file layout.
 
-Hugging Face (and OpenAI's original release) store GPT-2 with three quirks a
-loader must undo, each of which fails silently if missed:
-
-1. Linear layers are ``Conv1D`` modules whose weight is ``[in, out]``, the
-   transpose of ``nn.Linear``'s ``[out, in]``: every one is transposed.
-2. Query, key and value are one fused ``c_attn`` (``[D, 3D]``); we keep three
-   separate ``nn.Linear`` layers, so it is split in three along the output.
-3. The output head is the token embedding (weight tying): we tie the tensors,
-   we do not copy them.
-
-On top of the mapping: :func:`download_gpt2` fetches a checkpoint (verified and
-resumable, see :mod:`gptlora.download`), :func:`load_pretrained` turns one into a
-``GPTModel`` with strict accounting of every tensor, and :func:`save_hf` writes a
-model back in the layout ``transformers`` reads. Only safetensors files are read:
-never a pickle from the internet.
+:func:`download_gpt2` fetches a checkpoint (verified and resumable, see
+:mod:`gptlora.download`), :func:`load_pretrained` turns one into a ``GPTModel``
+with strict accounting of every tensor, and :func:`save_hf` writes a model back in
+the layout ``transformers`` reads. The renaming between Hugging Face's names and
+ours (and the three quirks it undoes) lives in :mod:`gptlora.hf_layout`. Only
+safetensors files are read: never a pickle from the internet.
 """
 
 from __future__ import annotations
@@ -32,6 +23,7 @@ from torch import nn
 
 from .atomic import replace_atomically
 from .download import DownloadError, OfflineError, download_file, offline_mode, place_by_hand_hint
+from .hf_layout import config_from_hf, config_to_hf, gptlora_to_hf, hf_to_gptlora
 from .model import PRESET_ALIASES, GPTConfig, GPTModel
 
 # The Hub repository of each GPT-2 size, and where its files can be fetched from, in order.
@@ -46,143 +38,6 @@ BASE_URL_ENV = "GPTLORA_HF_BASE_URL"  # one base URL, or several separated by co
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 # Causal-mask buffers that some GPT-2 files carry (h.<i>.attn.bias, h.<i>.attn.masked_bias): not weights.
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-
-# Per-block names: ours -> Hugging Face's (inside "h.<i>."), for the one-to-one tensors.
-# "T" marks a Conv1D weight that must be transposed.
-_BLOCK_RENAMES = {
-    "norm1.scale": ("ln_1.weight", False),
-    "norm1.shift": ("ln_1.bias", False),
-    "att.out_proj.weight": ("attn.c_proj.weight", True),
-    "att.out_proj.bias": ("attn.c_proj.bias", False),
-    "norm2.scale": ("ln_2.weight", False),
-    "norm2.shift": ("ln_2.bias", False),
-    "ff.layers.0.weight": ("mlp.c_fc.weight", True),
-    "ff.layers.0.bias": ("mlp.c_fc.bias", False),
-    "ff.layers.2.weight": ("mlp.c_proj.weight", True),
-    "ff.layers.2.bias": ("mlp.c_proj.bias", False),
-}
-_TOP_RENAMES = {
-    "tok_emb.weight": "wte.weight",
-    "pos_emb.weight": "wpe.weight",
-    "final_norm.scale": "ln_f.weight",
-    "final_norm.shift": "ln_f.bias",
-}
-_QKV = ("att.W_query", "att.W_key", "att.W_value")
-
-
-def config_from_hf(hf_config: dict) -> GPTConfig:
-    """Our config from a Hugging Face GPT-2 ``config.json`` (as a dict).
-
-    GPT-2 checkpoints always carry query/key/value biases, so ``qkv_bias=True``;
-    dropout is 0 because pretrained models are loaded for inference or fine-tuning
-    recipes that set their own.
-    """
-    unsupported = {
-        "activation_function": (hf_config.get("activation_function", "gelu_new"), {"gelu_new", "gelu_pytorch_tanh"}),
-        "n_inner": (hf_config.get("n_inner"), {None, 4 * hf_config.get("n_embd", 0)}),
-        "layer_norm_epsilon": (hf_config.get("layer_norm_epsilon", 1e-5), {1e-5}),
-    }
-    for field, (found, supported) in unsupported.items():
-        if found not in supported:  # GPTModel hard-wires these; loading anyway would give wrong outputs
-            raise ValueError(f"config.json has {field}={found!r}; GPTModel supports only {sorted(map(str, supported))}")
-    try:
-        return GPTConfig(
-            vocab_size=hf_config["vocab_size"],
-            context_length=hf_config["n_positions"],
-            emb_dim=hf_config["n_embd"],
-            n_heads=hf_config["n_head"],
-            n_layers=hf_config["n_layer"],
-            drop_rate=0.0,
-            qkv_bias=True,
-        )
-    except KeyError as missing:
-        raise ValueError(
-            f"config.json lacks the GPT-2 field {missing}; expected n_embd, n_layer, n_head, n_positions "
-            "and vocab_size, as a Hugging Face GPT2Config writes them"
-        ) from None
-
-
-def config_to_hf(cfg: GPTConfig, tie_word_embeddings: bool = True) -> dict:
-    """A Hugging Face ``GPT2Config``-compatible dict for ``cfg`` (what ``config.json`` holds)."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.context_length,
-        "n_ctx": cfg.context_length,
-        "n_embd": cfg.emb_dim,
-        "n_layer": cfg.n_layers,
-        "n_head": cfg.n_heads,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "resid_pdrop": cfg.drop_rate,
-        "embd_pdrop": cfg.drop_rate,
-        "attn_pdrop": cfg.drop_rate,
-        "layer_norm_epsilon": 1e-5,
-        "initializer_range": 0.02,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
-        "tie_word_embeddings": tie_word_embeddings,
-    }
-
-
-def hf_to_gptlora(hf_state: dict, cfg: GPTConfig) -> dict:
-    """Rename and reshape a Hugging Face GPT-2 state dict (no ``transformer.`` prefix) to ours.
-
-    Returns our state dict without ``out_head.weight``: the head is tied to
-    ``tok_emb.weight`` by the caller. Only keys present in ``hf_state`` are mapped;
-    the caller accounts for missing and unexpected ones.
-    """
-    ours = {}
-    for our_name, hf_name in _TOP_RENAMES.items():
-        if hf_name in hf_state:
-            ours[our_name] = hf_state[hf_name]
-    for i in range(cfg.n_layers):
-        hf_prefix, our_prefix = f"h.{i}.", f"trf_blocks.{i}."
-        for our_name, (hf_name, transpose) in _BLOCK_RENAMES.items():
-            if hf_prefix + hf_name in hf_state:
-                tensor = hf_state[hf_prefix + hf_name]
-                ours[our_prefix + our_name] = tensor.t() if transpose else tensor
-        # c_attn.weight is [D, 3D] = [in, out]: transpose, then cut the output into q, k, v.
-        fused_weight = hf_state.get(hf_prefix + "attn.c_attn.weight")
-        if fused_weight is not None:
-            for name, part in zip(_QKV, split_fused(fused_weight.t(), hf_prefix + "attn.c_attn.weight")):
-                ours[f"{our_prefix}{name}.weight"] = part
-        fused_bias = hf_state.get(hf_prefix + "attn.c_attn.bias")
-        if fused_bias is not None:
-            for name, part in zip(_QKV, split_fused(fused_bias, hf_prefix + "attn.c_attn.bias")):
-                ours[f"{our_prefix}{name}.bias"] = part
-    return ours
-
-
-def split_fused(tensor: torch.Tensor, key: str) -> tuple[torch.Tensor, ...]:
-    """Split a fused q/k/v tensor ``[3D, ...]`` into three ``[D, ...]`` parts."""
-    if tensor.shape[0] % 3 != 0:
-        raise ValueError(f"{key}: expected a fused query/key/value tensor whose size is a multiple of 3, "
-                         f"found shape {list(tensor.shape)}")
-    return tensor.chunk(3, dim=0)
-
-
-def gptlora_to_hf(model: GPTModel) -> dict:
-    """Our model's weights in Hugging Face's ``GPT2LMHeadModel`` layout (``transformer.`` prefix).
-
-    Conv1D weights are transposed back and q/k/v fused into ``c_attn``. Tensors are
-    made contiguous copies, as safetensors requires.
-    """
-    cfg, state = model.cfg, model.state_dict()
-    if not cfg.qkv_bias:
-        raise ValueError("Hugging Face's GPT-2 always has query/key/value biases; this model has "
-                         "qkv_bias=False. Build it with qkv_bias=True (zero biases keep its outputs) to export")
-    hf = {f"transformer.{hf_name}": state[ours] for ours, hf_name in _TOP_RENAMES.items()}
-    for i in range(cfg.n_layers):
-        hf_prefix, our_prefix = f"transformer.h.{i}.", f"trf_blocks.{i}."
-        for our_name, (hf_name, transpose) in _BLOCK_RENAMES.items():
-            tensor = state[our_prefix + our_name]
-            hf[hf_prefix + hf_name] = tensor.t() if transpose else tensor
-        hf[hf_prefix + "attn.c_attn.weight"] = torch.cat([state[f"{our_prefix}{n}.weight"] for n in _QKV]).t()
-        hf[hf_prefix + "attn.c_attn.bias"] = torch.cat([state[f"{our_prefix}{n}.bias"] for n in _QKV])
-    hf["lm_head.weight"] = state["out_head.weight"]
-    return {name: tensor.detach().contiguous().clone() for name, tensor in hf.items()}
 
 
 # ---------------------------------------------------------------- download

@@ -92,8 +92,8 @@ def tiny_spam_run(tmp_path_factory, spam_data_dir):
     import json
     from types import SimpleNamespace
 
+    from gptlora.hf_layout import config_to_hf
     from gptlora.model import GPTConfig
-    from gptlora.pretrained import config_to_hf
 
     config = GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
                        qkv_bias=True)
