@@ -10,9 +10,10 @@ loader must undo, each of which fails silently if missed:
 3. The output head is the token embedding (weight tying): we tie the tensors,
    we do not copy them.
 
-This module holds the mapping alone (pure renames and reshapes, no files):
-:mod:`gptlora.pretrained` reads and writes checkpoints with it, and
-:mod:`gptlora.lora_io` names LoRA adapters the way ``peft`` does with its tables.
+This module holds the mapping alone (pure renames and reshapes, no files),
+described once in :func:`hf_sources`: :mod:`gptlora.pretrained` reads and writes
+checkpoints with it, and :mod:`gptlora.lora_io` names LoRA adapters the way
+``peft`` does with its tables.
 """
 
 from __future__ import annotations
@@ -101,6 +102,30 @@ def config_to_hf(cfg: GPTConfig, tie_word_embeddings: bool = True) -> dict:
     }
 
 
+def hf_sources(cfg: GPTConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Every tensor of Hugging Face's ``GPT2LMHeadModel`` and what it is made of, in our names.
+
+    Hugging Face name (``transformer.`` prefix, as ``save_pretrained`` writes it) ->
+    (our tensors, concatenated along dim 0 to make it; whether the result is then
+    transposed). One source for a renamed tensor, three (``QKV``) for a fused ``c_attn``.
+    Embeddings first, then block by block, then ``lm_head.weight``. The one description
+    of the layout: the export, the import and the expected shapes all read it.
+    """
+    if not cfg.qkv_bias:
+        raise ValueError("Hugging Face's GPT-2 always has query/key/value biases; this model has qkv_bias=False. "
+                         "Build it with qkv_bias=True (zero biases keep its outputs) to use Hugging Face's layout")
+    sources = {f"transformer.{hf_name}": ((our_name,), False) for our_name, hf_name in TOP_RENAMES.items()}
+    for i in range(cfg.n_layers):
+        hf_prefix, our_prefix = f"transformer.h.{i}.", f"trf_blocks.{i}."
+        for our_name, (hf_name, transpose) in BLOCK_RENAMES.items():
+            sources[hf_prefix + hf_name] = ((our_prefix + our_name,), transpose)
+        # c_attn.weight is [D, 3D] = [in, out]: q, k, v weights stacked on their output, then transposed.
+        sources[hf_prefix + "attn.c_attn.weight"] = (tuple(f"{our_prefix}{n}.weight" for n in QKV), True)
+        sources[hf_prefix + "attn.c_attn.bias"] = (tuple(f"{our_prefix}{n}.bias" for n in QKV), False)
+    sources["lm_head.weight"] = (("out_head.weight",), False)
+    return sources
+
+
 def hf_to_gptlora(hf_state: dict, cfg: GPTConfig) -> dict:
     """Rename and reshape a Hugging Face GPT-2 state dict (no ``transformer.`` prefix) to ours.
 
@@ -109,24 +134,13 @@ def hf_to_gptlora(hf_state: dict, cfg: GPTConfig) -> dict:
     the caller accounts for missing and unexpected ones.
     """
     ours = {}
-    for our_name, hf_name in TOP_RENAMES.items():
-        if hf_name in hf_state:
-            ours[our_name] = hf_state[hf_name]
-    for i in range(cfg.n_layers):
-        hf_prefix, our_prefix = f"h.{i}.", f"trf_blocks.{i}."
-        for our_name, (hf_name, transpose) in BLOCK_RENAMES.items():
-            if hf_prefix + hf_name in hf_state:
-                tensor = hf_state[hf_prefix + hf_name]
-                ours[our_prefix + our_name] = tensor.t() if transpose else tensor
-        # c_attn.weight is [D, 3D] = [in, out]: transpose, then cut the output into q, k, v.
-        fused_weight = hf_state.get(hf_prefix + "attn.c_attn.weight")
-        if fused_weight is not None:
-            for name, part in zip(QKV, split_fused(fused_weight.t(), hf_prefix + "attn.c_attn.weight")):
-                ours[f"{our_prefix}{name}.weight"] = part
-        fused_bias = hf_state.get(hf_prefix + "attn.c_attn.bias")
-        if fused_bias is not None:
-            for name, part in zip(QKV, split_fused(fused_bias, hf_prefix + "attn.c_attn.bias")):
-                ours[f"{our_prefix}{name}.bias"] = part
+    for hf_name, (our_names, transpose) in hf_sources(cfg).items():
+        tensor = hf_state.get(hf_name.removeprefix("transformer."))
+        if tensor is None or hf_name == "lm_head.weight":
+            continue
+        tensor = tensor.t() if transpose else tensor
+        parts = split_fused(tensor, hf_name) if len(our_names) > 1 else (tensor,)
+        ours.update(zip(our_names, parts))
     return ours
 
 
@@ -144,17 +158,23 @@ def gptlora_to_hf(model: GPTModel) -> dict:
     Conv1D weights are transposed back and q/k/v fused into ``c_attn``. Tensors are
     made contiguous copies, as safetensors requires.
     """
-    cfg, state = model.cfg, model.state_dict()
-    if not cfg.qkv_bias:
-        raise ValueError("Hugging Face's GPT-2 always has query/key/value biases; this model has "
-                         "qkv_bias=False. Build it with qkv_bias=True (zero biases keep its outputs) to export")
-    hf = {f"transformer.{hf_name}": state[ours] for ours, hf_name in TOP_RENAMES.items()}
-    for i in range(cfg.n_layers):
-        hf_prefix, our_prefix = f"transformer.h.{i}.", f"trf_blocks.{i}."
-        for our_name, (hf_name, transpose) in BLOCK_RENAMES.items():
-            tensor = state[our_prefix + our_name]
-            hf[hf_prefix + hf_name] = tensor.t() if transpose else tensor
-        hf[hf_prefix + "attn.c_attn.weight"] = torch.cat([state[f"{our_prefix}{n}.weight"] for n in QKV]).t()
-        hf[hf_prefix + "attn.c_attn.bias"] = torch.cat([state[f"{our_prefix}{n}.bias"] for n in QKV])
-    hf["lm_head.weight"] = state["out_head.weight"]
-    return {name: tensor.detach().contiguous().clone() for name, tensor in hf.items()}
+    state, hf = model.state_dict(), {}
+    for hf_name, (our_names, transpose) in hf_sources(model.cfg).items():
+        tensor = torch.cat([state[name] for name in our_names])
+        hf[hf_name] = (tensor.t() if transpose else tensor).detach().contiguous()
+    return hf  # torch.cat copied every tensor already: nothing here shares the model's storage
+
+
+def hf_shapes(model: GPTModel) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor :func:`gptlora_to_hf` would return for ``model``, without computing one.
+
+    Shape arithmetic only, so it suits a model built on the ``meta`` device: a
+    ``torch.cat`` there would run PyTorch's Python meta kernels, whose first use
+    imports its compiler stack (about 2 s in a fresh process).
+    """
+    ours = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    shapes = {}
+    for hf_name, (our_names, transpose) in hf_sources(model.cfg).items():
+        shape = (sum(ours[name][0] for name in our_names), *ours[our_names[0]][1:])
+        shapes[hf_name] = shape[::-1] if transpose else shape
+    return shapes

@@ -23,7 +23,7 @@ from torch import nn
 
 from .atomic import replace_atomically
 from .download import DownloadError, OfflineError, download_file, offline_mode, place_by_hand_hint
-from .hf_layout import config_from_hf, config_to_hf, gptlora_to_hf, hf_to_gptlora
+from .hf_layout import config_from_hf, config_to_hf, gptlora_to_hf, hf_shapes, hf_to_gptlora
 from .model import PRESET_ALIASES, GPTConfig, GPTModel
 
 # The Hub repository of each GPT-2 size, and where its files can be fetched from, in order.
@@ -128,11 +128,12 @@ def load_gpt2_weights(path: str | Path, cfg: GPTConfig, tie_word_embeddings: boo
     """
     path = Path(path)
     found = {key.removeprefix("transformer."): (key, shape) for key, shape in safetensors_shapes(path).items()}
-    with torch.device("meta"):
+    with torch.device("meta"), _random_init_skipped():
         model = GPTModel(cfg)  # parameters without storage, replaced below
     if tie_word_embeddings:
         model.tie_weights()
-    expected = {k.removeprefix("transformer."): tuple(v.shape) for k, v in gptlora_to_hf(model).items()}
+    # Shapes by arithmetic, not by exporting the meta model: its torch.cat would cost ~2 s (see hf_shapes).
+    expected = {name.removeprefix("transformer."): shape for name, shape in hf_shapes(model).items()}
     if tie_word_embeddings:
         del expected["lm_head.weight"]
     _check_keys_and_shapes(path, cfg, expected, {name: shape for name, (_, shape) in found.items()})
@@ -151,6 +152,31 @@ def load_gpt2_weights(path: str | Path, cfg: GPTConfig, tie_word_embeddings: boo
     if tie_word_embeddings:
         model.tie_weights()  # assign=True replaced tok_emb.weight: tie the head to the new tensor
     return model
+
+
+@contextlib.contextmanager
+def _random_init_skipped():
+    """Within this block, ``torch.nn.init``'s initialisers (``normal_``, ``kaiming_uniform_``, ...)
+    leave their tensor as it is.
+
+    Why: ``load_gpt2_weights`` builds the model only to replace every parameter with
+    the checkpoint's, so the random draws of ``nn.Linear``/``nn.Embedding`` are thrown
+    away. On the meta device they cost no arithmetic, but the first ``normal_`` there
+    imports PyTorch's Python reference kernels (``torch._refs``): about 2 s of a fresh
+    process's load. ``transformers`` skips them the same way (``no_init_weights``).
+    The switch is process-wide while it lasts: build no other model in another thread.
+    """
+    # The in-place initialisers are the public names ending in "_"; modules call them as
+    # ``init.normal_(...)``, an attribute lookup at call time, so replacing them here works.
+    names = [name for name in vars(nn.init) if name.endswith("_") and not name.startswith("_")]
+    originals = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(nn.init, name, function)
 
 
 def _by_block(names) -> list[list[str]]:

@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import save_file
 from test_download import LoopbackServer
 
-from gptlora import download
+from gptlora import download, pretrained
 from gptlora.cli import main
 from gptlora.download import OfflineError
 from gptlora.generation import generate_text
+from gptlora.hf_layout import config_from_hf, gptlora_to_hf, hf_shapes
 from gptlora.model import GPTConfig, GPTModel, count_parameters
 from gptlora.pretrained import BASE_URL_ENV, HUB_MIRRORS, hub_urls, load_pretrained, save_hf
 
@@ -115,6 +116,35 @@ def test_untied_head_round_trips_through_transformers(token_ids, tmp_path):
         ours = load_pretrained(out)
         assert ours.out_head.weight is not ours.tok_emb.weight
         torch.testing.assert_close(ours(token_ids), expected, atol=1e-4, rtol=0)
+
+
+def test_hf_shapes_match_the_export_and_transformers_without_tensor_work(hf_model):
+    cfg = config_from_hf(hf_model.config.to_dict())
+    with torch.device("meta"):
+        skeleton = GPTModel(cfg)  # what load_pretrained asks for the expected shapes
+    exported = {name: tuple(tensor.shape) for name, tensor in gptlora_to_hf(GPTModel(cfg)).items()}
+    assert list(hf_shapes(skeleton).items()) == list(exported.items())  # same names, same order, same shapes
+    assert exported == {name: tuple(tensor.shape) for name, tensor in hf_model.state_dict().items()}
+
+
+def test_loading_skips_random_init_and_then_restores_it(pretrained_dir, monkeypatch):
+    initialisers = {name: getattr(torch.nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_")}
+    seen_while_building = []
+
+    def failing_build(cfg):
+        seen_while_building.append({name: getattr(torch.nn.init, name) for name in initialisers})
+        raise RuntimeError("build failed")
+
+    load_pretrained(pretrained_dir)
+    monkeypatch.setattr(pretrained, "GPTModel", failing_build)
+    with pytest.raises(RuntimeError, match="build failed"):
+        load_pretrained(pretrained_dir)
+    assert all(seen_while_building[0][name] is not function for name, function in initialisers.items())
+    assert {name: getattr(torch.nn.init, name) for name in initialisers} == initialisers  # restored after an error
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64)
+    torch.manual_seed(0)
+    assert layer.weight.equal(torch.nn.Linear(64, 64).weight) and layer.weight.std() > 0.05  # seeded, random again
 
 
 def test_save_hf_refuses_a_classifier_head(tmp_path):
