@@ -106,3 +106,15 @@ def tiny_spam_run(tmp_path_factory, spam_data_dir):
         "--data-dir", str(spam_data_dir), "--out", str(run), "--device", "cpu"])
     return SimpleNamespace(status=status, stdout=stdout, run=run, model_dir=model_dir, data_dir=spam_data_dir,
                            config=config)
+
+
+# ---------------------------------------------------------------- the real GPT-2 weights (optional)
+
+@pytest.fixture(scope="session")
+def gpt2_small_dir() -> Path:
+    """The released gpt2-small (``config.json`` + ``model.safetensors``) named by GPTLORA_GPT2_DIR; skip without it."""
+    value = os.environ.get("GPTLORA_GPT2_DIR")
+    if not value:
+        pytest.skip("set GPTLORA_GPT2_DIR to a directory holding the real gpt2-small config.json + "
+                    "model.safetensors (see the README)")
+    return Path(value)

@@ -14,7 +14,7 @@ from torch import nn
 
 from gptlora import cli
 from gptlora.classifier import LORA_DEFAULTS, calc_accuracy_loader, classify, prepare_for_classification
-from gptlora.finetune import ADAPTER_DIR, finetune_spam, load_classifier
+from gptlora.finetune import ADAPTER_DIR, load_classifier
 from gptlora.lora import lora_disabled, lora_layers
 from gptlora.lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_fingerprint, read_adapter_config
 from gptlora.lora_layer import SCALINGS
@@ -174,36 +174,3 @@ def test_unknown_lora_option_is_refused_before_any_change():
     with pytest.raises(ValueError, match=r"unknown LoRA option\(s\) \['ranks'\]; expected some of rank, alpha"):
         prepare_for_classification(model, "lora", method_options={"ranks": 8})
     assert model.out_head is head
-
-
-# --- the book's numbers, with the real gpt2-small --------------------------------------
-
-needs_gpt2 = pytest.mark.skipif(not os.environ.get("GPTLORA_GPT2_DIR"),
-                                reason="set GPTLORA_GPT2_DIR to a Hugging Face gpt2 (small) directory to run")
-
-
-@pytest.mark.real_weights
-@needs_gpt2
-def test_book_accuracy_right_after_lora_injection(spam_data_dir, tokenizer):
-    """B starts at zero, so injection leaves the book's pre-fine-tuning accuracies unchanged."""
-    torch.manual_seed(123)
-    loaders = create_dataloaders(spam_data_dir, tokenizer)
-    model = load_pretrained(os.environ["GPTLORA_GPT2_DIR"])
-    torch.manual_seed(123)
-    prepare_for_classification(model, "lora")
-    assert count_parameters(model, trainable_only=True) == 2_666_528
-    torch.manual_seed(123)
-    accuracy = [calc_accuracy_loader(loader, model, "cpu", num_batches=10) for loader in loaders]
-    assert accuracy == [0.4625, 0.45, 0.4875]
-
-
-@pytest.mark.real_weights
-@pytest.mark.slow
-@needs_gpt2
-def test_book_accuracy_after_lora_fine_tuning(spam_data_dir, tokenizer, tmp_path):
-    model = load_pretrained(os.environ["GPTLORA_GPT2_DIR"])
-    metrics = finetune_spam(model, tokenizer, spam_data_dir, tmp_path, "lora", epochs=5, lr=8e-4,
-                            weight_decay=0.1, seed=123, progress=False)
-    book = {"train": 0.9981, "validation": 0.9799, "test": 0.9667}  # published on another device
-    for split, expected in book.items():
-        assert metrics["accuracy"][split] == pytest.approx(expected, abs=0.015), split

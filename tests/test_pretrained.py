@@ -8,7 +8,6 @@ GPTLORA_GPT2_DIR points at the real gpt2-small files.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -264,17 +263,12 @@ def test_cli_generate_random_init_needs_no_weights(capsys, tmp_path):
 
 # ---------------------------------------------------------------- the real GPT-2 weights
 
-REAL_DIR = os.environ.get("GPTLORA_GPT2_DIR")
-
-
 @pytest.fixture(scope="module")
-def gpt2_small():
-    return load_pretrained(REAL_DIR, download=False)
+def gpt2_small(gpt2_small_dir):
+    return load_pretrained(gpt2_small_dir, download=False)
 
 
 @pytest.mark.real_weights
-@pytest.mark.skipif(not REAL_DIR, reason="set GPTLORA_GPT2_DIR to a directory holding the real gpt2-small "
-                                         "config.json + model.safetensors (see the README)")
 @pytest.mark.parametrize("prompt, max_new_tokens, top_k, expected", [
     ("Every effort moves you", 15, None,
      "Every effort moves you forward.\n\nThe first step is to understand the importance of your work"),
