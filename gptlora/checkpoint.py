@@ -31,7 +31,6 @@ like ``DistributedSampler``, for this to hold.)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -44,6 +43,7 @@ from torch import nn
 
 from .atomic import replace_atomically
 from .distributed import broadcast_from_main
+from .tensor_hash import tensors_sha256
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "gptlora-checkpoint-1"
@@ -110,16 +110,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, values
     optimizer.load_state_dict({"state": state, "param_groups": values["param_groups"]})
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (CPU), in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 def normalized(value):
     """``value`` as it reads back from JSON (tuples become lists), so saved and current values compare."""
     return json.loads(json.dumps(value))
@@ -174,6 +164,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def damaged(path: Path, reason) -> str:
+    """The message for a checkpoint at ``path`` that cannot be read back, and what to do about it."""
     return (f"the checkpoint {path} is damaged ({reason}); it cannot be resumed from. Start the run anew "
             "(--overwrite), or restore the file from a backup")
 
