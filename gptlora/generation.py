@@ -81,9 +81,10 @@ def generate(
     """Extend the token ids ``idx`` (``[B, T]``) by up to ``max_new_tokens``; returns ``[B, T + n]``.
 
     Sampling draws from PyTorch's global generator: call ``torch.manual_seed`` first
-    for a reproducible result. Generation stops early once every row has produced
-    ``eos_id``; that last token is not appended (rows that finished earlier are
-    padded with ``eos_id``).
+    for a reproducible result. With ``eos_id``, a row's text ends at its first
+    ``eos_id``: a row that finishes early is padded with ``eos_id`` from there on, and
+    generation stops once every row has finished, without appending that last step
+    (so with one row, as in the book, the end-of-text token is never appended).
 
     With ``use_cache`` each step feeds only the newest token and reuses the keys and
     values of the earlier ones. The model sees at most ``context_size`` tokens
@@ -92,17 +93,21 @@ def generate(
     new position: cached keys no longer apply, so the window is recomputed from
     scratch. Output is token-for-token the same as without the cache.
     """
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"expected a prompt of token ids of shape [batch, tokens] with at least one token, "
+                         f"found shape {list(idx.shape)}; to start from nothing, use [[{END_OF_TEXT_ID}]] "
+                         "(<|endoftext|>), as GPT-2 was trained to")
     context_size = min(context_size or model.cfg.context_length, model.cfg.context_length)
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
-    cache = None
+    cache = model.new_cache(idx.shape[0], context_size) if use_cache else None
     for _ in range(max_new_tokens):
         if not use_cache:
-            logits = model(idx[:, -context_size:])
-        elif cache is not None and cache.length < context_size:
-            logits = model(idx[:, -1:], cache=cache)
-        else:  # first step, or the window slid: fill a fresh cache with the whole window
-            cache = model.new_cache(idx.shape[0], context_size)
-            logits = model(idx[:, -context_size:], cache=cache)
+            logits = model(idx[:, -context_size:], last_only=True)
+        elif 0 < cache.length < context_size:
+            logits = model(idx[:, -1:], cache=cache, last_only=True)
+        else:  # first step, or the window slid: refill the cache with the whole window
+            cache.reset()
+            logits = model(idx[:, -context_size:], cache=cache, last_only=True)
         idx_next = next_token(logits[:, -1, :], temperature, top_k)
         if eos_id is not None:
             now_finished = finished | (idx_next == eos_id)

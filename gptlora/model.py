@@ -124,11 +124,16 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # tokens stored; also the position of the next token
 
+    def reset(self) -> None:
+        """Forget every stored token (the buffers are kept and overwritten)."""
+        self.length = 0
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append ``k, v`` (``[B, H, T_new, hd]``) for ``layer``; return all keys and values so far."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KV cache holds at most {self.max_len} tokens, asked to hold {end}; reset it")
+            raise ValueError(f"the KV cache holds at most {self.max_len} tokens, asked to hold {end}; call "
+                             "cache.reset() and feed the last tokens again, or make a larger one with model.new_cache")
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -281,11 +286,13 @@ class GPTModel(nn.Module):
         positions = torch.arange(past, past + in_idx.shape[1], device=in_idx.device)
         return self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
 
-    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits ``[B, T, V]`` for token ids ``[B, T]``.
+    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits ``[B, T, V]`` for token ids ``[B, T]`` (``[B, 1, V]`` with ``last_only``).
 
         With a ``cache``, ``in_idx`` holds only the new tokens: they are placed after
         the ``cache.length`` cached ones, and their keys and values are added to it.
+        ``last_only`` applies the output head to the last position alone: generation
+        needs nothing else, and the head (``D x V``) is the largest matrix of the model.
         """
         past = cache.length if cache is not None else 0
         x = self.embed(in_idx, past)
@@ -293,6 +300,8 @@ class GPTModel(nn.Module):
             x = block(x, cache=cache, layer=i)
         if cache is not None:
             cache.length += in_idx.shape[1]
+        if last_only:
+            x = x[:, -1:, :]
         return self.out_head(self.final_norm(x))
 
 

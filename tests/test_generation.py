@@ -68,6 +68,13 @@ def test_cached_logits_equal_full_forward(tiny_model):
         parts = [tiny_model(ids[:, :7], cache=cache), tiny_model(ids[:, 7:9], cache=cache)]
         parts += [tiny_model(ids[:, i:i + 1], cache=cache) for i in range(9, 12)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(ids, last_only=True), full[:, -1:], atol=1e-6, rtol=0)
+
+
+def test_empty_prompt_is_a_clear_error(tiny_model):
+    with pytest.raises(ValueError, match=r"at least one token, found shape \[1, 0\].*50256"):
+        generate(tiny_model, torch.zeros(1, 0, dtype=torch.long), 3)
 
 
 def test_stops_at_end_of_text(tiny_model):
