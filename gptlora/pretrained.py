@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import replace_atomically
+from .atomic import replace_atomically, write_json
 from .download import DownloadError, OfflineError, download_file, offline_mode, place_by_hand_hint
 from .hf_layout import config_from_hf, config_to_hf, gptlora_to_hf, hf_shapes, hf_to_gptlora
 from .model import PRESET_ALIASES, GPTConfig, GPTModel
@@ -56,7 +56,8 @@ def hub_urls(name: str, file: str, base_url: str | list[str] | None = None) -> l
     if base_url is None:
         base_url = os.environ.get(BASE_URL_ENV) or list(HUB_MIRRORS)
     bases = base_url.split(",") if isinstance(base_url, str) else base_url
-    return [f"{base.strip().rstrip('/')}/{HUB_REPOS[gpt2_name(name)]}/resolve/main/{file}" for base in bases]
+    bases = [base.strip().rstrip("/") for base in bases if base.strip()]  # "a,b," has no third server
+    return [f"{base}/{HUB_REPOS[gpt2_name(name)]}/resolve/main/{file}" for base in bases]
 
 
 def download_gpt2(name: str, models_dir: str | Path = "weights", base_url: str | list[str] | None = None) -> Path:
@@ -276,6 +277,5 @@ def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     with replace_atomically(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})  # transformers requires the "format" entry
-    with replace_atomically(out_dir / "config.json") as tmp:
-        tmp.write_text(json.dumps(config_to_hf(model.cfg, tie_word_embeddings=tied), indent=2) + "\n")
+    write_json(config_to_hf(model.cfg, tie_word_embeddings=tied), out_dir / "config.json")
     return out_dir

@@ -205,10 +205,10 @@ def test_hub_urls_follow_argument_then_environment_then_mirrors(monkeypatch):
     monkeypatch.delenv(BASE_URL_ENV, raising=False)
     assert hub_urls("124M", "config.json") == [
         f"{base}/openai-community/gpt2/resolve/main/config.json" for base in HUB_MIRRORS]
-    monkeypatch.setenv(BASE_URL_ENV, "http://a/, http://b")
+    monkeypatch.setenv(BASE_URL_ENV, "http://a/, http://b,")
     assert hub_urls("gpt2-xl", "model.safetensors") == [
         "http://a/openai-community/gpt2-xl/resolve/main/model.safetensors",
-        "http://b/openai-community/gpt2-xl/resolve/main/model.safetensors"]
+        "http://b/openai-community/gpt2-xl/resolve/main/model.safetensors"]  # the trailing comma adds no third, empty server
     assert hub_urls("gpt2-large", "config.json", base_url="http://c") == [
         "http://c/openai-community/gpt2-large/resolve/main/config.json"]
 
