@@ -14,7 +14,6 @@ Shapes: ``B`` batch size, ``T`` tokens, ``D`` embedding width, ``C`` classes.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from .checkpoint import NoCheckpoints
 from .distributed import set_sampler_epoch, sum_over_processes, world_size
 from .generation import END_OF_TEXT_ID
 from .lora import apply_lora
-from .model import GPTModel
+from .model import GPTModel, evaluating
 
 METHODS = ("last-block", "full", "lora")
 LABEL_NAMES = ("not spam", "spam")  # index = class id (ham 0, spam 1)
@@ -107,27 +106,25 @@ def classification_logits(logits: torch.Tensor, lengths: torch.Tensor | None = N
 
 
 def split_batch(batch, device):
-    """``(inputs, labels)`` or ``(inputs, labels, lengths)`` -> the three, inputs and labels on ``device``."""
+    """``(inputs, labels)`` or ``(inputs, labels, lengths)`` -> ``(inputs, labels, lengths or None)``.
+
+    ``inputs`` are token ids ``[B, T]`` or cached hidden states ``[B, T, D]``, ``labels``
+    ``[B]`` class ids, ``lengths`` ``[B]`` real tokens per row; inputs and labels are moved
+    to ``device``, lengths stay where they are (``classification_logits`` moves them).
+    """
     inputs, labels, *rest = batch
     return inputs.to(device), labels.to(device), (rest[0] if rest else None)
 
 
 def calc_loss_batch(input_batch, target_batch, model, device, lengths=None) -> torch.Tensor:
-    """Mean cross-entropy of one batch (a scalar tensor, with gradient when enabled)."""
+    """Mean cross-entropy of one batch: a scalar tensor, with gradient when grad mode is on.
+
+    ``input_batch`` is token ids ``[B, T]`` or cached hidden states ``[B, T, D]`` (whatever
+    ``model`` takes), ``target_batch`` ``[B]`` class ids, ``lengths`` ``[B]`` real tokens per
+    row with dynamic padding (None: read every row at its last position).
+    """
     logits = classification_logits(model(input_batch.to(device)), lengths)
     return F.cross_entropy(logits, target_batch.to(device))
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module):
-    """Eval mode (no dropout) and no gradients inside; the previous mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def first_batches(data_loader, num_batches: int | None):

@@ -19,11 +19,12 @@ from collections.abc import Iterable, Iterator
 from torch import nn
 
 from .lora_layer import (SCALINGS, LinearWithLoRA, LoRALayer, ModuleToSave, amplification_factor,
-                         lora_scaling, low_rank_approximation)
+                         check_lora_hyperparameters, lora_scaling, low_rank_approximation)
 from .model import count_parameters
 
 __all__ = [
-    "SCALINGS", "LoRALayer", "LinearWithLoRA", "ModuleToSave", "lora_scaling", "amplification_factor",
+    "SCALINGS", "LoRALayer", "LinearWithLoRA", "ModuleToSave", "lora_scaling", "check_lora_hyperparameters",
+    "amplification_factor", "lora_wrappers",
     "low_rank_approximation", "apply_lora", "inject_adapter", "linear_layer_names", "lora_layers",
     "saved_modules", "select_names", "adapter_parameters", "mark_trainable", "trainable_summary",
     "adapter_names", "set_adapter", "active_adapter", "disable_lora", "enable_lora", "lora_disabled",
@@ -44,6 +45,11 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Names of the layers LoRA can target: every ``nn.Linear``, wrapped or not."""
     return [name for name, m in _walk(model) if isinstance(m, (nn.Linear, LinearWithLoRA))]
+
+
+def lora_wrappers(model: nn.Module) -> dict[str, LinearWithLoRA | ModuleToSave]:
+    """Every LoRA wrapper in ``model`` (``LinearWithLoRA`` and ``ModuleToSave``), by name."""
+    return {name: m for name, m in _walk(model) if isinstance(m, (LinearWithLoRA, ModuleToSave))}
 
 
 def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
@@ -106,7 +112,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, target_modules=None, e
     Applying an adapter name a layer already has is an error (never a double wrap);
     another ``adapter_name`` adds a second adapter to the same wrappers.
     """
-    lora_scaling(alpha, rank, scaling)  # validates the rule before anything changes
+    check_lora_hyperparameters(rank, alpha, dropout, scaling)  # before the slower name matching
     save_names = select_names([n for n, _ in _walk(model)], modules_to_save, "modules_to_save") \
         if modules_to_save is not None else []
     candidates = [n for n in linear_layer_names(model)
@@ -139,9 +145,12 @@ def inject_adapter(model: nn.Module, adapter_name: str, targets: dict[str, tuple
                    modules_to_save: Iterable[str] = (), dropout: float = 0.0, scaling: str = "alpha/rank") -> None:
     """Wrap (or extend) the layers ``targets`` ({full name: (rank, alpha)}) with a fresh adapter.
 
-    Checks every layer before changing any, so a failure leaves ``model`` as it was.
+    Checks every layer and every (rank, alpha) before changing any, so a failure leaves
+    ``model`` as it was.
     """
     modules = dict(_walk(model))
+    for rank, alpha in targets.values():
+        check_lora_hyperparameters(rank, alpha, dropout, scaling)
     for name in targets:
         layer = modules.get(name)
         if not isinstance(layer, (nn.Linear, LinearWithLoRA)):
@@ -207,10 +216,6 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
-def _wrappers(model: nn.Module) -> list[LinearWithLoRA | ModuleToSave]:
-    return [m for _, m in _walk(model) if isinstance(m, (LinearWithLoRA, ModuleToSave))]
-
-
 def _refuse_if_merged(model: nn.Module, action: str) -> None:
     if any(layer.merged for layer in lora_layers(model).values()):
         raise RuntimeError(f"cannot {action} while an adapter is merged into the weights; call unmerge_lora first")
@@ -221,25 +226,25 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     if adapter_name not in adapter_names(model):
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {adapter_names(model) or 'none'}")
     _refuse_if_merged(model, "switch adapters")
-    for wrapper in _wrappers(model):
+    for wrapper in lora_wrappers(model).values():
         wrapper.active_adapter = adapter_name
 
 
 def active_adapter(model: nn.Module) -> str | None:
     """The name of the adapter in use (None for a model without LoRA)."""
-    return next((w.active_adapter for w in _wrappers(model)), None)
+    return next((w.active_adapter for w in lora_wrappers(model).values()), None)
 
 
 def disable_lora(model: nn.Module) -> None:
     """Run the base model: every wrapper skips its adapter (logits equal the base's exactly)."""
     _refuse_if_merged(model, "disable LoRA")
-    for wrapper in _wrappers(model):
+    for wrapper in lora_wrappers(model).values():
         wrapper.enabled = False
 
 
 def enable_lora(model: nn.Module) -> None:
     """Undo ``disable_lora``."""
-    for wrapper in _wrappers(model):
+    for wrapper in lora_wrappers(model).values():
         wrapper.enabled = True
 
 
@@ -280,7 +285,7 @@ def unload_lora(model: nn.Module, keep_merged: bool = False) -> nn.Module:
     By default this gives back the base model (original weights and modules);
     ``keep_merged=True`` keeps merged weights and the active module copies instead.
     """
-    for name, wrapper in [(n, m) for n, m in _walk(model) if isinstance(m, (LinearWithLoRA, ModuleToSave))]:
+    for name, wrapper in lora_wrappers(model).items():
         if isinstance(wrapper, LinearWithLoRA):
             if not keep_merged:
                 wrapper.unmerge()

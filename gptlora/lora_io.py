@@ -9,7 +9,6 @@ base and a SHA-256 fingerprint of its weights). The same two file names are what
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import Counter
@@ -20,13 +19,20 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import replace_atomically, write_json
 from .lora import (LinearWithLoRA, ModuleToSave, active_adapter, adapter_names, inject_adapter,
-                   linear_layer_names, lora_layers, mark_trainable, saved_modules, set_adapter)
+                   linear_layer_names, lora_layers, lora_wrappers, mark_trainable, saved_modules, set_adapter)
 from .hf_layout import BLOCK_RENAMES, QKV, TOP_RENAMES
 from .model import GPTConfig
+from .tensor_hash import tensors_sha256
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "gptlora-lora-adapter"
+# Version 2: the base fingerprint is tensor_hash.tensors_sha256 (version 1 hashed another byte layout).
+VERSION = 2
+
+
+class BaseMismatchError(ValueError):
+    """An adapter was loaded onto base weights other than those it was trained on."""
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
@@ -42,7 +48,7 @@ def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     ``W_query.linear.weight`` reads ``W_query.weight`` again (the unmerged weight even
     while an adapter is merged), ``out_head.original.weight`` reads ``out_head.weight``.
     """
-    wrappers = {**lora_layers(model), **saved_modules(model)}
+    wrappers = lora_wrappers(model)
     state = {}
     for key, tensor in model.state_dict().items():
         owner = next((name for name in wrappers if key.startswith(name + ".")), None)
@@ -64,11 +70,7 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     Two bases agree only if every weight is bitwise equal, so an adapter is never
     silently applied to other weights (another checkpoint, another random head).
     """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(base_state_dict(model).items()):
-        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
+    return "sha256:" + tensors_sha256(base_state_dict(model))
 
 
 def describe_base(model: torch.nn.Module) -> dict:
@@ -96,7 +98,7 @@ def adapter_config(model: torch.nn.Module, adapter_name: str) -> dict:
     rank = Counter(lora.rank for lora in layers.values()).most_common(1)[0][0] if layers else None
     alpha = Counter(lora.alpha for lora in layers.values()).most_common(1)[0][0] if layers else None
     return {
-        "format": FORMAT, "version": 1, "adapter_name": adapter_name,
+        "format": FORMAT, "version": VERSION, "adapter_name": adapter_name,
         "rank": rank, "alpha": alpha, "scaling": scaling, "dropout": dropout,
         "target_modules": list(layers),
         "rank_pattern": {n: lora.rank for n, lora in layers.items() if lora.rank != rank},
@@ -148,6 +150,10 @@ def read_adapter_config(path) -> dict:
     if config.get("format") != FORMAT:
         raise ValueError(f"{file} is not a gptlora adapter (format {config.get('format')!r}, expected {FORMAT!r}); "
                          "a peft adapter loads with peft.PeftModel.from_pretrained")
+    if config.get("version") != VERSION:
+        raise ValueError(f"{file} is adapter format version {config.get('version')!r}; this gptlora reads version "
+                         f"{VERSION} (its base fingerprint is computed differently): save the adapter again "
+                         "with this version, or use the gptlora version that wrote it")
     return config
 
 
@@ -166,11 +172,12 @@ def load_adapter(model: torch.nn.Module, path, adapter_name: str | None = None,
         raise ValueError(f"this model already has an adapter named {adapter_name!r}; pass another adapter_name")
     tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
     _check_shapes(model, config, tensors)
-    if check_fingerprint and config["base_fingerprint"] != base_fingerprint(model):
-        raise ValueError(f"the adapter in {path} was trained on other base weights (fingerprint "
-                         f"{config['base_fingerprint'][:19]}..., this model {base_fingerprint(model)[:19]}...; "
-                         f"trained on {config['base_model']}). Load the same base (checkpoint and head), or pass "
-                         "check_fingerprint=False if the difference is intended")
+    fingerprint = base_fingerprint(model) if check_fingerprint else config["base_fingerprint"]
+    if fingerprint != config["base_fingerprint"]:
+        raise BaseMismatchError(f"the adapter in {path} was trained on other base weights (fingerprint "
+                                f"{config['base_fingerprint'][:19]}..., this model {fingerprint[:19]}...; "
+                                f"trained on {config['base_model']}). Load the same base (checkpoint and head), "
+                                "or pass check_fingerprint=False if the difference is intended")
     targets = {name: (config["rank_pattern"].get(name, config["rank"]), config["alpha_pattern"].get(name, config["alpha"]))
                for name in config["target_modules"]}
     inject_adapter(model, adapter_name, targets, config["modules_to_save"], config["dropout"], config["scaling"])

@@ -30,10 +30,26 @@ SCALINGS = {
 }
 
 
-def lora_scaling(alpha: float, rank: int, scaling: str) -> float:
-    """The factor that multiplies ``x @ A @ B`` under the rule ``scaling`` (a key of ``SCALINGS``)."""
+def check_lora_hyperparameters(rank: int, alpha: float, dropout: float = 0.0, scaling: str = "alpha/rank") -> None:
+    """Raise ``ValueError`` unless these make a valid adapter: ``rank`` a positive integer, ``alpha``
+    a real number, ``dropout`` a probability in [0, 1) and ``scaling`` a key of ``SCALINGS``.
+
+    Called before a model is changed (``inject_adapter``, ``lora_options``), so bad settings
+    fail with this message rather than half-way through wrapping layers.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive integer (e.g. 8 or 16), found {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"LoRA alpha must be a finite number (e.g. 16), found {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be a probability in [0, 1) (0 turns it off), found {dropout!r}")
     if scaling not in SCALINGS:
         raise ValueError(f"unknown LoRA scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+
+
+def lora_scaling(alpha: float, rank: int, scaling: str) -> float:
+    """The factor that multiplies ``x @ A @ B`` under the rule ``scaling`` (a key of ``SCALINGS``)."""
+    check_lora_hyperparameters(rank, alpha, scaling=scaling)
     return SCALINGS[scaling](alpha, rank)
 
 
@@ -51,10 +67,7 @@ class LoRALayer(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float = 0.0,
                  scaling: str = "alpha/rank", device=None, dtype=None):
         super().__init__()
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, found {rank!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must lie in [0, 1), found {dropout}")
+        check_lora_hyperparameters(rank, alpha, dropout, scaling)
         self.rank, self.alpha, self.scaling_rule, self.dropout_p = rank, alpha, scaling, dropout
         self.scaling = lora_scaling(alpha, rank, scaling)
         self.A = nn.Parameter(torch.empty(in_dim, rank, device=device, dtype=dtype))
@@ -153,9 +166,10 @@ class ModuleToSave(nn.Module):
         self.enabled = True
 
     def add_adapter(self, name: str) -> None:
+        """Add a trainable copy of ``original`` for adapter ``name`` (a deep copy: tied weights come untied)."""
         if name in self.copies:
             raise ValueError(f"this module already has a copy for adapter {name!r}; pick another name")
-        self.copies[name] = copy.deepcopy(self.original)  # a deep copy also unties shared weights
+        self.copies[name] = copy.deepcopy(self.original)
 
     def current(self) -> nn.Module:
         """The module the forward pass uses now."""

@@ -13,6 +13,7 @@ Shapes used in the docstrings:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -308,3 +309,16 @@ class GPTModel(nn.Module):
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters; a tensor shared by two modules (a tied head) is counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """``with evaluating(model): ...`` runs in eval mode (no dropout) without gradients,
+    then puts back the mode ``model`` had (training or not), even after an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)

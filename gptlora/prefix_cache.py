@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .lora_layer import LinearWithLoRA, ModuleToSave
-from .model import GPTModel, MultiHeadAttention
+from .lora import lora_wrappers
+from .model import GPTModel, MultiHeadAttention, evaluating
 
 
 def default_prefix_blocks(model: GPTModel) -> int:
@@ -52,10 +52,10 @@ def check_frozen_prefix(model: GPTModel, prefix_blocks: int) -> None:
     """
     problems = []
     for name, part in prefix_modules(model, prefix_blocks).items():
+        problems += [f"{name}.{wrapped} holds LoRA adapters (they change as they train)"
+                     for wrapped in lora_wrappers(part)]
         for sub_name, module in part.named_modules(prefix=name):
-            if isinstance(module, (LinearWithLoRA, ModuleToSave)):
-                problems.append(f"{sub_name} holds LoRA adapters (they change as they train)")
-            elif isinstance(module, nn.Dropout) and module.p > 0:
+            if isinstance(module, nn.Dropout) and module.p > 0:
                 problems.append(f"{sub_name} has dropout p={module.p} (random in training mode)")
             elif isinstance(module, MultiHeadAttention) and module.dropout > 0:
                 problems.append(f"{sub_name} has attention dropout {module.dropout} (random in training mode)")
@@ -107,9 +107,7 @@ def cache_dataset(model: GPTModel, dataset, prefix_blocks: int, chunk_size: int 
     order = sorted(range(len(items)), key=lambda index: len(items[index][0]))
     device = next(model.parameters()).device
     hidden: list[torch.Tensor | None] = [None] * len(items)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for start in range(0, len(order), chunk_size):
             chunk = order[start:start + chunk_size]
             width = max(len(items[index][0]) for index in chunk)
@@ -118,8 +116,6 @@ def cache_dataset(model: GPTModel, dataset, prefix_blocks: int, chunk_size: int 
             states = prefix_hidden_states(model, ids.to(device), prefix_blocks)
             for row, index in enumerate(chunk):
                 hidden[index] = states[row, : len(items[index][0])].clone()  # own storage: no padding kept
-    finally:
-        model.train(was_training)
     return HiddenStateDataset(hidden, [label for _, label in items])
 
 
