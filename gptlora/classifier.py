@@ -26,7 +26,7 @@ from .atomic import replace_atomically
 from .checkpoint import NoCheckpoints
 from .distributed import set_sampler_epoch, sum_over_processes, world_size
 from .generation import END_OF_TEXT_ID
-from .lora import apply_lora
+from .lora import apply_lora, check_lora_hyperparameters
 from .model import GPTModel, evaluating
 
 METHODS = ("last-block", "full", "lora")
@@ -45,11 +45,27 @@ LORA_DEFAULTS = dict(rank=16, alpha=16, target_modules=None, exclude_modules=Non
 
 
 def lora_options(method_options: dict | None) -> dict:
-    """``LORA_DEFAULTS`` updated with ``method_options``; a key ``apply_lora`` does not take is a ValueError."""
+    """``LORA_DEFAULTS`` updated with ``method_options``, checked: a key ``apply_lora`` does not take,
+    or a bad rank, alpha, dropout or scaling, is a ValueError."""
     unknown = sorted(set(method_options or {}) - set(LORA_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown LoRA option(s) {unknown}; expected some of {', '.join(LORA_DEFAULTS)}")
-    return {**LORA_DEFAULTS, **(method_options or {})}
+    options = {**LORA_DEFAULTS, **(method_options or {})}
+    check_lora_hyperparameters(options["rank"], options["alpha"], options["dropout"], options["scaling"])
+    return options
+
+
+def method_settings(method: str, method_options: dict | None = None) -> dict | None:
+    """The checked, complete options of ``method``: ``lora_options`` for ``"lora"``; None for the
+    other methods, which take none (passing some is a ValueError rather than silently ignored).
+    Calling it again on its own result gives the same result."""
+    check_method(method)
+    if method == "lora":
+        return lora_options(method_options)
+    if method_options:
+        raise ValueError(f"method {method!r} takes no options, found {sorted(method_options)}; "
+                         "options such as rank and alpha belong to method 'lora'")
+    return None
 
 
 def add_classification_head(model: GPTModel, num_classes: int = 2) -> GPTModel:
@@ -76,8 +92,7 @@ def prepare_for_classification(model: GPTModel, method: str, num_classes: int = 
     The new head draws its initial weights from PyTorch's global generator: call
     ``torch.manual_seed`` first (the book uses 123). Modifies and returns ``model``.
     """
-    check_method(method)
-    options = lora_options(method_options) if method == "lora" else None  # bad options fail before any change
+    options = method_settings(method, method_options)  # bad options fail before any change
     add_classification_head(model, num_classes)
     if method == "full":
         model.requires_grad_(True)

@@ -16,16 +16,16 @@ from pathlib import Path
 import torch
 
 from .atomic import replace_atomically, write_json
-from .checkpoint import CHECKPOINT_NAME, Checkpointer, open_run_dir, tensors_sha256
-from .classifier import (LABEL_NAMES, add_classification_head, calc_accuracy_loader, check_method, lora_options,
+from .checkpoint import CHECKPOINT_NAME, Checkpointer, open_run_dir
+from .classifier import (LABEL_NAMES, add_classification_head, calc_accuracy_loader, method_settings,
                          plot_history, prepare_for_classification, train_classifier, TrainingHistory)
 from .distributed import shard_loaders, start_processes, wrap_for_training
 from .download import sha256_of
-from .hf_layout import config_from_hf
-from .lora_io import export_peft, load_adapter, save_adapter
+from .lora_io import BaseMismatchError, export_peft, load_adapter, save_adapter
 from .model import GPTConfig, GPTModel, count_parameters
 from .prefix_cache import cache_frozen_prefix
-from .pretrained import HUB_REPOS, gpt2_name, load_pretrained, save_hf
+from .pretrained import HUB_REPOS, gpt2_name, pretrained_or_random, save_hf
+from .tensor_hash import tensors_sha256
 from .spam import SPLITS, create_dataloaders
 
 # AdamW learning rates per method. LoRA's is the book's appendix E rate with its original scaling
@@ -36,17 +36,6 @@ ADAPTER_DIR = "adapter"  # inside a LoRA run directory: adapter_model.safetensor
 
 
 # --- the base model of a run -----------------------------------------------------------
-
-def finetuning_base(name_or_dir: str, models_dir: str | Path = "weights", random_init: bool = False) -> GPTModel:
-    """The model to fine-tune: pretrained GPT-2 (a name or a checkpoint directory), or, with
-    ``random_init``, the same shape (a preset, or the directory's config.json) with random weights
-    drawn from PyTorch's global generator (seed it first)."""
-    if not random_init:
-        return load_pretrained(name_or_dir, models_dir)
-    if Path(name_or_dir).is_dir():
-        return GPTModel(config_from_hf(json.loads((Path(name_or_dir) / "config.json").read_text())))
-    return GPTModel(GPTConfig.from_preset(name_or_dir, qkv_bias=True, drop_rate=0.0))
-
 
 def base_source(name_or_dir: str, models_dir: str | Path = "weights", random_init: bool = False,
                 seed: int = 123) -> dict:
@@ -63,7 +52,7 @@ def load_base(source: dict) -> GPTModel:
     """The base described by ``source`` (from :func:`base_source`); random weights are drawn after
     seeding with ``source["seed"]``, so the same source always gives the same weights."""
     torch.manual_seed(source["seed"])
-    return finetuning_base(source["model"], source["models_dir"], source["random_init"])
+    return pretrained_or_random(source["model"], source["models_dir"], source["random_init"])
 
 
 # --- run directories -------------------------------------------------------------------
@@ -111,7 +100,7 @@ def load_classifier(run_dir: str | Path, device="cpu", base: GPTModel | None = N
     from safetensors.torch import load_model
 
     run_dir = Path(run_dir)
-    info = json.loads(_run_file(run_dir, "classifier.json").read_text())
+    info = read_run_info(run_dir)
     if info["method"] == "lora":
         return _load_lora_classifier(run_dir, info, base).to(device).eval(), info
     weights_path = _run_file(run_dir, "classifier.safetensors")
@@ -121,6 +110,11 @@ def load_classifier(run_dir: str | Path, device="cpu", base: GPTModel | None = N
     return model.to(device).eval(), info
 
 
+def read_run_info(run_dir: str | Path) -> dict:
+    """The contents of a run's ``classifier.json`` (method, max_length, config, base_source, ...)."""
+    return json.loads(_run_file(Path(run_dir), "classifier.json").read_text())
+
+
 def _run_file(run_dir: Path, name: str) -> Path:
     path = run_dir / name
     if not path.is_file():
@@ -128,23 +122,30 @@ def _run_file(run_dir: Path, name: str) -> Path:
     return path
 
 
-def _load_lora_classifier(run_dir: Path, info: dict, base: GPTModel | None) -> GPTModel:
-    """The base (given, or rebuilt from ``info["base_source"]``) + the seeded head + the run's adapter."""
+def _recorded_base_source(run_dir: Path, info: dict) -> dict:
+    """``info["base_source"]``, or a ValueError saying that the base must be passed in."""
+    if info.get("base_source") is None:
+        raise ValueError(f"{run_dir} holds only a LoRA adapter and does not record how its base was made; "
+                         "pass the model it was trained from: load_classifier(run_dir, base=model)")
+    return info["base_source"]
+
+
+def _load_lora_classifier(run_dir: Path, info: dict, base: GPTModel | None, origin: str = "passed in") -> GPTModel:
+    """The base (given, or rebuilt from ``info["base_source"]``) + the seeded head + the run's adapter.
+
+    ``origin`` says where a given ``base`` came from, for the message when it is not the run's base.
+    """
     _run_file(run_dir / ADAPTER_DIR, "adapter_config.json")
-    source = info.get("base_source")
-    origin = "passed in" if base is not None else f"rebuilt from {source}"
     if base is None:
-        if source is None:
-            raise ValueError(f"{run_dir} holds only a LoRA adapter and does not record how its base was made; "
-                             "pass the model it was trained from: load_classifier(run_dir, base=model)")
-        base = load_base(source)
+        source = _recorded_base_source(run_dir, info)
+        base, origin = load_base(source), f"rebuilt from {source}"
     torch.manual_seed(info["seed"])  # the head belongs to the base: the run's seed redraws it
     add_classification_head(base, info["num_classes"])
     try:
         load_adapter(base, run_dir / ADAPTER_DIR)
-    except ValueError as error:
-        raise ValueError(f"{error}\nThe base was {origin}; the run {run_dir} needs the exact base it "
-                         "was trained on") from None
+    except BaseMismatchError as error:
+        raise BaseMismatchError(f"{error}\nThe base was {origin}; the run {run_dir} needs the exact base it "
+                                "was trained on (the model it started from, before fine-tuning)") from None
     return base
 
 
@@ -155,18 +156,20 @@ def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
     repository of a GPT-2 name, or the checkpoint directory. A base of random weights
     has neither, so it is written to ``out_dir/base`` (``save_hf``) and named instead.
     """
-    method = json.loads(_run_file(Path(run_dir), "classifier.json").read_text())["method"]
-    if method != "lora":
-        raise ValueError(f"{run_dir} is a {method!r} run, which saves a whole model; only a "
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    if info["method"] != "lora":
+        raise ValueError(f"{run_dir} is a {info['method']!r} run, which saves a whole model; only a "
                          "`--method lora` run has an adapter to export")
-    model, info = load_classifier(run_dir)
-    source = info["base_source"]  # load_classifier has checked that it is there
+    source = _recorded_base_source(run_dir, info)
+    base = load_base(source)  # built once: a random base is also written out, before its head is replaced
     if source["random_init"]:
-        base_name = str(save_hf(load_base(source), Path(out_dir) / "base"))
+        base_name = str(save_hf(base, Path(out_dir) / "base"))
     elif Path(source["model"]).is_dir():
         base_name = source["model"]
     else:
         base_name = HUB_REPOS[gpt2_name(source["model"])]
+    model = _load_lora_classifier(run_dir, info, base, origin=f"rebuilt from {source}").eval()
     return export_peft(model, out_dir, base_model_name_or_path=base_name)
 
 
@@ -212,15 +215,13 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     if cache_prefix and method != "last-block":
         raise ValueError(f"cache_prefix works only with method 'last-block' (frozen blocks below the trained "
                          f"one); {method!r} trains the lower blocks too, so their output changes at every step")
-    check_method(method)
+    method_options = method_settings(method, method_options)  # complete: recorded in full in the run's files
     processes = start_processes(device)
     device = processes.device
     checkpoint_path = Path(out_dir) / CHECKPOINT_NAME
     if processes.is_main:
         open_run_dir(out_dir, resume, overwrite)
     lr = DEFAULT_LR[method] if lr is None else lr
-    if method == "lora":
-        method_options = lora_options(method_options)  # recorded in full in the run's files
     torch.manual_seed(seed)
     loaders = create_dataloaders(data_dir, tokenizer, batch_size, dynamic_padding=dynamic_padding,
                                  bucket_by_length=bucket_by_length)
@@ -272,8 +273,8 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
 def frozen_weights_sha256(model: torch.nn.Module) -> str:
     """SHA-256 of the parameters that do not train: a checkpoint holds only the others, so resuming
     needs these exactly as they were (the same base model)."""
-    return tensors_sha256({name: parameter.detach().cpu() for name, parameter in model.named_parameters()
-                           if not parameter.requires_grad})
+    return tensors_sha256((name, parameter) for name, parameter in model.named_parameters()
+                          if not parameter.requires_grad)
 
 
 def data_sha256(data_dir: str | Path) -> dict[str, str]:
