@@ -113,6 +113,23 @@ def load_pretrained(name_or_dir: str | Path, models_dir: str | Path = "weights",
     return load_gpt2_weights(directory / "model.safetensors", cfg, hf_config.get("tie_word_embeddings", True)).eval()
 
 
+def pretrained_or_random(name_or_dir: str | Path, models_dir: str | Path = "weights",
+                         random_init: bool = False) -> GPTModel:
+    """``load_pretrained(name_or_dir, models_dir)``, or with ``random_init`` a model of the same shape
+    (a GPT-2 name's preset, or the directory's ``config.json``) with random weights drawn from
+    PyTorch's global generator (seed it first) and no dropout. Nothing is downloaded for random weights.
+    """
+    if not random_init:
+        return load_pretrained(name_or_dir, models_dir)
+    config_path = Path(name_or_dir) / "config.json"
+    if Path(name_or_dir).is_dir():
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found; random weights take their shape from a checkpoint "
+                                    "directory's config.json, or from a GPT-2 name such as gpt2-small")
+        return GPTModel(config_from_hf(json.loads(config_path.read_text())))
+    return GPTModel(GPTConfig.from_preset(str(name_or_dir), qkv_bias=True, drop_rate=0.0))
+
+
 def load_gpt2_weights(path: str | Path, cfg: GPTConfig, tie_word_embeddings: bool = True) -> GPTModel:
     """A ``GPTModel`` of shape ``cfg`` holding the Hugging Face GPT-2 weights in the safetensors file ``path``.
 
