@@ -10,38 +10,30 @@ import argparse
 import sys
 from pathlib import Path
 
+from .download import DownloadError  # light: the standard library and tqdm
+
+# What a user can cause and fix (a bad option, a missing or existing file, no network): main() prints
+# these as one line, "error: ...", and exits with 1. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (DownloadError, OSError, ValueError, NotImplementedError)
+
 
 def cmd_download(args) -> int:
-    from .download import DownloadError
     from .pretrained import download_gpt2
 
-    try:
-        directory = download_gpt2(args.name, args.models_dir, base_url=args.base_url)
-    except (DownloadError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(directory)
+    print(download_gpt2(args.name, args.models_dir, base_url=args.base_url))
     return 0
 
 
 def cmd_generate(args) -> int:
     import torch
 
-    from .download import DownloadError
     from .generation import generate_text, get_tokenizer
-    from .model import GPTConfig, GPTModel
-    from .pretrained import load_pretrained
+    from .pretrained import pretrained_or_random
 
     torch.manual_seed(args.seed)
-    try:
-        if args.random_init:
-            model = GPTModel(GPTConfig.from_preset(args.model, qkv_bias=True)).eval()
-            print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)
-        else:
-            model = load_pretrained(args.model, args.models_dir)
-    except (DownloadError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    model = pretrained_or_random(args.model, args.models_dir, args.random_init).eval()
+    if args.random_init:
+        print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)
     text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k)
     print(text)
@@ -49,6 +41,7 @@ def cmd_generate(args) -> int:
 
 
 def pick_device(name: str):
+    """The ``torch.device`` for a ``--device`` value: ``"auto"`` is cuda when available, else cpu."""
     import torch
 
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
@@ -101,17 +94,16 @@ def resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def cmd_finetune(args) -> int:
-    from .classifier import check_method
+    from .classifier import method_settings
     from .distributed import is_main_process, stop_processes
     from .finetune import base_source, finetune_spam, load_base
-    from .download import DownloadError
     from .generation import get_tokenizer
     from .spam import prepare_spam_data
 
     try:
         args = resumed_arguments(args) if args.resume else args
         out = args.out or f"runs/spam-{Path(args.model).name}-{args.method}"
-        check_method(args.method)
+        method_settings(args.method, lora_method_options(args))  # bad options fail before any download
         prepare_spam_data(args.data_dir, args.spam_source)
         source = base_source(args.model, args.models_dir, args.random_init, args.seed)
         model = load_base(source)
@@ -126,9 +118,6 @@ def cmd_finetune(args) -> int:
                                 command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
         if not is_main_process():  # under torchrun, rank 0 reports
             return 0
-    except (DownloadError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     finally:
         stop_processes()
     print(f"trainable parameters: {metrics['trainable_parameters']:,} (method {args.method}, lr {metrics['lr']:g})")
@@ -141,31 +130,20 @@ def cmd_finetune(args) -> int:
 
 def cmd_classify(args) -> int:
     from .classifier import classify
-    from .download import DownloadError
     from .finetune import load_classifier
     from .generation import get_tokenizer
 
     device = pick_device(args.device)
-    try:
-        model, info = load_classifier(args.run, device)
-        label = classify(args.text, model, get_tokenizer(), device, info["max_length"],
-                         pad_to_max_length=not info["dynamic_padding"])
-    except (DownloadError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(label)
+    model, info = load_classifier(args.run, device)
+    print(classify(args.text, model, get_tokenizer(), device, info["max_length"],
+                   pad_to_max_length=not info["dynamic_padding"]))
     return 0
 
 
 def cmd_export_peft(args) -> int:
-    from .download import DownloadError
     from .finetune import export_run_to_peft
 
-    try:
-        out = export_run_to_peft(args.run, args.out)
-    except (DownloadError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    out = export_run_to_peft(args.run, args.out)
     print(f"peft adapter written to {out}; load it with peft.PeftModel.from_pretrained(hf_model, {str(out)!r})")
     return 0
 
@@ -267,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
