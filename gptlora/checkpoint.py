@@ -31,6 +31,7 @@ like ``DistributedSampler``, for this to hold.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 from .atomic import replace_atomically
-from .distributed import broadcast_from_main
+from .distributed import fail_together
 from .tensor_hash import tensors_sha256
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -128,39 +129,47 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], values: 
     return Path(path)
 
 
-def read_checkpoint_values(path: str | Path) -> dict:
-    """The JSON part of a checkpoint, read from the file header alone (quick: no tensors)."""
+@contextlib.contextmanager
+def open_checkpoint(path: Path):
+    """Yield ``(file, metadata)`` of the checkpoint at ``path``, its header read once and its format checked.
+
+    ``file`` is safetensors' ``safe_open`` handle, which reads a tensor only when asked for it.
+    """
     from safetensors import safe_open
 
-    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; nothing to resume (start the run anew with --overwrite)")
+        raise FileNotFoundError(f"no checkpoint at {path}; nothing to resume. Was {path.parent} written by "
+                                "`gptlora finetune`, and had it saved a checkpoint before it stopped? If not, "
+                                "start the run anew (--overwrite)")
     try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
+        file = safe_open(str(path), framework="pt")
+        metadata = file.metadata() or {}
     except Exception as error:  # safetensors raises its own error type for a damaged header
         raise CheckpointError(damaged(path, error)) from None
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a gptlora training checkpoint (format {metadata.get('format')!r}, "
-                              f"expected {FORMAT!r})")
-    return json.loads(metadata["values"])
+    with file:
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a gptlora training checkpoint (format "
+                                  f"{metadata.get('format')!r}, expected {FORMAT!r})")
+        yield file, metadata
+
+
+def read_checkpoint_values(path: str | Path) -> dict:
+    """The JSON part of a checkpoint, read from the file header alone (quick: no tensors)."""
+    with open_checkpoint(Path(path)) as (_, metadata):
+        return json.loads(metadata["values"])
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, values)`` of the checkpoint at ``path``, after checking that it is whole."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    values = read_checkpoint_values(path)
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as file:
-            expected = file.metadata()["sha256"]
-    except Exception as error:
-        raise CheckpointError(damaged(path, error)) from None
-    if tensors_sha256(tensors) != expected:
+    path = Path(path)
+    with open_checkpoint(path) as (file, metadata):
+        try:
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+        except Exception as error:
+            raise CheckpointError(damaged(path, error)) from None
+    if tensors_sha256(tensors) != metadata["sha256"]:
         raise CheckpointError(damaged(path, "the tensors' SHA-256 differs from the one saved with them"))
-    return tensors, values
+    return tensors, json.loads(metadata["values"])
 
 
 def damaged(path: Path, reason) -> str:
@@ -232,6 +241,7 @@ class Checkpointer(NoCheckpoints):
         self.path, self.model, self.optimizer = Path(path), model, optimizer
         self.fingerprint, self.save_every, self.writes_files, self.extra = fingerprint, save_every, writes_files, extra
         self.epoch, self.batches_done, self.epoch_start_rng = 0, 0, None
+        self.epoch_length = None  # batches in the epoch being trained
         self.resumed: tuple[dict, dict] | None = None  # (tensors, values) until the loop has caught up
         self.seconds_before, self.started = 0.0, time.perf_counter()
 
@@ -242,11 +252,14 @@ class Checkpointer(NoCheckpoints):
     def resume(self) -> dict:
         """Load the checkpoint into the model and optimizer; return the saved ``TrainingHistory`` fields.
 
-        Read by the main process and passed to the others. Call it last before
+        Every process reads the file itself (under ``torchrun`` the run directory is
+        on a file system they share), and all stop if one fails. Call it last before
         training: it sets the random generators to their saved state.
         """
-        loaded = read_checkpoint(self.path) if self.writes_files else None
-        tensors, values = broadcast_from_main(loaded)
+        return fail_together(self._load)
+
+    def _load(self) -> dict:
+        tensors, values = read_checkpoint(self.path)
         check_fingerprint(self.path, values["fingerprint"], self.fingerprint)
         load_trainable_state(self.model, tensors, self.path)
         try:
@@ -261,6 +274,7 @@ class Checkpointer(NoCheckpoints):
 
     def epoch_batches(self, loader, epoch: int):
         """The batches of ``epoch`` still to train on, recording how far the epoch has got."""
+        self.epoch_length = len(loader)
         if self.resumed is not None and self.batches_done and epoch == self.epoch:
             batches = self._replay(loader)
         else:
@@ -284,10 +298,14 @@ class Checkpointer(NoCheckpoints):
         return batches
 
     def step_done(self, history) -> None:
-        if self.save_every and (history.global_step + 1) % self.save_every == 0:
+        """Save every ``save_every`` steps, but not after an epoch's last batch: :meth:`epoch_done`
+        saves moments later, with the epoch's accuracies, and would only write the file again."""
+        if (self.save_every and (history.global_step + 1) % self.save_every == 0
+                and self.batches_done != self.epoch_length):
             self.save(history)
 
     def epoch_done(self, history) -> None:
+        """Save at every epoch end."""
         self.epoch, self.batches_done = history.epochs_done, 0
         self.save(history)
 
@@ -305,26 +323,3 @@ class Checkpointer(NoCheckpoints):
                       rng=rng_values, position=dict(epoch=self.epoch, batches_done=self.batches_done),
                       seconds=self.training_seconds(), extra=self.extra)
         save_checkpoint(self.path, tensors, values)
-
-
-# --- run directories -------------------------------------------------------------------
-
-def open_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
-    """Check that ``out_dir`` may receive this run; with ``overwrite``, remove its old checkpoint.
-
-    A fresh run needs a missing or empty directory, or ``overwrite``; ``resume``
-    (which takes precedence) needs the checkpoint of an earlier run. Returns the checkpoint's path.
-    """
-    out_dir = Path(out_dir)
-    path = out_dir / CHECKPOINT_NAME
-    if resume:  # continues the run in the directory, so nothing is overwritten
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}; nothing to resume. Was {out_dir} written by "
-                                    "`gptlora finetune`, and had it saved a checkpoint before it stopped?")
-        return path
-    existing = sorted(entry.name for entry in out_dir.iterdir()) if out_dir.is_dir() else []
-    if existing and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds files ({', '.join(existing[:5])}); pass --resume {out_dir} "
-                              "to continue that run, --overwrite to replace it, or choose another --out")
-    path.unlink(missing_ok=True)  # a stale checkpoint must never be resumed as if it were this run's
-    return path

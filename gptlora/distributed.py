@@ -104,13 +104,29 @@ def sum_over_processes(*values: float) -> tuple[float, ...]:
     return tuple(totals.tolist())
 
 
-def broadcast_from_main(value):
-    """``value`` as the main process has it, on every process (any picklable object)."""
+def fail_together(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` on every process; if it raises on any process, it raises on all.
+
+    For the checks before training (the run directory, the checkpoint): a process
+    that stopped alone would leave the others waiting in their next collective call
+    (DDP's set-up, an ``all_reduce``) until the group's timeout, half an hour by
+    default. Each process gets its own error, or else the first failing process's.
+    Returns ``function``'s result; for a single process it is simply called.
+    """
     if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return function(*args, **kwargs)
+    try:
+        result, error = function(*args, **kwargs), None
+    except Exception as raised:  # any kind: the others must learn of it, whatever it is
+        result, error = None, raised
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)  # exceptions pickle as their type and message
+    if error is not None:
+        raise error
+    first = next((other for other in errors if other is not None), None)
+    if first is not None:
+        raise first
+    return result
 
 
 class ShardSampler(Sampler):

@@ -10,16 +10,17 @@ it combines live in ``spam`` (data), ``classifier`` (head, loss, loop, plots) an
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .atomic import replace_atomically, write_json
-from .checkpoint import CHECKPOINT_NAME, Checkpointer, open_run_dir
+from .checkpoint import CHECKPOINT_NAME, Checkpointer, read_checkpoint_values
 from .classifier import (LABEL_NAMES, add_classification_head, calc_accuracy_loader, method_settings,
                          plot_history, prepare_for_classification, train_classifier, TrainingHistory)
-from .distributed import shard_loaders, start_processes, wrap_for_training
+from .distributed import fail_together, shard_loaders, start_processes, wrap_for_training
 from .download import sha256_of
 from .lora_io import BaseMismatchError, export_peft, load_adapter, save_adapter
 from .model import GPTConfig, GPTModel, count_parameters
@@ -33,6 +34,10 @@ from .spam import SPLITS, create_dataloaders
 # step, and Adam moves every entry by about the learning rate, so 16 x 5e-5 = 8e-4 (roughly equivalent).
 DEFAULT_LR = {"last-block": 5e-5, "full": 5e-5, "lora": 8e-4}
 ADAPTER_DIR = "adapter"  # inside a LoRA run directory: adapter_model.safetensors + adapter_config.json
+# What a run writes in its directory (plot_history's two plots included), the checkpoint and the file
+# that load_classifier reads first coming first: --overwrite removes them in this order.
+RUN_FILES = (CHECKPOINT_NAME, "classifier.json", "classifier.safetensors", ADAPTER_DIR, "metrics.json",
+             "loss.png", "accuracy.png")
 
 
 # --- the base model of a run -----------------------------------------------------------
@@ -56,6 +61,34 @@ def load_base(source: dict) -> GPTModel:
 
 
 # --- run directories -------------------------------------------------------------------
+
+def open_run_dir(out_dir: str | Path, resume: bool, overwrite: bool, removes_old_run: bool = True) -> Path:
+    """Check that ``out_dir`` may receive this run; with ``overwrite``, remove the earlier run's files.
+
+    ``resume`` (which takes precedence) needs the checkpoint of an earlier run: its
+    header is read here, so a missing, damaged or foreign file fails before any slow
+    work. A fresh run needs a missing or empty directory, or ``overwrite``, which
+    removes every file of :data:`RUN_FILES`: a new run that stops early must leave
+    neither a checkpoint to be resumed nor a classifier to be loaded as its own.
+    Other files are left alone. ``removes_old_run=False`` only checks (under
+    ``torchrun``, on every process but the main one). Returns the checkpoint's path.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / CHECKPOINT_NAME
+    if resume:  # continues the run in the directory, so nothing is overwritten
+        read_checkpoint_values(path)
+        return path
+    existing = sorted(entry.name for entry in out_dir.iterdir()) if out_dir.is_dir() else []
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds files ({', '.join(existing[:5])}); pass --resume {out_dir} "
+                              "to continue that run, --overwrite to replace it, or choose another --out")
+    for name in RUN_FILES if removes_old_run else ():
+        stale = out_dir / name
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
+    return path
 
 
 def save_classifier(model: GPTModel, run_dir: str | Path, info: dict) -> Path:
@@ -212,15 +245,14 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     Under ``torchrun`` every process runs this with its share of each batch
     (``batch_size`` is the global batch; see ``distributed``); only rank 0 writes.
     """
+    method_options = method_settings(method, method_options)  # complete: recorded in full in the run's files
     if cache_prefix and method != "last-block":
         raise ValueError(f"cache_prefix works only with method 'last-block' (frozen blocks below the trained "
                          f"one); {method!r} trains the lower blocks too, so their output changes at every step")
-    method_options = method_settings(method, method_options)  # complete: recorded in full in the run's files
     processes = start_processes(device)
     device = processes.device
-    checkpoint_path = Path(out_dir) / CHECKPOINT_NAME
-    if processes.is_main:
-        open_run_dir(out_dir, resume, overwrite)
+    # Every process checks (one that failed alone would leave the others waiting); one removes.
+    checkpoint_path = fail_together(open_run_dir, out_dir, resume, overwrite, removes_old_run=processes.is_main)
     lr = DEFAULT_LR[method] if lr is None else lr
     torch.manual_seed(seed)
     loaders = create_dataloaders(data_dir, tokenizer, batch_size, dynamic_padding=dynamic_padding,
@@ -243,10 +275,11 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
                        data_order="distributed" if processes.distributed else "book")
     checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, save_every,
                                writes_files=processes.is_main, extra=command_options)
+    # Shard first: the cached loaders keep the samplers they are given (a DistributedSampler under torchrun).
+    loaders = shard_loaders(loaders, processes, seed)
     trained_model = model  # with cache_prefix: the model's last block, norm and head, fed cached states
     if cache_prefix:
         trained_model, loaders = cache_frozen_prefix(model, loaders)
-    loaders = shard_loaders(loaders, processes, seed)
     history = TrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
     trained_model = wrap_for_training(trained_model, processes)
     history = train_classifier(trained_model, loaders[0], loaders[1], optimizer, device, epochs, eval_freq,

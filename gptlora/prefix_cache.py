@@ -139,11 +139,18 @@ class PrefixSuffix(nn.Module):
 def cached_loader(loader: DataLoader, cached: HiddenStateDataset) -> DataLoader:
     """A loader over ``cached`` that batches exactly as ``loader`` does.
 
-    It reuses ``loader``'s batch sampler and collate function, so under the same
-    seed it draws the same random numbers and forms the same batches (with
-    dynamic padding, ``pad_batch`` pads the states with zeros and returns lengths).
+    It reuses ``loader``'s sampler (or its custom batch sampler, such as length
+    bucketing) and collate function, so under the same seed it draws the same
+    random numbers and forms the same batches (with dynamic padding, ``pad_batch``
+    pads the states with zeros and returns lengths). Keeping the sampler itself,
+    not only a batch sampler around it, keeps it where ``set_sampler_epoch`` finds
+    it: a ``DistributedSampler`` that never heard of the epoch repeats one order.
     """
-    return DataLoader(cached, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
+    if loader.batch_size is None:  # a custom batch sampler: it is the only place that knows the order
+        return DataLoader(cached, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
+                          num_workers=loader.num_workers)
+    return DataLoader(cached, batch_size=loader.batch_size, sampler=loader.sampler, drop_last=loader.drop_last,
+                      collate_fn=loader.collate_fn, num_workers=loader.num_workers)
 
 
 def cache_frozen_prefix(model: GPTModel, loaders, prefix_blocks: int | None = None

@@ -17,10 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gptlora import checkpoint, cli
-from gptlora.checkpoint import (CHECKPOINT_NAME, Checkpointer, CheckpointError, open_run_dir, read_checkpoint,
-                                read_checkpoint_values)
+from gptlora.checkpoint import CHECKPOINT_NAME, Checkpointer, CheckpointError, read_checkpoint, read_checkpoint_values
 from gptlora.classifier import calc_accuracy_loader, calc_loss_loader, train_classifier
-from gptlora.finetune import finetune_spam
+from gptlora.finetune import RUN_FILES, finetune_spam, open_run_dir
 from gptlora.model import GPTConfig, GPTModel
 
 TINY_HF_CONFIG = {"vocab_size": 50257, "n_positions": 128, "n_embd": 64, "n_head": 4, "n_layer": 2}
