@@ -168,6 +168,34 @@ def test_documented_recipe_count_on_gpt2_small():
     assert count_parameters(model) == 124_441_346 + 2_666_528
 
 
+@pytest.mark.parametrize("method, options, message", [
+    ("lora", {"rank": 0}, "rank must be a positive integer"),
+    ("lora", {"dropout": 1.5}, r"dropout must be a probability in \[0, 1\)"),
+    ("last-block", {"rank": 8}, "method 'last-block' takes no options"),
+])
+def test_bad_method_options_are_refused_before_the_head_changes(method, options, message):
+    model = GPTModel(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=1))
+    head = model.out_head
+    with pytest.raises(ValueError, match=message):
+        prepare_for_classification(model, method, method_options=options)
+    assert model.out_head is head and all(p.requires_grad for p in model.parameters())
+
+
+def test_cli_finetune_bad_lora_option_is_one_line_before_any_work(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert cli.main(["finetune", "--method", "lora", "--rank", "0", "--data-dir", str(data),
+                     "--out", str(tmp_path / "run"), "--random-init"]) == 1
+    assert capsys.readouterr().err == "error: LoRA rank must be a positive integer (e.g. 8 or 16), found 0\n"
+    assert not data.exists() and not (tmp_path / "run").exists()  # nothing downloaded, no run started
+
+
+def test_trained_model_as_base_is_named_for_what_it_is(lora_run):
+    trained, _ = load_classifier(lora_run.run)
+    with pytest.raises(ValueError, match="already has an adapter named 'default'") as raised:
+        load_classifier(lora_run.run, base=trained)
+    assert "exact base" not in str(raised.value)
+
+
 def test_unknown_lora_option_is_refused_before_any_change():
     model = GPTModel(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=1))
     head = model.out_head

@@ -72,6 +72,23 @@ def test_layer_shapes_initialisation_and_bad_input():
         LoRALayer(10, 3, rank=0, alpha=4)
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(rank=0), "rank must be a positive integer.*found 0"),
+    (dict(rank=-2), "rank must be a positive integer.*found -2"),
+    (dict(dropout=1.0), r"dropout must be a probability in \[0, 1\).*found 1.0"),
+    (dict(alpha=float("nan")), "alpha must be a finite number"),
+    (dict(rank_pattern={"seq.2": 0}), "rank must be a positive integer.*found 0"),
+])
+def test_bad_settings_fail_before_the_model_changes(options, message):
+    model = MLP()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        apply_lora(model, **{"rank": 2, "alpha": 2, **options}, verbose=False)
+    assert not lora_layers(model) and type(model.seq[0]) is nn.Linear and type(model.seq[2]) is nn.Linear
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert list(before) == list(model.state_dict()) and all(p.requires_grad for p in model.parameters())
+
+
 def test_linear_with_lora_as_in_the_book():
     linear = nn.Linear(6, 5)
     wrapped = LinearWithLoRA(linear, rank=2, alpha=4)

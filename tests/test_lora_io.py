@@ -9,7 +9,9 @@ from test_lora import TINY, ids, randomize_adapters, tiny_gpt
 from torch import nn
 
 from gptlora.lora import apply_lora, lora_layers, set_adapter
-from gptlora.lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_fingerprint, export_peft, load_adapter, save_adapter
+from gptlora.lora_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseMismatchError, base_fingerprint, base_state_dict,
+                             export_peft, load_adapter, save_adapter)
+from gptlora.tensor_hash import tensors_sha256
 from gptlora.model import GPTModel
 from gptlora.pretrained import save_hf
 
@@ -70,6 +72,23 @@ def test_loading_onto_another_base_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"trf_blocks.0.att.W_query.A: expected shape \(48, 4\).*found \(32, 4\)"):
         load_adapter(wider, tmp_path / "adapter")
     assert not lora_layers(wider)  # a failed load leaves the model untouched
+
+
+def test_base_mismatch_has_its_own_error_and_the_fingerprint_is_the_shared_hash(tmp_path):
+    save_adapter(adapted_classifier(), tmp_path / "adapter", verbose=False)
+    with pytest.raises(BaseMismatchError):
+        load_adapter(classifier_base(seed=3), tmp_path / "adapter")
+    base = classifier_base()
+    load_adapter(base, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="already has an adapter named 'default'") as raised:
+        load_adapter(base, tmp_path / "adapter")
+    assert not isinstance(raised.value, BaseMismatchError)
+    state = base_state_dict(base)
+    assert base_fingerprint(base) == "sha256:" + tensors_sha256(list(state.items())) == "sha256:" + tensors_sha256(state)
+    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
+    (tmp_path / "adapter" / ADAPTER_CONFIG).write_text(json.dumps({**config, "version": 1}))
+    with pytest.raises(ValueError, match="adapter format version 1; this gptlora reads version 2"):
+        load_adapter(classifier_base(), tmp_path / "adapter")
 
 
 def test_two_adapters_on_one_base(tmp_path):

@@ -19,7 +19,7 @@ from gptlora import download, pretrained
 from gptlora.cli import main
 from gptlora.download import OfflineError
 from gptlora.generation import generate_text
-from gptlora.hf_layout import config_from_hf, gptlora_to_hf, hf_shapes
+from gptlora.hf_layout import config_from_hf, config_to_hf, gptlora_to_hf, hf_shapes
 from gptlora.model import GPTConfig, GPTModel, count_parameters
 from gptlora.pretrained import BASE_URL_ENV, HUB_MIRRORS, hub_urls, load_pretrained, save_hf
 
@@ -259,6 +259,18 @@ def test_cli_generate_random_init_needs_no_weights(capsys, tmp_path):
                  "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("Every effort moves you")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_generate_random_init_takes_the_shape_of_a_directory(capsys, tmp_path):
+    cfg = GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=1, qkv_bias=True)
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(cfg)))  # config only: no weights needed
+    assert main(["generate", "--model", str(tmp_path), "--random-init", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("Every effort moves you")
+    torch.manual_seed(0)
+    assert pretrained.pretrained_or_random(tmp_path, random_init=True).cfg.emb_dim == 32
+    (tmp_path / "config.json").unlink()
+    assert main(["generate", "--model", str(tmp_path), "--random-init"]) == 1
+    assert "config.json not found; random weights take their shape" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the real GPT-2 weights
