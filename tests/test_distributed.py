@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,30 @@ def run_under_torchrun(nproc: int, arguments: list[str], timeout: float = 240) -
     return output
 
 
+def run_without_agent(nproc: int, arguments: list[str], timeout: float) -> list[tuple[int, str]]:
+    """``python -m gptlora.cli ARGUMENTS`` as ``NPROC`` processes given RANK/WORLD_SIZE directly, as a
+    cluster's launcher (Slurm's ``srun``) may start them; each one's ``(exit status, output)``.
+
+    Unlike ``torchrun``, nothing here stops the others when one process exits: each
+    must end on its own. Every process is killed after ``timeout`` seconds.
+    """
+    env = dict(loopback_env(), WORLD_SIZE=str(nproc), MASTER_PORT=str(free_port()))
+    processes = [subprocess.Popen([sys.executable, "-m", "gptlora.cli", *arguments],
+                                  env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for rank in range(nproc)]
+    results, deadline = [], time.monotonic() + timeout
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            results.append((process.returncode, output))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
 @pytest.fixture
 def tiny_dir(tmp_path):
     (tmp_path / "tiny").mkdir()
@@ -89,8 +114,16 @@ def tiny_dir(tmp_path):
     return tmp_path / "tiny"
 
 
-def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, tiny_dir, small_spam_data_dir, monkeypatch,
-                                                               run_cli):
+@pytest.fixture
+def group_of_one(monkeypatch):
+    """The environment of one process as torchrun would start it, for ``run_cli`` in this process."""
+    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, tiny_dir, small_spam_data_dir, run_cli,
+                                                               group_of_one):
     arguments = ["finetune", "--model", str(tiny_dir), "--random-init", "--method", "full", "--epochs", "2",
                  "--lr", "1e-3", "--eval-freq", "5", "--batch-size", "8", "--data-dir", str(small_spam_data_dir),
                  "--device", "cpu"]
@@ -98,9 +131,6 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, tiny_di
     assert output.count("test accuracy") == 1  # rank 0 reports, rank 1 is silent
 
     # The reference: one process, as torchrun would start it, in a group of one (in this process).
-    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(name, value)
     assert run_cli([*arguments, "--out", str(tmp_path / "one")])[0] == 0
     assert not torch.distributed.is_initialized()  # the command leaves the group it joined
 
@@ -122,3 +152,37 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, tiny_di
         atol = 1e-3 * 30 if name.endswith("W_key.bias") else 1e-5
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=0, atol=atol, msg=name)
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+
+
+def test_two_processes_train_on_cached_prefix_states_as_one_process_on_tokens(tmp_path, tiny_dir, small_spam_data_dir,
+                                                                               run_cli, group_of_one):
+    arguments = ["finetune", "--model", str(tiny_dir), "--random-init", "--method", "last-block", "--epochs", "2",
+                 "--lr", "1e-3", "--eval-freq", "5", "--batch-size", "8", "--data-dir", str(small_spam_data_dir),
+                 "--device", "cpu"]
+    run_under_torchrun(2, [*arguments, "--cache-prefix", "--out", str(tmp_path / "cached")])
+    assert run_cli([*arguments, "--out", str(tmp_path / "tokens")])[0] == 0  # a group of one, no cache
+
+    cached, tokens = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("cached", "tokens"))
+    assert cached["cache_prefix"] is True
+    # Epoch 2 must be shuffled anew (the DistributedSampler told of the epoch), else its batches,
+    # and with them the losses and accuracies, would be epoch 1's order again.
+    for key in ("examples_seen", "global_step", "train_accs", "val_accs"):
+        assert cached["history"][key] == tokens["history"][key], key
+    assert cached["accuracy"] == tokens["accuracy"]
+    for key in ("train_losses", "val_losses"):  # float32 rounding: other sums (see the test above)
+        assert cached["history"][key] == pytest.approx(tokens["history"][key], rel=1e-6), key
+
+
+def test_a_check_failing_before_training_stops_every_process_with_its_message(tmp_path, tiny_dir,
+                                                                              small_spam_data_dir):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("an earlier run's")
+    arguments = ["finetune", "--model", str(tiny_dir), "--random-init", "--method", "full",
+                 "--data-dir", str(small_spam_data_dir), "--device", "cpu", "--out", str(occupied)]
+    # Checked by rank 0 alone, rank 1 went on to DDP's set-up and waited there for rank 0: a hang, or,
+    # when gloo noticed rank 0 was gone, a traceback that did not say what was wrong.
+    for rank, (status, output) in enumerate(run_without_agent(2, arguments, timeout=90)):
+        assert status == 1, f"rank {rank}:\n{output}"
+        assert "already holds files (notes.txt)" in output and "Traceback" not in output, f"rank {rank}:\n{output}"
+    assert os.listdir(occupied) == ["notes.txt"]
