@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 
 from gptlora import cli
 from gptlora.classifier import prepare_for_classification
+from gptlora.distributed import Processes, set_sampler_epoch, shard_loaders
 from gptlora.finetune import finetune_spam
 from gptlora.lora import apply_lora
 from gptlora.model import GPTConfig, GPTModel
-from gptlora.prefix_cache import cache_frozen_prefix
+from gptlora.prefix_cache import cache_frozen_prefix, prefix_hidden_states
 from gptlora.spam import LengthBucketBatchSampler, SpamDataset, create_dataloaders, prepare_spam_data
 
 SMALL = GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=3, drop_rate=0.0, qkv_bias=True)
@@ -103,6 +104,32 @@ def test_cli_cache_prefix_refuses_methods_other_than_last_block(data_dir, tmp_pa
     assert code == 1
     assert "cache_prefix works only with method 'last-block'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_method_is_reported_before_the_cache_prefix_rule(data_dir, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="unknown fine-tuning method 'bogus'"):
+        finetune_spam(small_model(), tokenizer, data_dir, tmp_path / "run", "bogus", cache_prefix=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cached_loaders_of_a_process_share_keep_its_distributed_sampler(small_spam_data_dir, tokenizer):
+    """Under torchrun the loaders are cut into shares first, then cached: the cached training loader
+    must draw each epoch's order from the same DistributedSampler, which set_sampler_epoch reaches."""
+    model = prepare_for_classification(small_model(), "last-block")
+    second_of_two = Processes(1, 2, 0, torch.device("cpu"), distributed=True)
+    shares = shard_loaders(create_dataloaders(small_spam_data_dir, tokenizer, batch_size=8), second_of_two, seed=5)
+    _, cached = cache_frozen_prefix(model, shares)
+    assert cached[0].sampler is shares[0].sampler
+    assert [len(loader) for loader in cached] == [len(loader) for loader in shares]
+    epoch_labels = []
+    for epoch in (0, 1):
+        set_sampler_epoch(shares[0], epoch)
+        set_sampler_epoch(cached[0], epoch)
+        for (ids, labels), (states, cached_labels) in zip(shares[0], cached[0], strict=True):
+            assert torch.equal(cached_labels, labels)
+            torch.testing.assert_close(states, prefix_hidden_states(model, ids, SMALL.n_layers - 1))
+        epoch_labels.append(torch.cat([labels for _, labels in cached[0]]).tolist())
+    assert epoch_labels[0] != epoch_labels[1]  # a new order in the second epoch
 
 
 def test_length_buckets_cover_each_message_once_reproducibly_with_little_padding(data_dir, tokenizer):
