@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from gptlora import checkpoint, cli
 from gptlora.checkpoint import CHECKPOINT_NAME, Checkpointer, CheckpointError, read_checkpoint, read_checkpoint_values
 from gptlora.classifier import calc_accuracy_loader, calc_loss_loader, train_classifier
-from gptlora.finetune import RUN_FILES, finetune_spam, open_run_dir
+from gptlora.finetune import RUN_FILES, finetune_spam, load_classifier, open_run_dir
 from gptlora.model import GPTConfig, GPTModel
 
 TINY_HF_CONFIG = {"vocab_size": 50257, "n_positions": 128, "n_embd": 64, "n_head": 4, "n_layer": 2}
@@ -172,10 +173,45 @@ def test_an_occupied_out_dir_needs_overwrite_or_resume(uninterrupted, tiny_dir, 
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         open_run_dir(tmp_path / "empty", resume=True, overwrite=False)
     occupied = tmp_path / "occupied"
-    occupied.mkdir()
-    (occupied / CHECKPOINT_NAME).write_bytes(b"old run")
-    open_run_dir(occupied, resume=False, overwrite=True)  # a stale checkpoint must not be resumed later
-    assert not (occupied / CHECKPOINT_NAME).exists()
+    (occupied / "adapter").mkdir(parents=True)
+    (occupied / "adapter" / "adapter_config.json").write_text("{}")
+    for name in [*RUN_FILES, "notes.txt"]:
+        if not (occupied / name).exists():
+            (occupied / name).write_bytes(b"old run")
+    open_run_dir(occupied, resume=False, overwrite=True, removes_old_run=False)  # a check only: nothing goes
+    assert sorted(os.listdir(occupied)) == sorted([*RUN_FILES, "notes.txt"])
+    open_run_dir(occupied, resume=False, overwrite=True)
+    assert os.listdir(occupied) == ["notes.txt"]  # the old run's files, and only those
+
+
+def test_overwrite_leaves_nothing_of_the_old_run_to_load(uninterrupted, small_spam_data_dir, tmp_path, capsys):
+    """A new run that stops before saving must not leave the old classifier to be loaded as its own."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    load_classifier(run_dir)  # the old run loads
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "config.json").write_text(json.dumps({**TINY_HF_CONFIG, "n_positions": 16}))
+    assert cli.main(["finetune", "--model", str(short), "--random-init", "--method", "full", "--data-dir",
+                     str(small_spam_data_dir), "--device", "cpu", "--out", str(run_dir), "--overwrite"]) == 1
+    assert "context length is 16" in capsys.readouterr().err  # stopped after the directory was opened
+    assert os.listdir(run_dir) == []
+    with pytest.raises(FileNotFoundError, match="classifier.json not found"):
+        load_classifier(run_dir)
+
+
+def test_a_checkpoint_is_read_with_one_opening_of_the_file(uninterrupted, monkeypatch):
+    import safetensors
+
+    opened, original = [], safetensors.safe_open
+
+    def counting_safe_open(*args, **kwargs):
+        opened.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", counting_safe_open)
+    tensors, values = read_checkpoint(uninterrupted / CHECKPOINT_NAME)
+    assert len(opened) == 1 and values["position"]["epoch"] == 2 and tensors
 
 
 class BatchRecorder(nn.Module):
@@ -226,3 +262,18 @@ def test_the_loop_draws_the_books_shuffles_with_or_without_checkpoints(tmp_path)
     assert ours(lambda model, optimizer: None) == expected
     path = tmp_path / CHECKPOINT_NAME
     assert ours(lambda model, optimizer: Checkpointer(path, model, optimizer, {}, save_every=1)) == expected
+
+
+def test_an_epoch_end_that_is_also_a_save_every_step_is_saved_once(tmp_path, monkeypatch):
+    ids = torch.arange(24).view(12, 2)
+    train = DataLoader(TensorDataset(ids, torch.arange(12) % 2), batch_size=3, shuffle=True)  # 4 batches
+    saved = []
+    monkeypatch.setattr(checkpoint, "save_checkpoint",
+                        lambda path, tensors, values: saved.append((values["position"]["epoch"],
+                                                                    values["position"]["batches_done"])))
+    model = BatchRecorder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_classifier(model, train, train, optimizer, "cpu", num_epochs=2, eval_freq=10, eval_iter=1, progress=False,
+                     checkpoints=Checkpointer(tmp_path / CHECKPOINT_NAME, model, optimizer, {}, save_every=2))
+    # Steps 2 and 4 of each epoch are save_every steps; step 4 ends the epoch, saved there once as its end.
+    assert saved == [(0, 2), (1, 0), (1, 2), (2, 0)]
