@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small sizes (1 timed step, 40 messages per split, 20 new tokens): checks, not numbers")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--new-tokens", type=int, default=100,
+                        help="tokens the generation section produces (default: 100, the issues' setting)")
     args = parser.parse_args()
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -71,7 +73,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as work_dir:
                 result = epoch_section(Path(work_dir), messages=40 if args.quick else None)
         elif name == "generate":
-            result = generation_section(ours, theirs, new_tokens=20 if args.quick else 100,
+            result = generation_section(ours, theirs, new_tokens=20 if args.quick else args.new_tokens,
                                         repeats=1 if args.quick else 2)
         else:
             result = load_section(ours, repeats=1 if args.quick else 2)
