@@ -27,7 +27,7 @@ from .model import GPTConfig, GPTModel, count_parameters
 from .prefix_cache import cache_frozen_prefix
 from .pretrained import HUB_REPOS, gpt2_name, pretrained_or_random, save_hf
 from .tensor_hash import tensors_sha256
-from .spam import SPLITS, create_dataloaders
+from .spam import create_dataloaders, split_paths
 
 # AdamW learning rates per method. LoRA's is the book's appendix E rate with its original scaling
 # (alpha, 5e-5) carried over to alpha/rank: at rank 16, alpha 16 the update is 16 times smaller per
@@ -312,4 +312,4 @@ def frozen_weights_sha256(model: torch.nn.Module) -> str:
 
 def data_sha256(data_dir: str | Path) -> dict[str, str]:
     """SHA-256 of each split's parquet file in ``data_dir``."""
-    return {split: sha256_of(Path(data_dir) / f"{split}.parquet") for split in SPLITS}
+    return {split: sha256_of(path) for split, path in split_paths(data_dir).items()}

@@ -179,6 +179,11 @@ def find_spam_file(data_dir: Path, source: str | Path | None = None) -> Path:
     return source
 
 
+def split_paths(data_dir: str | Path) -> dict[str, Path]:
+    """``{"train": .../train.parquet, "validation": ..., "test": ...}`` in ``data_dir``."""
+    return {split: Path(data_dir) / f"{split}.parquet" for split in SPLITS}
+
+
 def prepare_spam_data(data_dir: str | Path = "data", source: str | Path | None = None) -> dict[str, Path]:
     """Make ``train.parquet``, ``validation.parquet`` and ``test.parquet`` in ``data_dir``.
 
@@ -189,7 +194,7 @@ def prepare_spam_data(data_dir: str | Path = "data", source: str | Path | None =
     Returns ``{"train": path, "validation": path, "test": path}``.
     """
     data_dir = Path(data_dir)
-    paths = {split: data_dir / f"{split}.parquet" for split in SPLITS}
+    paths = split_paths(data_dir)
     if all(path.is_file() for path in paths.values()):
         return paths
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -316,14 +321,14 @@ def create_dataloaders(data_dir: str | Path, tokenizer, batch_size: int = 8, max
     if bucket_by_length and not dynamic_padding:
         raise ValueError("bucket_by_length=True needs dynamic_padding=True: with every row padded to "
                          "max_length, grouping by length saves nothing")
-    data_dir = Path(data_dir)
-    for split in SPLITS:
-        if not (data_dir / f"{split}.parquet").is_file():
-            raise FileNotFoundError(f"{data_dir / f'{split}.parquet'} not found; run prepare_spam_data({str(data_dir)!r}) first")
+    paths = split_paths(data_dir)
+    for path in paths.values():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; run prepare_spam_data({str(data_dir)!r}) first")
     make = partial(SpamDataset, tokenizer=tokenizer, pad_token_id=pad_token_id, pad=not dynamic_padding)
-    train = make(data_dir / "train.parquet", max_length=max_length)
-    val = make(data_dir / "validation.parquet", max_length=train.max_length)
-    test = make(data_dir / "test.parquet", max_length=train.max_length)
+    train = make(paths["train"], max_length=max_length)
+    val = make(paths["validation"], max_length=train.max_length)
+    test = make(paths["test"], max_length=train.max_length)
     collate = partial(pad_batch, pad_token_id=pad_token_id) if dynamic_padding else None
     loader = partial(DataLoader, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     if bucket_by_length:
