@@ -44,7 +44,10 @@ def build_pair():
 
     ours = gpt2_small()
     theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(ours.cfg)))
-    theirs.load_state_dict(gptlora_to_hf(ours), strict=False)
+    missing, unexpected = theirs.load_state_dict(gptlora_to_hf(ours), strict=False)
+    # Only transformers' causal-mask buffers may be left out; anything else would compare against random weights.
+    assert not unexpected and all(name.endswith(("attn.bias", "attn.masked_bias")) for name in missing), (
+        f"transformers' GPT-2 did not take all our weights: missing {missing}, unexpected {unexpected}")
     return ours.eval(), theirs.eval()
 
 
