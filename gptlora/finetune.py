@@ -23,9 +23,9 @@ from .classifier import (LABEL_NAMES, add_classification_head, calc_accuracy_loa
 from .distributed import fail_together, shard_loaders, start_processes, wrap_for_training
 from .download import sha256_of
 from .lora_io import BaseMismatchError, export_peft, load_adapter, save_adapter
-from .model import GPTConfig, GPTModel, count_parameters
+from .model import GPTConfig, GPTModel, canonical_preset, count_parameters
 from .prefix_cache import cache_frozen_prefix
-from .pretrained import HUB_REPOS, gpt2_name, pretrained_or_random, save_hf
+from .pretrained import HUB_REPOS, pretrained_or_random, save_hf
 from .tensor_hash import tensors_sha256
 from .spam import create_dataloaders, split_paths
 
@@ -201,7 +201,7 @@ def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
     elif Path(source["model"]).is_dir():
         base_name = source["model"]
     else:
-        base_name = HUB_REPOS[gpt2_name(source["model"])]
+        base_name = HUB_REPOS[canonical_preset(source["model"])]
     model = _load_lora_classifier(run_dir, info, base, origin=f"rebuilt from {source}").eval()
     return export_peft(model, out_dir, base_model_name_or_path=base_name)
 

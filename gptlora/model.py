@@ -51,11 +51,7 @@ class GPTConfig:
 
         Keyword ``overrides`` replace fields, e.g. ``from_preset("gpt2-small", qkv_bias=True)``.
         """
-        canonical = PRESET_ALIASES.get(name, name)
-        if canonical not in PRESETS:
-            known = ", ".join(list(PRESETS) + list(PRESET_ALIASES))
-            raise ValueError(f"unknown GPT-2 preset {name!r}; known presets: {known}")
-        return cls(**{**PRESETS[canonical], **overrides})
+        return cls(**{**PRESETS[canonical_preset(name)], **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +65,15 @@ PRESETS = {
     "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),
 }
 PRESET_ALIASES = {"124M": "gpt2-small", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+
+
+def canonical_preset(name: str) -> str:
+    """The canonical name of a GPT-2 size: ``"124M"`` -> ``"gpt2-small"``; ValueError listing the known names."""
+    canonical = PRESET_ALIASES.get(name, name)
+    if canonical not in PRESETS:
+        known = ", ".join(list(PRESETS) + list(PRESET_ALIASES))
+        raise ValueError(f"unknown GPT-2 preset {name!r}; known presets: {known}")
+    return canonical
 
 
 class LayerNorm(nn.Module):

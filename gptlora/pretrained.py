@@ -24,7 +24,7 @@ from torch import nn
 from .atomic import replace_atomically, write_json
 from .download import DownloadError, OfflineError, download_file, offline_mode, place_by_hand_hint
 from .hf_layout import config_from_hf, config_to_hf, gptlora_to_hf, hf_shapes, hf_to_gptlora
-from .model import PRESET_ALIASES, GPTConfig, GPTModel
+from .model import GPTConfig, GPTModel, canonical_preset
 
 # The Hub repository of each GPT-2 size, and where its files can be fetched from, in order.
 HUB_REPOS = {
@@ -41,12 +41,6 @@ _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
 
 # ---------------------------------------------------------------- download
-def gpt2_name(name: str) -> str:
-    """The canonical name of a GPT-2 size: ``"124M"`` -> ``"gpt2-small"``; ValueError listing known names."""
-    GPTConfig.from_preset(name)  # raises the error that lists every known name and alias
-    return PRESET_ALIASES.get(name, name)
-
-
 def hub_urls(name: str, file: str, base_url: str | list[str] | None = None) -> list[str]:
     """URLs of ``file`` of GPT-2 ``name``, one per base URL, in the order they are tried.
 
@@ -57,7 +51,7 @@ def hub_urls(name: str, file: str, base_url: str | list[str] | None = None) -> l
         base_url = os.environ.get(BASE_URL_ENV) or list(HUB_MIRRORS)
     bases = base_url.split(",") if isinstance(base_url, str) else base_url
     bases = [base.strip().rstrip("/") for base in bases if base.strip()]  # "a,b," has no third server
-    return [f"{base}/{HUB_REPOS[gpt2_name(name)]}/resolve/main/{file}" for base in bases]
+    return [f"{base}/{HUB_REPOS[canonical_preset(name)]}/resolve/main/{file}" for base in bases]
 
 
 def download_gpt2(name: str, models_dir: str | Path = "weights", base_url: str | list[str] | None = None) -> Path:
@@ -69,7 +63,7 @@ def download_gpt2(name: str, models_dir: str | Path = "weights", base_url: str |
     downloaded, or placed there by hand). With ``GPTLORA_OFFLINE=1`` a missing file
     raises :class:`~gptlora.download.OfflineError` naming the directory and the files.
     """
-    canonical = gpt2_name(name)
+    canonical = canonical_preset(name)
     directory = Path(models_dir) / canonical
     missing = {file: hub_urls(canonical, file, base_url) for file in CHECKPOINT_FILES
                if not (directory / file).is_file()}
@@ -99,7 +93,7 @@ def load_pretrained(name_or_dir: str | Path, models_dir: str | Path = "weights",
     directory = Path(name_or_dir)
     if not directory.is_dir():
         try:
-            canonical = gpt2_name(str(name_or_dir))
+            canonical = canonical_preset(str(name_or_dir))
         except ValueError as error:
             raise ValueError(f"{str(name_or_dir)!r} is neither a directory nor a GPT-2 name: {error}") from None
         directory = download_gpt2(canonical, models_dir) if download else Path(models_dir) / canonical
