@@ -17,14 +17,13 @@ import pandas as pd
 import torch
 
 from bench_model import gpt2_small
-from common import PeakRSS
+from common import SHARED, PeakRSS
 
 from gptlora.classifier import prepare_for_classification, train_classifier
 from gptlora.generation import get_tokenizer
 from gptlora.prefix_cache import cache_frozen_prefix
 from gptlora.spam import SPLITS, create_dataloaders, prepare_spam_data
 
-SHARED_SPAM = Path(__file__).resolve().parents[2] / "shared/data/sms_spam_collection/SMSSpamCollection"
 VARIANTS = {  # name: (dynamic padding with length bucketing, frozen-prefix cache)
     "plain loop (book: 120-token rows)": (False, False),
     "frozen-prefix cache": (False, True),
@@ -36,7 +35,7 @@ VARIANTS = {  # name: (dynamic padding with length bucketing, frozen-prefix cach
 def spam_splits(work_dir: Path, messages: int | None) -> Path:
     """The book's split in ``work_dir`` (from ``$GPTLORA_SPAM_SOURCE`` or ``../shared``); with ``messages``,
     only the first ``messages`` rows of each split (for a quick run)."""
-    source = os.environ.get("GPTLORA_SPAM_SOURCE") or SHARED_SPAM
+    source = os.environ.get("GPTLORA_SPAM_SOURCE") or SHARED / "data/sms_spam_collection/SMSSpamCollection"
     full = prepare_spam_data(work_dir / "full", source=source)
     if messages is None:
         return work_dir / "full"

@@ -9,10 +9,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")  # bytes per page, the unit of /proc/self/statm
+
+
+# What a user would have downloaded, beside the checkout (see ../shared/README.md).
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def best_seconds(fns: dict, repeats: int = 3, warmup: int = 1) -> dict:

@@ -28,10 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, print_table, verdict  # noqa: E402
+from common import SHARED, machine_line, print_table, verdict  # noqa: E402
 
 SECTIONS = ("steps", "epoch", "generate", "load")
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 # Offline, as the tests run: tiktoken reads the cached gpt2 files, transformers never calls the Hub.
 if (SHARED / "tiktoken-cache").is_dir():
