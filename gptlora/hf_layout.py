@@ -102,14 +102,16 @@ def config_to_hf(cfg: GPTConfig, tie_word_embeddings: bool = True) -> dict:
     }
 
 
-def hf_sources(cfg: GPTConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
+def hf_sources(cfg: GPTConfig, tie_word_embeddings: bool = True) -> dict[str, tuple[tuple[str, ...], bool]]:
     """Every tensor of Hugging Face's ``GPT2LMHeadModel`` and what it is made of, in our names.
 
     Hugging Face name (``transformer.`` prefix, as ``save_pretrained`` writes it) ->
     (our tensors, concatenated along dim 0 to make it; whether the result is then
     transposed). One source for a renamed tensor, three (``QKV``) for a fused ``c_attn``.
-    Embeddings first, then block by block, then ``lm_head.weight``. The one description
-    of the layout: the export, the import and the expected shapes all read it.
+    Embeddings first, then block by block, then ``lm_head.weight`` unless the head is
+    tied: a tied head is the embedding, which Hugging Face stores once, as ``wte``.
+    The one description of the layout: the export, the import and the expected
+    shapes all read it.
     """
     if not cfg.qkv_bias:
         raise ValueError("Hugging Face's GPT-2 always has query/key/value biases; this model has qkv_bias=False. "
@@ -122,21 +124,23 @@ def hf_sources(cfg: GPTConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
         # c_attn.weight is [D, 3D] = [in, out]: q, k, v weights stacked on their output, then transposed.
         sources[hf_prefix + "attn.c_attn.weight"] = (tuple(f"{our_prefix}{n}.weight" for n in QKV), True)
         sources[hf_prefix + "attn.c_attn.bias"] = (tuple(f"{our_prefix}{n}.bias" for n in QKV), False)
-    sources["lm_head.weight"] = (("out_head.weight",), False)
+    if not tie_word_embeddings:
+        sources["lm_head.weight"] = (("out_head.weight",), False)
     return sources
 
 
-def hf_to_gptlora(hf_state: dict, cfg: GPTConfig) -> dict:
+def hf_to_gptlora(hf_state: dict, cfg: GPTConfig, tie_word_embeddings: bool = True) -> dict:
     """Rename and reshape a Hugging Face GPT-2 state dict (no ``transformer.`` prefix) to ours.
 
-    Returns our state dict without ``out_head.weight``: the head is tied to
-    ``tok_emb.weight`` by the caller. Only keys present in ``hf_state`` are mapped;
-    the caller accounts for missing and unexpected ones.
+    With ``tie_word_embeddings`` (GPT-2's own setting) the result has no
+    ``out_head.weight``: the caller ties the head to ``tok_emb.weight``. Only keys
+    present in ``hf_state`` are mapped; the caller accounts for missing and
+    unexpected ones.
     """
     ours = {}
-    for hf_name, (our_names, transpose) in hf_sources(cfg).items():
+    for hf_name, (our_names, transpose) in hf_sources(cfg, tie_word_embeddings).items():
         tensor = hf_state.get(hf_name.removeprefix("transformer."))
-        if tensor is None or hf_name == "lm_head.weight":
+        if tensor is None:
             continue
         tensor = tensor.t() if transpose else tensor
         parts = split_fused(tensor, hf_name) if len(our_names) > 1 else (tensor,)
@@ -155,11 +159,11 @@ def split_fused(tensor: torch.Tensor, key: str) -> tuple[torch.Tensor, ...]:
 def gptlora_to_hf(model: GPTModel) -> dict:
     """Our model's weights in Hugging Face's ``GPT2LMHeadModel`` layout (``transformer.`` prefix).
 
-    Conv1D weights are transposed back and q/k/v fused into ``c_attn``. Tensors are
-    made contiguous copies, as safetensors requires.
+    Conv1D weights are transposed back and q/k/v fused into ``c_attn``; a tied head
+    is left to ``wte``. Tensors are made contiguous copies, as safetensors requires.
     """
     state, hf = model.state_dict(), {}
-    for hf_name, (our_names, transpose) in hf_sources(model.cfg).items():
+    for hf_name, (our_names, transpose) in hf_sources(model.cfg, model.weights_tied).items():
         tensor = torch.cat([state[name] for name in our_names])
         hf[hf_name] = (tensor.t() if transpose else tensor).detach().contiguous()
     return hf  # torch.cat copied every tensor already: nothing here shares the model's storage
@@ -174,7 +178,7 @@ def hf_shapes(model: GPTModel) -> dict[str, tuple[int, ...]]:
     """
     ours = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     shapes = {}
-    for hf_name, (our_names, transpose) in hf_sources(model.cfg).items():
+    for hf_name, (our_names, transpose) in hf_sources(model.cfg, model.weights_tied).items():
         shape = (sum(ours[name][0] for name in our_names), *ours[our_names[0]][1:])
         shapes[hf_name] = shape[::-1] if transpose else shape
     return shapes

@@ -256,6 +256,11 @@ class GPTModel(nn.Module):
         """Make the output head share the token embedding's tensor (GPT-2's weight tying)."""
         self.out_head.weight = self.tok_emb.weight
 
+    @property
+    def weights_tied(self) -> bool:
+        """Whether the output head is the token embedding's tensor (not a copy of its values)."""
+        return self.out_head.weight is self.tok_emb.weight
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for up to ``max_len`` tokens (default: the context length)."""
         weight = self.tok_emb.weight

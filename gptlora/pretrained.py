@@ -146,17 +146,13 @@ def load_gpt2_weights(path: str | Path, cfg: GPTConfig, tie_word_embeddings: boo
         model.tie_weights()
     # Shapes by arithmetic, not by exporting the meta model: its torch.cat would cost ~2 s (see hf_shapes).
     expected = {name.removeprefix("transformer."): shape for name, shape in hf_shapes(model).items()}
-    if tie_word_embeddings:
-        del expected["lm_head.weight"]
     _check_keys_and_shapes(path, cfg, expected, {name: shape for name, (_, shape) in found.items()})
 
     state = {}
     for group in _by_block(expected):
         tensors = read_safetensors(path, [found[name][0] for name in group])
         part = {name: tensors[found[name][0]] for name in group}
-        mapped = hf_to_gptlora(part, cfg)
-        if "lm_head.weight" in part:
-            mapped["out_head.weight"] = part["lm_head.weight"]
+        mapped = hf_to_gptlora(part, cfg, tie_word_embeddings)
         # Contiguous copies, so nothing refers to this group's mapping any more and its pages are released.
         state.update({k: v.clone(memory_format=torch.contiguous_format) for k, v in mapped.items()})
         del tensors, part, mapped
@@ -277,16 +273,13 @@ def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
         raise ValueError(f"save_hf exports GPT-2 language models, whose head is Linear({embedding.shape[1]}, "
                          f"{embedding.shape[0]}, bias=False); this model's head is {head}. A classifier head has "
                          "no place in GPT2LMHeadModel: save it with torch.save or your own format instead")
-    tied = head.weight is embedding
     try:
         state = gptlora_to_hf(model)
     except KeyError as unknown:
         raise ValueError(f"save_hf does not know the parameter {unknown} (LoRA layers still injected? "
                          "merge them into the base weights first)") from None
-    if tied:
-        del state["lm_head.weight"]  # transformers re-creates the head from wte
     out_dir = Path(out_dir)
     with replace_atomically(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})  # transformers requires the "format" entry
-    write_json(config_to_hf(model.cfg, tie_word_embeddings=tied), out_dir / "config.json")
+    write_json(config_to_hf(model.cfg, tie_word_embeddings=model.weights_tied), out_dir / "config.json")
     return out_dir
