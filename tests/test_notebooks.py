@@ -2,9 +2,9 @@
 
 All notebooks share one temporary workspace (data, weights, runs and figure folders
 passed through the ``GPTLORA_*`` variables of ``gptlora.notebook_params``), so later
-notebooks read what earlier ones wrote (04's parquet files, 05's run) and the repository
-itself stays clean. From notebook 03 on, ``GPTLORA_MODEL`` is a small GPT-2-shaped
-checkpoint written here, and ``GPTLORA_EPOCHS=1`` keeps the fine-tuning of 05 and 06 short.
+notebooks read what earlier ones wrote (05's parquet files, 06's run) and the repository
+itself stays clean. From notebook 04 on, ``GPTLORA_MODEL`` is a small GPT-2-shaped
+checkpoint written here, and ``GPTLORA_EPOCHS=1`` keeps the fine-tuning of 06 and 07 short.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def test_notebook_is_committed_clean(path):
 def test_notebook_runs(path, workspace, monkeypatch):
     monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "1")
     env = dict(workspace["env"])
-    if notebook_number(path) >= 3:  # 01-02 build GPT-2 presets with random weights
+    if notebook_number(path) >= 4:  # 01-03 build GPT-2 presets with random weights
         env[env_name("model")] = str(checkpoint_for(workspace))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own inline backend, as in Jupyter
     figures = Path(env[env_name("output_dir")])
