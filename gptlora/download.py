@@ -22,6 +22,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .locks import exclusive_lock, lock_path_for
+
 OFFLINE_ENV = "GPTLORA_OFFLINE"
 USER_AGENT = "gptlora-downloader/0.1"
 CHUNK_BYTES = 1 << 20
@@ -83,30 +85,46 @@ def download_file(
     doubled each time (default :data:`DEFAULT_BACKOFF_S`); an attempt that made
     progress does not count. Raises :class:`OfflineError` when ``GPTLORA_OFFLINE=1``
     and the file is missing, :class:`DownloadError` when every URL failed.
+
+    Safe under concurrency: processes asking for the same ``dest`` at once take turns
+    on the lock ``<dest>.lock`` (see :mod:`gptlora.locks`); the first downloads, the
+    others then find the verified file and return it without downloading.
     """
     dest = Path(dest)
-    if dest.is_file():
-        problem = _verification_problem(dest, expected_size, expected_sha256)
-        if problem is None:
-            return dest
-        print(f"warning: {dest} {problem}; downloading it again", file=sys.stderr)
-        dest.unlink()
+    if _verified_or_removed(dest, expected_size, expected_sha256):
+        return dest
     hint = place_by_hand_hint(dest.parent, {dest.name: list(urls)})
     if offline_mode():
         raise OfflineError(f"{OFFLINE_ENV}=1 and {dest} does not exist.\n{hint}\n"
                            f"Or unset {OFFLINE_ENV} to download it.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    backoff_s = DEFAULT_BACKOFF_S if backoff_s is None else backoff_s
-    failures = []
-    for url in urls:
-        outcome = _download_from(url, part, expected_size, expected_sha256, desc or dest.name,
-                                 retries, backoff_s, timeout_s)
-        if outcome is None:
-            os.replace(part, dest)
+    # One process downloads, the others wait here and then find the verified file (see locks.py).
+    with exclusive_lock(lock_path_for(dest), f"downloading {dest}"):
+        if _verified_or_removed(dest, expected_size, expected_sha256):
             return dest
-        failures.append(f"  {url}\n    -> {outcome}")
+        part = dest.with_name(dest.name + ".part")
+        backoff_s = DEFAULT_BACKOFF_S if backoff_s is None else backoff_s
+        failures = []
+        for url in urls:
+            outcome = _download_from(url, part, expected_size, expected_sha256, desc or dest.name,
+                                     retries, backoff_s, timeout_s)
+            if outcome is None:
+                os.replace(part, dest)
+                return dest
+            failures.append(f"  {url}\n    -> {outcome}")
     raise DownloadError(f"could not download {dest.name} to {dest.parent}:\n" + "\n".join(failures) + f"\n{hint}")
+
+
+def _verified_or_removed(dest: Path, expected_size: int | None, expected_sha256: str | None) -> bool:
+    """True when ``dest`` exists and passes the given checks; a file that fails them is deleted (with a
+    warning) so that it is downloaded again."""
+    if not dest.is_file():
+        return False
+    problem = _verification_problem(dest, expected_size, expected_sha256)
+    if problem is None:
+        return True
+    print(f"warning: {dest} {problem}; downloading it again", file=sys.stderr)
+    dest.unlink(missing_ok=True)
+    return False
 
 
 def _download_from(url, part, expected_size, expected_sha256, desc, retries, backoff_s, timeout_s) -> str | None:
