@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .atomic import replace_atomically
 from .download import DownloadError, download_file, sha256_of
 from .generation import END_OF_TEXT_ID
+from .locks import exclusive_lock, lock_path_for
+from .manifest import file_fingerprint, read_manifest, write_manifest
 
 # UCI first, then the mirror the book falls back to. GPTLORA_SPAM_URL (comma-separated) replaces both.
 SPAM_URLS = [
@@ -84,15 +86,39 @@ def balance_and_split(df: pd.DataFrame, seed: int = 123) -> tuple[pd.DataFrame, 
     """The book's balancing and 70/10/20 split of a ``Label``/``Text`` frame of ham/spam.
 
     Returns ``(train, validation, test)`` with labels mapped to 0 (ham) / 1 (spam).
+    Too little data for that recipe is a ValueError that gives the counts found and needed.
     """
     spam = df[df["Label"] == "spam"]
+    check_enough_for_the_split(int((df["Label"] == "ham").sum()), len(spam))
     ham = df[df["Label"] == "ham"].sample(len(spam), random_state=seed)
     balanced = pd.concat([ham, spam])
     balanced["Label"] = balanced["Label"].map(LABELS)
     shuffled = balanced.sample(frac=1, random_state=seed).reset_index(drop=True)
-    train_end = int(len(shuffled) * 0.7)
-    validation_end = train_end + int(len(shuffled) * 0.1)
+    train_end, validation_end = split_ends(len(shuffled))
     return shuffled[:train_end], shuffled[train_end:validation_end], shuffled[validation_end:]
+
+
+def split_ends(rows: int) -> tuple[int, int]:
+    """Where the book's training and validation splits end in ``rows`` shuffled rows (70%, then 10%)."""
+    train_end = int(rows * 0.7)
+    return train_end, train_end + int(rows * 0.1)
+
+
+# The balanced set has 2 x spam rows; its validation split (10%, rounded down) is empty below 10 rows.
+MIN_SPAM_MESSAGES = 5
+
+
+def check_enough_for_the_split(ham: int, spam: int) -> None:
+    """Raise a ValueError unless ``ham`` and ``spam`` messages are enough for the book's balanced split:
+    at least :data:`MIN_SPAM_MESSAGES` spam (so that no split is empty) and at least as many ham."""
+    if spam >= MIN_SPAM_MESSAGES and ham >= spam:
+        return
+    train_end, validation_end = split_ends(2 * spam)
+    sizes = f"{train_end} / {validation_end - train_end} / {2 * spam - validation_end}"
+    raise ValueError(f"found {ham} ham and {spam} spam messages: too few for the book's split, which keeps every "
+                     f"spam message and as many ham, then cuts 70% / 10% / 20% (here {sizes} messages). It needs at "
+                     f"least {MIN_SPAM_MESSAGES} spam and at least as many ham as spam; use a larger file "
+                     "(the UCI collection has 4,825 ham and 747 spam)")
 
 
 # --- getting the file: local copy, zip, or download -----------------------------------
@@ -184,24 +210,48 @@ def split_paths(data_dir: str | Path) -> dict[str, Path]:
     return {split: Path(data_dir) / f"{split}.parquet" for split in SPLITS}
 
 
+MANIFEST_NAME = "spam_splits.json"  # beside the splits: what they were made from (see manifest.py)
+SPLIT_SEED = 123  # the book's random_state for the balancing sample and the shuffle
+
+
 def prepare_spam_data(data_dir: str | Path = "data", source: str | Path | None = None) -> dict[str, Path]:
     """Make ``train.parquet``, ``validation.parquet`` and ``test.parquet`` in ``data_dir``.
 
     ``source`` is a local ``SMSSpamCollection`` or UCI zip; ``None`` reads
-    ``$GPTLORA_SPAM_SOURCE`` or downloads. Idempotent: once the three files
-    exist nothing is read, downloaded or rewritten. Each file is written to a
-    temporary name and renamed, so an interrupted run leaves no half file.
+    ``$GPTLORA_SPAM_SOURCE`` or downloads. The splits are recorded in
+    ``spam_splits.json`` (source path, size and SHA-256, split seed, each split's
+    SHA-256) and reused only when that manifest checks out: with no source given,
+    whatever source made them; with a source, only when it is that same file (by
+    content), otherwise they are rebuilt from it, with a warning. A folder without
+    a manifest, with a damaged one, or with a changed split is rebuilt. Each file is
+    written to a temporary name and renamed, so an interrupted run leaves no half
+    file; processes preparing the same folder at once take turns (``locks``).
     Returns ``{"train": path, "validation": path, "test": path}``.
     """
     data_dir = Path(data_dir)
     paths = split_paths(data_dir)
-    if all(path.is_file() for path in paths.values()):
-        return paths
-    data_dir.mkdir(parents=True, exist_ok=True)
-    frames = balance_and_split(read_sms_spam(find_spam_file(data_dir, source)))
-    for split, frame in zip(SPLITS, frames):
-        with replace_atomically(paths[split]) as tmp:
-            frame.to_parquet(tmp, index=False)
+    manifest_path = data_dir / MANIFEST_NAME
+    source = source or os.environ.get("GPTLORA_SPAM_SOURCE") or None
+    with exclusive_lock(lock_path_for(manifest_path), f"preparing the spam splits in {data_dir}"):
+        recorded, problem = read_manifest(manifest_path, paths, SPLIT_SEED)
+        if recorded is not None and source is None:
+            return paths
+        raw = find_spam_file(data_dir, source)
+        fingerprint = file_fingerprint(raw)
+        if recorded is not None and recorded["source_sha256"] == fingerprint["sha256"]:
+            return paths
+        if recorded is not None:
+            warnings.warn(f"the splits in {data_dir} were made from {recorded['source']}, not from {source}; "
+                          "rebuilding them from it", stacklevel=2)
+        elif any(path.exists() for path in paths.values()):
+            warnings.warn(f"not reusing the splits in {data_dir}: {problem}; rebuilding them", stacklevel=2)
+        frames = balance_and_split(read_sms_spam(raw), SPLIT_SEED)
+        manifest_path.unlink(missing_ok=True)  # the old record goes first: a crash below leaves no false one
+        for split, frame in zip(SPLITS, frames):
+            with replace_atomically(paths[split]) as tmp:
+                frame.to_parquet(tmp, index=False)
+        write_manifest(manifest_path, Path(source).resolve() if source else raw.resolve(), fingerprint, SPLIT_SEED,
+                       paths)
     return paths
 
 
@@ -337,4 +387,9 @@ def create_dataloaders(data_dir: str | Path, tokenizer, batch_size: int = 8, max
                                   num_workers=num_workers, collate_fn=collate)
     else:
         train_loader = loader(train, shuffle=True, drop_last=True)
-    return train_loader, loader(val, drop_last=False), loader(test, drop_last=False)
+    loaders = train_loader, loader(val, drop_last=False), loader(test, drop_last=False)
+    for split, each in zip(SPLITS, loaders):  # an empty loader would train on nothing or report nan%
+        if len(each) == 0:
+            raise ValueError(f"the {split} split in {data_dir} has {len(each.dataset)} messages, fewer than one "
+                             f"batch of {batch_size}; use a smaller --batch-size or more data")
+    return loaders

@@ -45,9 +45,15 @@ def small_spam_data_dir(tmp_path_factory, spam_data_dir) -> Path:
     """The first 120 / 44 / 40 rows of the real splits: 15 training batches of 8, for seconds-long runs."""
     import pandas as pd
 
+    from gptlora.manifest import write_manifest
+    from gptlora.spam import MANIFEST_NAME, SPLIT_SEED, split_paths
+
     small = tmp_path_factory.mktemp("small-spam")
     for split, rows in (("train", 120), ("validation", 44), ("test", 40)):
         pd.read_parquet(spam_data_dir / f"{split}.parquet")[:rows].to_parquet(small / f"{split}.parquet", index=False)
+    # Recorded, so that `gptlora finetune --data-dir` trusts these hand-made splits (no single source file).
+    write_manifest(small / MANIFEST_NAME, f"the first rows of the splits in {spam_data_dir}", None, SPLIT_SEED,
+                   split_paths(small))
     return small
 
 

@@ -146,7 +146,8 @@ def test_download_falls_back_to_the_mirror_extracts_and_verifies(tmp_path, spam_
     for name in paths:
         assert pd.read_parquet(paths[name]).equals(pd.read_parquet(splits[name]))
     assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temporary files left behind
-        "SMSSpamCollection", "sms_spam_collection.zip", "test.parquet", "train.parquet", "validation.parquet"]
+        "SMSSpamCollection", "sms_spam_collection.zip", "spam_splits.json", "test.parquet", "train.parquet",
+        "validation.parquet"]
 
 
 def test_a_downloaded_file_that_is_not_ucis_is_rejected_and_deleted(tmp_path, monkeypatch):

@@ -1,0 +1,68 @@
+"""Manifests: prepared files that remember where they came from.
+
+Prepared data (the spam splits) is derived from a source file. A small JSON file
+beside it records that source (its path, size and SHA-256), the seed of the split,
+and the size and SHA-256 of every file made from it. Before prepared files are
+reused, :func:`read_manifest` checks all of it: a folder without a manifest, with
+a damaged one, or whose files have changed since, is never trusted, and the caller
+rebuilds it; a caller given a source compares it with the recorded one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .atomic import write_json
+from .download import sha256_of
+
+FORMAT = "gptlora-manifest"
+VERSION = 1
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    """``{"size": bytes, "sha256": hex}`` of a file."""
+    path = Path(path)
+    return {"size": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def write_manifest(manifest_path: str | Path, source: str, source_fingerprint: dict | None, seed: int | None,
+                   files: dict[str, Path]) -> Path:
+    """Record ``files`` (name -> path, each in the manifest's folder) as made from ``source`` with ``seed``.
+
+    ``source`` says where the data came from (a path, or a description for data made
+    by hand); ``source_fingerprint`` is its :func:`file_fingerprint`, or None when
+    there is no single source file (then no given source ever matches it). Written atomically.
+    """
+    manifest = dict(format=FORMAT, version=VERSION, source=str(source), source_size=None, source_sha256=None,
+                    seed=seed, files={name: {"file": Path(path).name, **file_fingerprint(path)}
+                                      for name, path in files.items()})
+    if source_fingerprint is not None:
+        manifest.update(source_size=source_fingerprint["size"], source_sha256=source_fingerprint["sha256"])
+    write_json(manifest, Path(manifest_path))
+    return Path(manifest_path)
+
+
+def read_manifest(manifest_path: str | Path, files: dict[str, Path], seed: int | None) -> tuple[dict | None, str]:
+    """``(manifest, "")`` when the manifest exists, is well formed, has ``seed`` and lists exactly ``files``
+    with their present size and SHA-256; else ``(None, why not)``, the reason in words."""
+    manifest_path = Path(manifest_path)
+    if not manifest_path.is_file():
+        return None, f"{manifest_path} does not exist"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        recorded = {name: (entry["size"], entry["sha256"]) for name, entry in manifest["files"].items()}
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            return None, f"{manifest_path} is not a version-{VERSION} {FORMAT} file"
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, or not our fields
+        return None, f"{manifest_path} is damaged ({type(error).__name__}: {error})"
+    if manifest.get("seed") != seed:
+        return None, f"{manifest_path} records split seed {manifest.get('seed')!r}, not {seed!r}"
+    if set(recorded) != set(files):
+        return None, f"{manifest_path} lists {sorted(recorded)}, expected {sorted(files)}"
+    for name, path in files.items():
+        if not Path(path).is_file():
+            return None, f"{path} is missing"
+        if (Path(path).stat().st_size, sha256_of(path)) != recorded[name]:
+            return None, f"{path} changed since {manifest_path} was written (size or SHA-256 differs)"
+    return manifest, ""
