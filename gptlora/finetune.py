@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .atomic import replace_atomically, write_json
 from .checkpoint import CHECKPOINT_NAME, Checkpointer, read_checkpoint_values
@@ -251,6 +252,7 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
                          f"one); {method!r} trains the lower blocks too, so their output changes at every step")
     processes = start_processes(device)
     device = processes.device
+    show = progress and processes.is_main  # progress bars and log lines: one process shows them
     # Every process checks (one that failed alone would leave the others waiting); one removes.
     checkpoint_path = fail_together(open_run_dir, out_dir, resume, overwrite, removes_old_run=processes.is_main)
     lr = DEFAULT_LR[method] if lr is None else lr
@@ -279,14 +281,16 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     loaders = shard_loaders(loaders, processes, seed)
     trained_model = model  # with cache_prefix: the model's last block, norm and head, fed cached states
     if cache_prefix:
-        trained_model, loaders = cache_frozen_prefix(model, loaders)
+        trained_model, loaders = cache_frozen_prefix(model, loaders, progress=show)
     history = TrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
     trained_model = wrap_for_training(trained_model, processes)
     history = train_classifier(trained_model, loaders[0], loaders[1], optimizer, device, epochs, eval_freq,
-                               eval_iter, progress=progress and processes.is_main, history=history,
+                               eval_iter, progress=show, history=history,
                                checkpoints=checkpoints)
     seconds = checkpoints.training_seconds()
-    accuracy = {split: calc_accuracy_loader(loader, trained_model, device)
+    # The final pass over every split takes minutes on a CPU: show it too.
+    accuracy = {split: calc_accuracy_loader(tqdm(loader, desc=f"{split} accuracy", unit="batch", disable=not show),
+                                            trained_model, device)
                 for split, loader in zip(("train", "validation", "test"), loaders)}
     info = dict(method=method, method_options=method_options, max_length=max_length,
                 dynamic_padding=dynamic_padding, base_model=base_model, accuracy=accuracy,

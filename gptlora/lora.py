@@ -83,8 +83,26 @@ def select_names(names: list[str], selector, what: str) -> list[str]:
         chosen = [n for n in names if any(_matches(n, p) for p in selector)]
         unmatched = [p for p in selector if not any(_matches(n, p) for n in names)]
     if unmatched:
-        raise ValueError(f"{what} {unmatched} matched nothing; available: {', '.join(names) or '(none)'}")
+        raise ValueError(f"{what} {unmatched} matched nothing; {_names_in_short(names)}")
     return chosen
+
+
+def _names_in_short(names: list[str]) -> str:
+    """The names as their distinct suffixes after the block number (``att.W_query``, ...), and how to pick
+    one block: 73 full names of gpt2-small say less than its 7 kinds of layer."""
+    if not names:
+        return "this model has none"
+    suffixes, example = [], None
+    for name in names:
+        parts = name.split(".")
+        numbered = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
+        suffix = ".".join(parts[numbered + 1:]) if numbered is not None else name
+        example = example or (name if numbered is not None else None)
+        if suffix not in suffixes:
+            suffixes.append(suffix)
+    one_block = f", or a full name such as {example!r} for one block only" if example else ""
+    return (f"the {len(names)} candidates end in {', '.join(suffixes)}: give one of these suffixes for that layer "
+            f"in every block (e.g. {suffixes[0].rsplit('.', 1)[-1]!r}){one_block}")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from .lora import lora_wrappers
 from .model import GPTModel, MultiHeadAttention, evaluating
@@ -95,20 +96,22 @@ class HiddenStateDataset(Dataset):
         return len(self.labels)
 
 
-def cache_dataset(model: GPTModel, dataset, prefix_blocks: int, chunk_size: int = 16) -> HiddenStateDataset:
+def cache_dataset(model: GPTModel, dataset, prefix_blocks: int, chunk_size: int = 16,
+                  progress: bool = False, desc: str = "caching") -> HiddenStateDataset:
     """Run the prefix once over every item ``(ids [n], label)`` of ``dataset``.
 
     Items are processed in chunks of similar length, padded on the right: in a
     causal model a real token never sees the pads after it, so each item's states
     are those it would have alone. The model is put in eval mode meanwhile (the
     checked prefix has no dropout, so this changes no number) and restored after.
+    ``progress`` shows a bar labelled ``desc``.
     """
     items = [dataset[index] for index in range(len(dataset))]
     order = sorted(range(len(items)), key=lambda index: len(items[index][0]))
     device = next(model.parameters()).device
     hidden: list[torch.Tensor | None] = [None] * len(items)
     with evaluating(model):
-        for start in range(0, len(order), chunk_size):
+        for start in tqdm(range(0, len(order), chunk_size), desc=desc, unit="chunk", disable=not progress):
             chunk = order[start:start + chunk_size]
             width = max(len(items[index][0]) for index in chunk)
             ids = torch.stack([nn.functional.pad(items[index][0], (0, width - len(items[index][0])))
@@ -153,16 +156,18 @@ def cached_loader(loader: DataLoader, cached: HiddenStateDataset) -> DataLoader:
                       collate_fn=loader.collate_fn, num_workers=loader.num_workers)
 
 
-def cache_frozen_prefix(model: GPTModel, loaders, prefix_blocks: int | None = None
+def cache_frozen_prefix(model: GPTModel, loaders, prefix_blocks: int | None = None, progress: bool = False
                         ) -> tuple[PrefixSuffix, list[DataLoader]]:
     """Check the prefix, cache it for every loader's dataset, and return ``(suffix_model, cached_loaders)``.
 
     ``loaders`` are token-id loaders (e.g. from ``spam.create_dataloaders``);
     ``prefix_blocks`` defaults to every block but the last (the ``last-block``
     recipe). Train ``suffix_model`` on ``cached_loaders`` with the same loop,
-    optimizer and seed as the plain model: it returns the same numbers.
+    optimizer and seed as the plain model: it returns the same numbers. ``progress`` shows a bar per loader.
     """
     prefix_blocks = default_prefix_blocks(model) if prefix_blocks is None else prefix_blocks
     check_frozen_prefix(model, prefix_blocks)
-    cached = [cached_loader(loader, cache_dataset(model, loader.dataset, prefix_blocks)) for loader in loaders]
+    cached = [cached_loader(loader, cache_dataset(model, loader.dataset, prefix_blocks, progress=progress,
+                                                  desc=f"caching frozen prefix ({index + 1}/{len(loaders)})"))
+              for index, loader in enumerate(loaders)]
     return PrefixSuffix(model, prefix_blocks), cached

@@ -114,10 +114,20 @@ def test_mlp_targets_by_list_suffix_regex_and_none():
 
 
 def test_unknown_target_lists_the_linear_layers():
-    with pytest.raises(ValueError, match=r"\['seq.1'\] matched nothing; available: seq.0, seq.2"):
+    with pytest.raises(ValueError, match=r"\['seq.1'\] matched nothing; the 2 candidates end in seq.0, seq.2"):
         apply_lora(MLP(), rank=2, alpha=2, target_modules=["seq.0", "seq.1"], verbose=False)
-    with pytest.raises(ValueError, match="available: seq.0, seq.2"):
+    with pytest.raises(ValueError, match="end in seq.0, seq.2"):
         apply_lora(MLP(), rank=2, alpha=2, target_modules="attn.*", verbose=False)
+
+
+def test_unknown_target_in_a_gpt_names_the_kinds_of_layer_not_every_layer():
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=8, emb_dim=8, n_heads=2, n_layers=12, qkv_bias=True))
+    with pytest.raises(ValueError) as error:
+        apply_lora(model, rank=2, alpha=2, target_modules=["W_q"], verbose=False)
+    message = str(error.value)
+    assert ("the 73 candidates end in att.W_query, att.W_key, att.W_value, att.out_proj, ff.layers.0, ff.layers.2, "
+            "out_head:") in message
+    assert "'trf_blocks.0.att.W_query' for one block" in message and "trf_blocks.11" not in message
 
 
 def test_reapplying_is_an_error_never_a_double_wrap():
