@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli_checks import (SEED, CommandParser, add_debug_option, debug_requested, error_line, one_line_warnings,
+                         positive_float, probability, real_number, whole_number)
 from .download import DownloadError  # light: the standard library and tqdm
 
 # What a user can cause and fix (a bad option, a missing or existing file, no network): main() prints
@@ -58,7 +60,7 @@ def lora_method_options(args) -> dict | None:
 # `finetune --resume` takes every option from the run's checkpoint; these few may be changed on the
 # command line, and these are never the run's (they say where the run is and how to start it).
 RESUME_MAY_CHANGE = {"epochs", "device", "save_every"}
-NOT_RUN_OPTIONS = {"resume", "overwrite", "out", "command", "func", "argv"}
+NOT_RUN_OPTIONS = {"resume", "overwrite", "out", "command", "func", "argv", "debug"}
 
 
 def options_given(args: argparse.Namespace) -> set[str]:
@@ -157,7 +159,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, random_init_help: str) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptlora", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="gptlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     down = sub.add_parser("download", help="download pretrained GPT-2 weights (verified, resumable)")
@@ -172,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(gen, random_init_help="use the named size with random weights instead of pretrained "
                                               "ones (no download)")
     gen.add_argument("--prompt", default="Every effort moves you", help="text to continue (default: %(default)r)")
-    gen.add_argument("--max-new-tokens", type=int, default=15, help="tokens to add (default: 15)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=None, help="sample only among the K most likely tokens")
-    gen.add_argument("--seed", type=int, default=123, help="random seed for sampling (default: 123)")
+    gen.add_argument("--max-new-tokens", type=whole_number(1), default=15, help="tokens to add (default: 15)")
+    gen.add_argument("--temperature", type=real_number(0), default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=whole_number(1), default=None,
+                     help="sample only among the K most likely tokens")
+    gen.add_argument("--seed", type=SEED, default=123, help="random seed for sampling (default: 123)")
     gen.set_defaults(func=cmd_generate)
 
     fine = sub.add_parser("finetune", help="fine-tune GPT-2 as an SMS spam classifier (book, chapter 6)")
@@ -184,16 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--method", default="last-block",
                       help="last-block: last block + final norm + head (the book, default); full: everything; "
                            "lora: low-rank adapters")
-    fine.add_argument("--epochs", type=int, default=5, help="passes over the training split (default: 5)")
-    fine.add_argument("--lr", type=float, default=None,
+    fine.add_argument("--epochs", type=whole_number(1), default=5,
+                      help="passes over the training split (default: 5)")
+    fine.add_argument("--lr", type=positive_float(), default=None,
                       help="AdamW learning rate (default: 8e-4 for lora, 5e-5 for the other methods)")
-    fine.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    fine.add_argument("--batch-size", type=int, default=8,
+    fine.add_argument("--weight-decay", type=real_number(0), default=0.1, help="AdamW weight decay (default: 0.1)")
+    fine.add_argument("--batch-size", type=whole_number(1), default=8,
                       help="messages per optimizer step, over all processes (default: 8)")
-    fine.add_argument("--seed", type=int, default=123,
+    fine.add_argument("--seed", type=SEED, default=123,
                       help="seeds shuffling and the new head, as the book does (default: 123)")
-    fine.add_argument("--eval-freq", type=int, default=50, help="log losses every N steps (default: 50)")
-    fine.add_argument("--eval-iter", type=int, default=5, help="batches per logged loss/accuracy (default: 5)")
+    fine.add_argument("--eval-freq", type=whole_number(1), default=50,
+                      help="log losses every N steps (default: 50)")
+    fine.add_argument("--eval-iter", type=whole_number(1), default=5,
+                      help="batches per logged loss/accuracy (default: 5)")
     fine.add_argument("--dynamic-padding", action="store_true",
                       help="pad each batch to its longest text and classify from the last real token")
     fine.add_argument("--bucket-by-length", action="store_true",
@@ -207,22 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: $GPTLORA_SPAM_SOURCE)")
     fine.add_argument("--out", default=None, help="run directory (default: runs/spam-MODEL-METHOD)")
     fine.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    fine.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+    fine.add_argument("--save-every", type=whole_number(1), default=None, metavar="STEPS",
                       help="also save a checkpoint every STEPS optimizer steps (always: at each epoch end)")
     fine.add_argument("--resume", default=None, metavar="RUN_DIR",
                       help="continue the run in RUN_DIR from its checkpoint, with its own options (--epochs, "
                            "--device and --save-every may change)")
     fine.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
     lora = fine.add_argument_group("LoRA (--method lora; defaults: the book's appendix E)")
-    lora.add_argument("--rank", type=int, default=16, help="rank r of every adapter (default: 16)")
-    lora.add_argument("--alpha", type=float, default=16, help="LoRA alpha (default: 16)")
+    lora.add_argument("--rank", type=whole_number(1), default=16, help="rank r of every adapter (default: 16)")
+    lora.add_argument("--alpha", type=positive_float(), default=16, help="LoRA alpha (default: 16)")
     lora.add_argument("--targets", nargs="+", default=None, metavar="NAME",
                       help="layers to adapt, by full name or suffix, e.g. W_query W_value (default: every "
                            "linear layer, the new head included)")
     lora.add_argument("--scaling", default="alpha/rank", choices=("alpha/rank", "alpha", "alpha/sqrt(rank)"),
                       help="the factor on x @ A @ B: alpha/rank (LoRA paper, peft; default), alpha (the book's "
                            "original appendix), alpha/sqrt(rank) (rsLoRA)")
-    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default: 0)")
+    lora.add_argument("--lora-dropout", type=probability(), default=0.0,
+                      help="dropout on the adapters' input (default: 0)")
     fine.set_defaults(func=cmd_finetune)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
@@ -235,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--run", required=True, help="the --out directory of a `finetune --method lora` run")
     exp.add_argument("--out", required=True, help="directory for adapter_config.json + adapter_model.safetensors")
     exp.set_defaults(func=cmd_export_peft)
+    add_debug_option(parser, sub.choices)  # last: every subcommand gets it
     return parser
 
 
@@ -246,9 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        with one_line_warnings():
+            return args.func(args)
+    except Exception as error:  # a user's mistake or a bug: one line either way, the traceback on request
+        if debug_requested(args):
+            raise
+        print(error_line(error, USER_ERRORS), file=sys.stderr)
         return 1
 
 
