@@ -95,19 +95,36 @@ def resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **kept, "out": args.resume})
 
 
+def prepare_files(data_dir, spam_source, source: dict) -> None:
+    """Put the spam splits and, for a GPT-2 name, its weights on disk (downloading what is missing)."""
+    from .model import canonical_preset
+    from .pretrained import download_gpt2
+    from .spam import prepare_spam_data
+
+    named = not source["random_init"] and not Path(source["model"]).is_dir()
+    if named:
+        try:
+            canonical_preset(source["model"])  # a typo fails before the data is downloaded
+        except ValueError as error:
+            raise ValueError(f"--model {source['model']!r} is neither a directory nor a GPT-2 name: {error}") from None
+    prepare_spam_data(data_dir, spam_source)
+    if named:
+        download_gpt2(source["model"], source["models_dir"])
+
+
 def cmd_finetune(args) -> int:
     from .classifier import method_settings
-    from .distributed import is_main_process, stop_processes
+    from .distributed import is_main_process, local_main_first, start_processes, stop_processes
     from .finetune import base_source, finetune_spam, load_base
     from .generation import get_tokenizer
-    from .spam import prepare_spam_data
 
     try:
         args = resumed_arguments(args) if args.resume else args
         out = args.out or f"runs/spam-{Path(args.model).name}-{args.method}"
         method_settings(args.method, lora_method_options(args))  # bad options fail before any download
-        prepare_spam_data(args.data_dir, args.spam_source)
         source = base_source(args.model, args.models_dir, args.random_init, args.seed)
+        start_processes(pick_device(args.device))  # under torchrun: join now, so that one process prepares first
+        local_main_first(prepare_files, args.data_dir, args.spam_source, source)
         model = load_base(source)
         metrics = finetune_spam(model, get_tokenizer(), args.data_dir, out, args.method, epochs=args.epochs,
                                 lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,

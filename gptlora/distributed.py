@@ -129,6 +129,36 @@ def fail_together(function, *args, **kwargs):
     return result
 
 
+def local_rank() -> int:
+    """This process's rank on its machine (``LOCAL_RANK``, set by ``torchrun``); 0 outside ``torchrun``."""
+    return int(os.environ.get("LOCAL_RANK", 0)) if launched_by_torchrun() else 0
+
+
+def local_main_first(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` on every process, the local main process (``LOCAL_RANK`` 0 of each
+    machine) first and the others after it; returns this process's result.
+
+    For preparing files in local folders (downloading weights, building the data
+    splits): one process per machine does the work while the others wait, then
+    they call ``function`` too and find the files ready. An error on any process
+    is raised on all of them (:func:`fail_together`), so none waits forever at the
+    other turn. Without a process group, ``function`` is simply called. Several
+    machines sharing one folder take turns on its file locks (see ``locks``).
+    """
+    if not dist.is_initialized():
+        return function(*args, **kwargs)
+    result = None
+    for first_turn in (True, False):  # every process takes part in both turns: two collective calls
+        mine = (local_rank() == 0) == first_turn
+        outcome = fail_together(function if mine else _nothing, *args, **kwargs)
+        result = outcome if mine else result
+    return result
+
+
+def _nothing(*args, **kwargs):
+    return None
+
+
 class ShardSampler(Sampler):
     """Every ``world_size``-th index from ``rank``, in order: ``rank, rank + W, rank + 2W, ...``.
 

@@ -289,7 +289,7 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
                                checkpoints=checkpoints)
     seconds = checkpoints.training_seconds()
     # The final pass over every split takes minutes on a CPU: show it too.
-    accuracy = {split: calc_accuracy_loader(tqdm(loader, desc=f"{split} accuracy", unit="batch", disable=not show),
+    accuracy = {split: calc_accuracy_loader(tqdm(loader, desc=f"evaluating {split}", unit="batch", disable=not show),
                                             trained_model, device)
                 for split, loader in zip(("train", "validation", "test"), loaders)}
     info = dict(method=method, method_options=method_options, max_length=max_length,
