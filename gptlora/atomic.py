@@ -31,6 +31,22 @@ def replace_atomically(dest: Path):
         tmp.unlink(missing_ok=True)
 
 
+def read_json_object(path: Path, what: str = "a JSON object") -> dict:
+    """The JSON object (a dict) in the file ``path``; a ValueError that names the file and the problem when
+    it is not UTF-8, not JSON, or not an object. ``what`` says what the file should hold, for the message."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); expected {what}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                         f"expected {what}. Was it cut short or edited by hand?") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}; expected a JSON object ({what})")
+    return data
+
+
 def write_json(data: dict, path: Path) -> None:
     """Write ``data`` as indented JSON to ``path``, atomically."""
     with replace_atomically(path) as tmp:

@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_checks import (SEED, CommandParser, add_debug_option, debug_requested, error_line, one_line_warnings,
-                         positive_float, probability, real_number, whole_number)
+from .cli_checks import (SEED, CommandParser, add_debug_option, debug_requested, device_name, error_line,
+                         one_line_warnings, positive_float, probability, real_number, whole_number)
 from .download import DownloadError  # light: the standard library and tqdm
 
 # What a user can cause and fix (a bad option, a missing or existing file, no network): main() prints
@@ -32,6 +32,9 @@ def cmd_generate(args) -> int:
     from .generation import generate_text, get_tokenizer
     from .pretrained import pretrained_or_random
 
+    if not args.prompt:
+        raise ValueError("--prompt is empty: give some text to continue (or '<|endoftext|>' to start from nothing, "
+                         "as GPT-2 was trained to)")
     torch.manual_seed(args.seed)
     model = pretrained_or_random(args.model, args.models_dir, args.random_init).eval()
     if args.random_init:
@@ -162,6 +165,10 @@ def cmd_classify(args) -> int:
 def cmd_export_peft(args) -> int:
     from .finetune import export_run_to_peft
 
+    existing = sorted(entry.name for entry in Path(args.out).iterdir()) if Path(args.out).is_dir() else []
+    if existing:
+        raise FileExistsError(f"{args.out} already holds files ({', '.join(existing[:5])}); choose another --out "
+                              "or remove them")
     out = export_run_to_peft(args.run, args.out)
     print(f"peft adapter written to {out}; load it with peft.PeftModel.from_pretrained(hf_model, {str(out)!r})")
     return 0
@@ -229,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a local SMSSpamCollection file or UCI zip instead of downloading "
                            "(default: $GPTLORA_SPAM_SOURCE)")
     fine.add_argument("--out", default=None, help="run directory (default: runs/spam-MODEL-METHOD)")
-    fine.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    fine.add_argument("--device", default="auto", type=device_name,
+                      help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     fine.add_argument("--save-every", type=whole_number(1), default=None, metavar="STEPS",
                       help="also save a checkpoint every STEPS optimizer steps (always: at each epoch end)")
     fine.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -252,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
     cls.add_argument("--run", required=True, help="the --out directory of a finetune run")
     cls.add_argument("text", help="the message to label")
-    cls.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    cls.add_argument("--device", default="auto", type=device_name, help="auto (cuda if available), cpu, cuda, ...")
     cls.set_defaults(func=cmd_classify)
 
     exp = sub.add_parser("export-peft", help="write a LoRA run's adapter in Hugging Face peft's format")

@@ -2,7 +2,7 @@
 
 - ``type=`` helpers for argparse that check a number's range and name it in the
   message: ``whole_number(1)`` ("a whole number of at least 1"), ``real_number(above=0)``,
-  ``probability()`` (0 <= p < 1, for dropout). A bad value stops the command before
+  ``probability()`` (0 <= p < 1, for dropout), ``SEED``, ``device_name``. A bad value stops the command before
   anything is loaded, with ``error: argument --epochs: expected ...``.
 - :class:`CommandParser`: argparse's own errors as that one line (no usage block).
 - :func:`one_line_warnings`: Python warnings as ``warning: message``, without the
@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import sys
 import warnings
+from pathlib import Path
 
 DEBUG_ENV = "GPTLORA_DEBUG"
 
@@ -96,6 +98,27 @@ def probability():
 SEED = whole_number(0, 2**32 - 1)  # the range numpy and most tools accept; torch takes it too
 
 
+def device_name(text: str) -> str:
+    """An argparse ``type`` for ``--device``: ``auto``, or a torch device this machine has (``cpu``, ``cuda``,
+    ``cuda:1``, ``mps``, ...). Returned as written; ``cli.pick_device`` turns it into a ``torch.device``."""
+    if text == "auto":
+        return text  # the default: no need to import torch while parsing
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or another torch device, found {text!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: this machine has {count} CUDA device(s) "
+                                             "that PyTorch can use; use auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError("'mps' is not available on this machine; use auto or cpu")
+    return text
+
+
 # --- one-line errors and warnings --------------------------------------------------------
 
 class CommandParser(argparse.ArgumentParser):
@@ -123,11 +146,28 @@ def debug_requested(args: argparse.Namespace | None = None) -> bool:
 
 def error_line(error: BaseException, user_errors: tuple) -> str:
     """The ``error: ...`` report of ``error``: its message for what a user can cause (``user_errors``),
-    otherwise its type too, marked as unexpected."""
+    otherwise its type too, marked as unexpected. The operating system's own errors (a path that is a
+    file, no permission, a full disk) are put in words with what to do."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return f"error: {os_error_in_words(error)}"
     if isinstance(error, user_errors):
         return f"error: {error}"
     return (f"error: unexpected {type(error).__name__}: {error} (run again with --debug for the traceback, "
             "and please report it)")
+
+
+def os_error_in_words(error: OSError) -> str:
+    """What went wrong with which path, and what to do, for an ``OSError`` raised by the operating system."""
+    path = Path(error.filename) if error.filename is not None else None
+    if path is not None and error.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocking = next((part for part in (path, *path.parents) if part.is_file()), path)
+        inside = f", so {path} cannot be made inside it" if blocking != path else ""
+        return f"{blocking} is a file, not a directory{inside}; give the path of a folder (it is created if missing)"
+    if path is not None and error.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied for {path}; check its permissions or choose another path"
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device{f' writing {path}' if path else ''}; free some space and run again"
+    return f"{error.strerror or error}{f': {path}' if path else ''}"
 
 
 @contextlib.contextmanager

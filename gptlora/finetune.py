@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import replace_atomically, write_json
+from .atomic import read_json_object, replace_atomically, write_json
 from .checkpoint import CHECKPOINT_NAME, Checkpointer, read_checkpoint_values
 from .classifier import (LABEL_NAMES, add_classification_head, calc_accuracy_loader, method_settings,
                          plot_history, prepare_for_classification, train_classifier, TrainingHistory)
@@ -26,7 +26,7 @@ from .download import sha256_of
 from .lora_io import BaseMismatchError, export_peft, load_adapter, save_adapter
 from .model import GPTConfig, GPTModel, canonical_preset, count_parameters
 from .prefix_cache import cache_frozen_prefix
-from .pretrained import HUB_REPOS, pretrained_or_random, save_hf
+from .pretrained import HUB_REPOS, pretrained_or_random, safetensors_shapes, save_hf
 from .tensor_hash import tensors_sha256
 from .spam import create_dataloaders, split_paths
 
@@ -140,13 +140,23 @@ def load_classifier(run_dir: str | Path, device="cpu", base: GPTModel | None = N
     weights_path = _run_file(run_dir, "classifier.safetensors")
     model = GPTModel(GPTConfig(**info["config"]))
     prepare_for_classification(model, info["method"], info["num_classes"], info.get("method_options"))
+    safetensors_shapes(weights_path, remedy="Train the run again (gptlora finetune ... --overwrite)")
     load_model(model, str(weights_path), strict=True)
     return model.to(device).eval(), info
 
 
+RUN_INFO_KEYS = ("method", "max_length", "num_classes", "config", "dynamic_padding")  # what every run records
+
+
 def read_run_info(run_dir: str | Path) -> dict:
     """The contents of a run's ``classifier.json`` (method, max_length, config, base_source, ...)."""
-    return json.loads(_run_file(Path(run_dir), "classifier.json").read_text())
+    path = _run_file(Path(run_dir), "classifier.json")
+    info = read_json_object(path, "the run description that `gptlora finetune` writes")
+    missing = [key for key in RUN_INFO_KEYS if key not in info]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(map(repr, missing))}; is it the classifier.json of a "
+                         "`gptlora finetune` run? Run finetune again to make a complete one")
+    return info
 
 
 def _run_file(run_dir: Path, name: str) -> Path:
@@ -169,7 +179,9 @@ def _load_lora_classifier(run_dir: Path, info: dict, base: GPTModel | None, orig
 
     ``origin`` says where a given ``base`` came from, for the message when it is not the run's base.
     """
-    _run_file(run_dir / ADAPTER_DIR, "adapter_config.json")
+    if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{run_dir / ADAPTER_DIR / 'adapter_config.json'} not found: the LoRA run {run_dir} "
+                                "has lost its adapter; train the run again (gptlora finetune ... --overwrite)")
     if base is None:
         source = _recorded_base_source(run_dir, info)
         base, origin = load_base(source), f"rebuilt from {source}"
@@ -189,6 +201,7 @@ def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
     Its ``base_model_name_or_path`` names the base the run started from: the Hub
     repository of a GPT-2 name, or the checkpoint directory. A base of random weights
     has neither, so it is written to ``out_dir/base`` (``save_hf``) and named instead.
+    A failed export removes ``out_dir`` if it created it.
     """
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
@@ -196,6 +209,16 @@ def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise ValueError(f"{run_dir} is a {info['method']!r} run, which saves a whole model; only a "
                          "`--method lora` run has an adapter to export")
     source = _recorded_base_source(run_dir, info)
+    made_out_dir = not Path(out_dir).exists()
+    try:
+        return _export(run_dir, info, source, out_dir)
+    except BaseException:
+        if made_out_dir:  # a failed export leaves nothing behind (a random base is written first)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _export(run_dir: Path, info: dict, source: dict, out_dir: str | Path) -> Path:
     base = load_base(source)  # built once: a random base is also written out, before its head is replaced
     if source["random_init"]:
         base_name = str(save_hf(base, Path(out_dir) / "base"))

@@ -61,6 +61,11 @@ def config_from_hf(hf_config: dict) -> GPTConfig:
     for field, (found, supported) in unsupported.items():
         if found not in supported:  # GPTModel hard-wires these; loading anyway would give wrong outputs
             raise ValueError(f"config.json has {field}={found!r}; GPTModel supports only {sorted(map(str, supported))}")
+    for name in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"):
+        value = hf_config.get(name)
+        if name in hf_config and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"config.json has {name}={value!r}: expected a whole number of at least 1, as a "
+                             "Hugging Face GPT2Config writes it")
     try:
         return GPTConfig(
             vocab_size=hf_config["vocab_size"],

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import replace_atomically, write_json
+from .atomic import read_json_object, replace_atomically, write_json
 from .download import DownloadError, OfflineError, download_file, offline_mode, place_by_hand_hint
 from .hf_layout import config_from_hf, config_to_hf, gptlora_to_hf, hf_shapes, hf_to_gptlora
 from .model import GPTConfig, GPTModel, canonical_preset
@@ -36,6 +36,8 @@ HUB_REPOS = {
 HUB_MIRRORS = ("https://huggingface.co", "https://hf-mirror.com")
 BASE_URL_ENV = "GPTLORA_HF_BASE_URL"  # one base URL, or several separated by commas
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
+DOWNLOAD_AGAIN = "Delete it and download it again (gptlora download NAME)"
+CONFIG_WHAT = "a Hugging Face GPT-2 config (n_embd, n_layer, n_head, n_positions, vocab_size)"
 # Causal-mask buffers that some GPT-2 files carry (h.<i>.attn.bias, h.<i>.attn.masked_bias): not weights.
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
@@ -102,7 +104,7 @@ def load_pretrained(name_or_dir: str | Path, models_dir: str | Path = "weights",
             found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else "no such directory"
             raise FileNotFoundError(f"{directory / file} not found (found: {found}); a checkpoint directory holds "
                                     f"{' and '.join(CHECKPOINT_FILES)}. Fetch one with `gptlora download gpt2-small`")
-    hf_config = json.loads((directory / "config.json").read_text())
+    hf_config = read_json_object(directory / "config.json", CONFIG_WHAT)
     cfg = config_from_hf(hf_config)
     return load_gpt2_weights(directory / "model.safetensors", cfg, hf_config.get("tie_word_embeddings", True)).eval()
 
@@ -120,7 +122,7 @@ def pretrained_or_random(name_or_dir: str | Path, models_dir: str | Path = "weig
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found; random weights take their shape from a checkpoint "
                                     "directory's config.json, or from a GPT-2 name such as gpt2-small")
-        return GPTModel(config_from_hf(json.loads(config_path.read_text())))
+        return GPTModel(config_from_hf(read_json_object(config_path, CONFIG_WHAT)))
     return GPTModel(GPTConfig.from_preset(str(name_or_dir), qkv_bias=True, drop_rate=0.0))
 
 
@@ -227,9 +229,10 @@ def _check_keys_and_shapes(path: Path, cfg: GPTConfig, expected: dict, found: di
         raise ValueError("\n".join(lines))
 
 
-def safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
-    """Name -> shape of every tensor in a safetensors file, read from its header alone."""
-    with _open_safetensors(path) as f:
+def safetensors_shapes(path: str | Path, remedy: str = DOWNLOAD_AGAIN) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in a safetensors file, read from its header alone. A damaged file is a
+    ValueError that names it and ends with ``remedy``."""
+    with _open_safetensors(path, remedy) as f:
         return {key: f.get_slice(key).get_shape() for key in f.keys()}
 
 
@@ -244,8 +247,8 @@ def read_safetensors(path: str | Path, keys: list[str] | None = None) -> dict[st
 
 
 @contextlib.contextmanager
-def _open_safetensors(path: str | Path):
-    """``safe_open`` whose errors say which file is damaged and what to do about it."""
+def _open_safetensors(path: str | Path, remedy: str = DOWNLOAD_AGAIN):
+    """``safe_open`` whose errors say which file is damaged and what to do about it (``remedy``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
@@ -253,7 +256,7 @@ def _open_safetensors(path: str | Path):
         handle = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path} is not a readable safetensors file ({error}); it may be truncated or "
-                         "corrupt. Delete it and download it again (gptlora download NAME)") from None
+                         f"corrupt. {remedy}") from None
     with handle as f:
         yield f
 

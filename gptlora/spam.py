@@ -194,6 +194,9 @@ def find_spam_file(data_dir: Path, source: str | Path | None = None) -> Path:
         local = data_dir / SPAM_FILE_NAME
         return local if local.is_file() and is_uci_file(local) else download_spam_file(data_dir)
     source = Path(source)
+    if source.is_dir():
+        raise IsADirectoryError(f"SMS spam source {source} is a directory, not a file; pass the path of the "
+                                f"{SPAM_FILE_NAME} file in it, or of the UCI zip")
     if not source.is_file():
         raise FileNotFoundError(f"SMS spam source {source} does not exist; pass the path of an "
                                 f"{SPAM_FILE_NAME} file or of the UCI zip (or unset GPTLORA_SPAM_SOURCE to download)")

@@ -183,9 +183,12 @@ def test_bad_method_options_are_refused_before_the_head_changes(method, options,
 
 def test_cli_finetune_bad_lora_option_is_one_line_before_any_work(tmp_path, capsys):
     data = tmp_path / "data"
-    assert cli.main(["finetune", "--method", "lora", "--rank", "0", "--data-dir", str(data),
-                     "--out", str(tmp_path / "run"), "--random-init"]) == 1
-    assert capsys.readouterr().err == "error: LoRA rank must be a positive integer (e.g. 8 or 16), found 0\n"
+    with pytest.raises(SystemExit) as exit_:  # checked while parsing the command line
+        cli.main(["finetune", "--method", "lora", "--rank", "0", "--data-dir", str(data),
+                  "--out", str(tmp_path / "run"), "--random-init"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("error: gptlora finetune: argument --rank: expected a whole number of at "
+                                       "least 1, found 0 (see `gptlora finetune --help`)\n")
     assert not data.exists() and not (tmp_path / "run").exists()  # nothing downloaded, no run started
 
 

@@ -1,0 +1,364 @@
+"""Every subcommand against bad input: one ``error:`` line, a non-zero exit, no traceback, nothing written.
+
+One row per case in ``BAD_INPUTS``: the command line (``{name}`` is a path of the
+``made`` fixture below), a fragment the error line must contain, and the paths
+(relative to the case's own folder ``{tmp}``) that must not exist afterwards. To cover
+a new subcommand, add rows; the fixture has tiny models, runs and data to point at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from gptlora import cli, download
+
+
+@dataclass(frozen=True)
+class Bad:
+    """``gptlora ARGV`` must fail with ``expected`` in its one ``error:`` line and leave no ``absent`` path."""
+
+    name: str
+    argv: tuple[str, ...]
+    expected: str
+    absent: tuple[str, ...] = ()
+    env: dict = field(default_factory=dict)
+    non_root: bool = False  # file permissions do not stop root: such a case is skipped for root
+
+    def __hash__(self):
+        return hash(self.name)
+
+
+def finetune(*options, model="{tiny}", out="{tmp}/run"):
+    """A finetune command line on the tiny model and the small splits, writing to ``out``."""
+    return ("finetune", "--model", model, "--data-dir", "{data}", "--device", "cpu", "--out", out, *options)
+
+
+RUN = ("{tmp}/run",)
+BAD_INPUTS = [
+    # --- the command itself
+    Bad("unknown command", ("frobnicate",), "invalid choice: 'frobnicate'"),
+    Bad("unknown option", ("finetune", "--epoch-count", "3"), "unrecognized arguments: --epoch-count"),
+    Bad("classify without --run", ("classify", "hello"), "the following arguments are required: --run"),
+    # --- download
+    Bad("download: unknown name", ("download", "gpt2-tiny", "--models-dir", "{tmp}/w"), "unknown GPT-2 preset 'gpt2-tiny'",
+        ("{tmp}/w",)),
+    Bad("download: offline", ("download", "gpt2-small", "--models-dir", "{tmp}/w"), "GPTLORA_OFFLINE=1 and gpt2-small",
+        ("{tmp}/w/gpt2-small/config.json",), env={"GPTLORA_OFFLINE": "1"}),
+    Bad("download: server without the file", ("download", "gpt2-small", "--models-dir", "{tmp}/w", "--base-url",
+                                              "{server}/nothing"), "HTTP 404",
+        ("{tmp}/w/gpt2-small/config.json", "{tmp}/w/gpt2-small/config.json.part", "{tmp}/w/gpt2-small/config.json.lock")),
+    Bad("download: --models-dir is a file", ("download", "gpt2-small", "--models-dir", "{a_file}"),
+        "is a file, not a directory"),
+    # --- generate: numbers
+    Bad("generate: negative tokens", ("generate", "--random-init", "--max-new-tokens", "-3"),
+        "--max-new-tokens: expected a whole number of at least 1, found -3"),
+    Bad("generate: zero tokens", ("generate", "--random-init", "--max-new-tokens", "0"), "of at least 1, found 0"),
+    Bad("generate: tokens not a number", ("generate", "--max-new-tokens", "ten"), "found 'ten'"),
+    Bad("generate: temperature nan", ("generate", "--temperature", "nan"),
+        "--temperature: expected a finite number of at least 0, found 'nan'"),
+    Bad("generate: temperature inf", ("generate", "--temperature", "inf"), "found 'inf'"),
+    Bad("generate: negative temperature", ("generate", "--temperature", "-0.5"), "found '-0.5'"),
+    Bad("generate: top-k 0", ("generate", "--top-k", "0"), "--top-k: expected a whole number of at least 1, found 0"),
+    Bad("generate: top-k fraction", ("generate", "--top-k", "2.5"), "found '2.5'"),
+    Bad("generate: negative seed", ("generate", "--seed", "-1"), "--seed: expected a whole number from 0 to 4294967295"),
+    Bad("generate: huge seed", ("generate", "--seed", str(2**40)), "from 0 to 4294967295, found 1099511627776"),
+    # --- generate: models
+    Bad("generate: unknown model name", ("generate", "--model", "gpt3", "--models-dir", "{tmp}/w"),
+        "'gpt3' is neither a directory nor a GPT-2 name", ("{tmp}/w",)),
+    Bad("generate: no config.json", ("generate", "--model", "{no_config}"), "config.json not found"),
+    Bad("generate: no weights", ("generate", "--model", "{no_weights}"), "model.safetensors not found"),
+    Bad("generate: random init, no config.json", ("generate", "--random-init", "--model", "{no_config}"),
+        "config.json not found; random weights take their shape"),
+    Bad("generate: truncated weights", ("generate", "--model", "{truncated}"), "may be truncated or corrupt"),
+    Bad("generate: empty weights file", ("generate", "--model", "{empty_weights}"), "may be truncated or corrupt"),
+    Bad("generate: pickle, not safetensors", ("generate", "--model", "{pickled}"), "not a readable safetensors file"),
+    Bad("generate: text as weights", ("generate", "--model", "{text_weights}"), "not a readable safetensors file"),
+    Bad("generate: config lacks a key", ("generate", "--model", "{config_no_n_embd}"),
+        "config.json lacks the GPT-2 field 'n_embd'"),
+    Bad("generate: config wrong type", ("generate", "--model", "{config_n_layer_text}"),
+        "n_layer='two': expected a whole number of at least 1"),
+    Bad("generate: config negative", ("generate", "--random-init", "--model", "{config_n_head_zero}"),
+        "n_head=0: expected a whole number of at least 1"),
+    Bad("generate: config not JSON", ("generate", "--model", "{config_not_json}"), "is not valid JSON"),
+    Bad("generate: config a list", ("generate", "--model", "{config_list}"), "expected a JSON object"),
+    Bad("generate: config binary", ("generate", "--model", "{config_binary}"), "is not UTF-8 text"),
+    Bad("generate: config of another shape", ("generate", "--model", "{other_shape}"),
+        "does not match the GPT-2 shape of its config.json"),
+    Bad("generate: empty prompt", ("generate", "--random-init", "--model", "{tiny}", "--prompt", ""),
+        "--prompt is empty"),
+    # --- finetune: numbers (checked before anything is read)
+    Bad("finetune: epochs 0", finetune("--epochs", "0"), "--epochs: expected a whole number of at least 1, found 0", RUN),
+    Bad("finetune: epochs negative", finetune("--epochs", "-2"), "found -2", RUN),
+    Bad("finetune: epochs fraction", finetune("--epochs", "1.5"), "found '1.5'", RUN),
+    Bad("finetune: batch size 0", finetune("--batch-size", "0"), "--batch-size: expected a whole number of at least 1",
+        RUN),
+    Bad("finetune: lr 0", finetune("--lr", "0"), "--lr: expected a finite number above 0, found '0'", RUN),
+    Bad("finetune: lr negative", finetune("--lr=-1e-3"), "above 0, found '-1e-3'", RUN),
+    Bad("finetune: lr nan", finetune("--lr", "nan"), "found 'nan'", RUN),
+    Bad("finetune: weight decay negative", finetune("--weight-decay", "-0.1"),
+        "--weight-decay: expected a finite number of at least 0", RUN),
+    Bad("finetune: eval freq 0", finetune("--eval-freq", "0"), "--eval-freq: expected a whole number of at least 1",
+        RUN),
+    Bad("finetune: eval iter 0", finetune("--eval-iter", "0"), "--eval-iter: expected a whole number of at least 1",
+        RUN),
+    Bad("finetune: save every 0", finetune("--save-every", "0"), "--save-every: expected a whole number of at least 1",
+        RUN),
+    Bad("finetune: rank 0", finetune("--method", "lora", "--rank", "0"), "--rank: expected a whole number of at least 1",
+        RUN),
+    Bad("finetune: alpha 0", finetune("--method", "lora", "--alpha", "0"), "--alpha: expected a finite number above 0",
+        RUN),
+    Bad("finetune: dropout 1", finetune("--method", "lora", "--lora-dropout", "1"),
+        "--lora-dropout: expected a finite number of at least 0 and below 1, found '1'", RUN),
+    Bad("finetune: dropout negative", finetune("--method", "lora", "--lora-dropout", "-0.1"), "found '-0.1'", RUN),
+    Bad("finetune: seed negative", finetune("--seed", "-5"), "--seed: expected a whole number from 0", RUN),
+    Bad("finetune: unknown device", finetune("--device", "gpu"), "--device: expected auto, cpu, cuda, cuda:N", RUN),
+    Bad("finetune: missing GPU", finetune("--device", "cuda:99"), "'cuda:99' is not available", RUN),
+    # --- finetune: options that do not fit together
+    Bad("finetune: unknown method", finetune("--method", "adapters"), "unknown fine-tuning method 'adapters'", RUN),
+    Bad("finetune: unmatched targets", finetune("--method", "lora", "--random-init", "--targets", "W_q"),
+        "end in att.W_query, att.W_key", RUN),
+    Bad("finetune: cache prefix with full", finetune("--method", "full", "--cache-prefix"),
+        "cache_prefix works only with method 'last-block'", RUN),
+    Bad("finetune: bucketing without dynamic padding", finetune("--random-init", "--bucket-by-length"),
+        "bucket_by_length=True needs dynamic_padding=True", RUN),
+    Bad("finetune: batch larger than the split", finetune("--random-init", "--batch-size", "500"),
+        "the train split in", RUN),
+    Bad("finetune: occupied --out", finetune("--random-init", out="{occupied}"), "already holds files (notes.txt)"),
+    Bad("finetune: resume a missing run", ("finetune", "--resume", "{tmp}/nothing"), "no checkpoint at",
+        ("{tmp}/nothing",)),
+    Bad("finetune: resume and overwrite", ("finetune", "--resume", "{full_run}", "--overwrite"),
+        "--resume continues the run in its directory and --overwrite replaces it"),
+    Bad("finetune: unknown model", finetune(model="gpt-2-small"), "'gpt-2-small' is neither a directory nor a GPT-2 name",
+        RUN),
+    Bad("finetune: truncated weights", finetune(model="{truncated}"), "may be truncated or corrupt", RUN),
+    Bad("finetune: config lacks a key", finetune("--random-init", model="{config_no_n_embd}"), "lacks the GPT-2 field",
+        RUN),
+    # --- finetune: the data
+    Bad("spam source missing", finetune("--spam-source", "{tmp}/SMSSpamCollection"), "does not exist", RUN),
+    Bad("spam source a directory", finetune("--spam-source", "{tmp}"), "is a directory, not a file", RUN),
+    Bad("spam source unreadable", finetune("--spam-source", "{unreadable}"), "permission denied for", RUN, non_root=True),
+    Bad("spam source empty", finetune("--spam-source", "{spam_empty}", "--data-dir", "{tmp}/d"), "no messages found",
+        RUN),
+    Bad("spam source not UTF-8", finetune("--spam-source", "{spam_latin1}", "--data-dir", "{tmp}/d"), "not UTF-8 text",
+        RUN),
+    Bad("spam source binary", finetune("--spam-source", "{spam_png}", "--data-dir", "{tmp}/d"), "not UTF-8 text", RUN),
+    Bad("spam source one column", finetune("--spam-source", "{spam_one_column}", "--data-dir", "{tmp}/d"),
+        "expected 2 tab-separated columns", RUN),
+    Bad("spam source unknown label", finetune("--spam-source", "{spam_bad_label}", "--data-dir", "{tmp}/d"),
+        "unknown label 'eggs'", RUN),
+    Bad("spam source two messages", finetune("--spam-source", "{spam_two}", "--data-dir", "{tmp}/d"),
+        "found 1 ham and 1 spam messages: too few", ("{tmp}/run", "{tmp}/d/train.parquet")),
+    Bad("spam source one class", finetune("--spam-source", "{spam_ham_only}", "--data-dir", "{tmp}/d"),
+        "found 20 ham and 0 spam messages", RUN),
+    Bad("spam source more spam than ham", finetune("--spam-source", "{spam_mostly_spam}", "--data-dir", "{tmp}/d"),
+        "found 6 ham and 9 spam", RUN),
+    Bad("spam zip without the file", finetune("--spam-source", "{zip_without_member}", "--data-dir", "{tmp}/d"),
+        "no member named 'SMSSpamCollection'", RUN),
+    Bad("data dir is a file", finetune("--random-init", "--data-dir", "{a_file}"), "is a file, not a directory", RUN),
+    # --- classify
+    Bad("classify: missing run", ("classify", "--run", "{tmp}/nothing", "hello"), "classifier.json not found"),
+    Bad("classify: not a run", ("classify", "--run", "{tiny}", "hello"), "classifier.json not found"),
+    Bad("classify: empty text", ("classify", "--run", "{full_run}", ""), "empty"),
+    Bad("classify: blank text", ("classify", "--run", "{full_run}", "   "), "empty"),
+    Bad("classify: run info not JSON", ("classify", "--run", "{run_info_not_json}", "hello"), "is not valid JSON"),
+    Bad("classify: run info lacks keys", ("classify", "--run", "{run_info_no_method}", "hello"),
+        "lacks 'method'"),
+    Bad("classify: truncated classifier", ("classify", "--run", "{run_truncated_weights}", "hello"),
+        "may be truncated or corrupt"),
+    Bad("classify: adapter of another shape", ("classify", "--run", "{lora_other_shape}", "hello"),
+        "expected shape (32, 2) for this model, found (64, 2)"),
+    Bad("classify: adapter on another base", ("classify", "--run", "{lora_other_base}", "hello"),
+        "trained on other base weights"),
+    Bad("classify: adapter missing", ("classify", "--run", "{lora_no_adapter}", "hello"), "has lost its adapter"),
+    # --- export-peft
+    Bad("export-peft: not a LoRA run", ("export-peft", "--run", "{full_run}", "--out", "{tmp}/peft"),
+        "is a 'full' run, which saves a whole model", ("{tmp}/peft",)),
+    Bad("export-peft: missing run", ("export-peft", "--run", "{tmp}/nothing", "--out", "{tmp}/peft"),
+        "classifier.json not found", ("{tmp}/peft",)),
+    Bad("export-peft: occupied --out", ("export-peft", "--run", "{lora_run}", "--out", "{occupied}"),
+        "already holds files (notes.txt)", ("{occupied}/adapter_config.json", "{occupied}/adapter_model.safetensors")),
+    Bad("export-peft: adapter on another base", ("export-peft", "--run", "{lora_other_base}", "--out", "{tmp}/peft"),
+        "trained on other base weights", ("{tmp}/peft",)),
+]
+
+
+# ---------------------------------------------------------------- the files the rows point at
+
+TINY_HF = {"vocab_size": 50257, "n_positions": 128, "n_embd": 32, "n_head": 2, "n_layer": 2}
+
+
+def write_config(directory: Path, config=None, raw: bytes | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_bytes(raw if raw is not None else json.dumps(config or TINY_HF).encode())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, small_spam_data_dir):
+    """Tiny models (good and broken), a full run, a LoRA run (good and broken), bad spam files, a server."""
+    import torch
+
+    from gptlora.model import GPTModel
+    from gptlora.hf_layout import config_from_hf
+    from gptlora.lora import apply_lora
+    from gptlora.lora_io import save_adapter
+    from gptlora.pretrained import save_hf
+    from test_download import LoopbackServer
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    torch.manual_seed(0)
+    tiny = save_hf(GPTModel(config_from_hf(TINY_HF)), root / "tiny")
+    weights = (tiny / "model.safetensors").read_bytes()
+    paths = {"tiny": tiny, "data": small_spam_data_dir}
+
+    def model_dir(name, config=None, raw_config=None, weight_bytes=weights):
+        directory = write_config(root / name, config, raw_config)
+        if weight_bytes is not None:
+            (directory / "model.safetensors").write_bytes(weight_bytes)
+        paths[name] = directory
+
+    model_dir("no_weights", weight_bytes=None)
+    paths["no_config"] = root / "no_config"
+    paths["no_config"].mkdir()
+    (paths["no_config"] / "model.safetensors").write_bytes(weights)
+    model_dir("truncated", weight_bytes=weights[: len(weights) // 3])
+    model_dir("empty_weights", weight_bytes=b"")
+    pickled = root / "pickle.pt"
+    torch.save({"wte.weight": torch.zeros(2, 2)}, pickled)
+    model_dir("pickled", weight_bytes=pickled.read_bytes())
+    model_dir("text_weights", weight_bytes=b"these are not weights\n")
+    model_dir("config_no_n_embd", {k: v for k, v in TINY_HF.items() if k != "n_embd"})
+    model_dir("config_n_layer_text", {**TINY_HF, "n_layer": "two"})
+    model_dir("config_n_head_zero", {**TINY_HF, "n_head": 0})
+    model_dir("config_not_json", raw_config=b'{"n_embd": 32,')
+    model_dir("config_list", raw_config=b"[1, 2, 3]")
+    model_dir("config_binary", raw_config=bytes(range(128, 256)))
+    model_dir("other_shape", {**TINY_HF, "n_embd": 64})
+
+    # Runs: a full one and a LoRA one, one epoch each on the small splits.
+    for method in ("full", "lora"):
+        status = cli.main(["finetune", "--model", str(tiny), "--random-init", "--method", method, "--epochs", "1",
+                           "--data-dir", str(small_spam_data_dir), "--device", "cpu",
+                           "--out", str(root / f"{method}_run")])
+        assert status == 0
+        paths[f"{method}_run"] = root / f"{method}_run"
+
+    def run_copy(name, source):
+        shutil.copytree(source, root / name)
+        paths[name] = root / name
+        return root / name
+
+    info = json.loads((paths["full_run"] / "classifier.json").read_text())
+    (run_copy("run_info_not_json", paths["full_run"]) / "classifier.json").write_text("{")
+    (run_copy("run_info_no_method", paths["full_run"]) / "classifier.json").write_text(
+        json.dumps({k: v for k, v in info.items() if k != "method"}))
+    weights_path = run_copy("run_truncated_weights", paths["full_run"]) / "classifier.safetensors"
+    weights_path.write_bytes(weights_path.read_bytes()[:1000])
+    lora_info = json.loads((paths["lora_run"] / "classifier.json").read_text())
+    other_base = run_copy("lora_other_base", paths["lora_run"])
+    lora_info_other = {**lora_info, "base_source": {**lora_info["base_source"], "seed": 99}}
+    (other_base / "classifier.json").write_text(json.dumps(lora_info_other))
+    other_shape = run_copy("lora_other_shape", paths["lora_run"])
+    shutil.rmtree(other_shape / "adapter")
+    wider = GPTModel(config_from_hf({**TINY_HF, "n_embd": 64}))
+    save_adapter(apply_lora(wider, rank=2, alpha=2, verbose=False), other_shape / "adapter", verbose=False)
+    shutil.rmtree(run_copy("lora_no_adapter", paths["lora_run"]) / "adapter")
+
+    # Spam files.
+    def spam(name, content: bytes):
+        paths[name] = root / name
+        paths[name].write_bytes(content)
+
+    spam("spam_empty", b"")
+    spam("spam_latin1", "ham\tcaf\u00e9 au lait\n".encode("latin-1"))
+    spam("spam_png", b"\x89PNG\r\n\x1a\n" + bytes(64))
+    spam("spam_one_column", b"ham hello there\n")
+    spam("spam_bad_label", b"eggs\thello\n")
+    spam("spam_two", b"ham\thello\nspam\tWIN a prize\n")
+    spam("spam_ham_only", b"".join(b"ham\tmessage %d\n" % i for i in range(20)))
+    spam("spam_mostly_spam", b"".join(b"ham\tmessage %d\n" % i for i in range(6)) +
+         b"".join(b"spam\tWIN %d\n" % i for i in range(9)))
+    spam("unreadable", b"ham\thello\n")
+    paths["unreadable"].chmod(0)
+    paths["zip_without_member"] = root / "other.zip"
+    with zipfile.ZipFile(paths["zip_without_member"], "w") as archive:
+        archive.writestr("readme.txt", "no spam here")
+    paths["a_file"] = root / "a_file.txt"
+    paths["a_file"].write_text("not a folder")
+    with LoopbackServer({}) as server:
+        paths["server"] = server.url
+        yield paths
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda case: case.name)
+def test_bad_input_gets_one_error_line_and_leaves_nothing(case, made, tmp_path, capsys, monkeypatch):
+    if case.non_root and hasattr(os, "geteuid") and os.geteuid() == 0:
+        pytest.skip("running as root, which reads any file")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("someone's")
+    names = {**{key: str(value) for key, value in made.items()}, "tmp": str(tmp_path), "occupied": str(occupied)}
+    monkeypatch.delenv(download.OFFLINE_ENV, raising=False)
+    monkeypatch.delenv("GPTLORA_SPAM_SOURCE", raising=False)
+    monkeypatch.setenv("GPTLORA_HF_BASE_URL", made["server"])  # nothing reaches the internet
+    monkeypatch.setenv("GPTLORA_SPAM_URL", made["server"] + "/spam.zip")
+    monkeypatch.setattr(download, "DEFAULT_BACKOFF_S", 0.0)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    try:
+        status = cli.main([argument.format(**names) for argument in case.argv])
+    except SystemExit as exit_:  # argparse's errors
+        status = exit_.code
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status not in (0, None), err
+    assert len(error_lines) == 1 and "Traceback" not in err and "unexpected" not in error_lines[0], err
+    assert case.expected in err, err
+    for path in case.absent:
+        assert not Path(path.format(**names)).exists(), path
+    if case.name == "finetune: occupied --out" or case.name == "export-peft: occupied --out":
+        assert os.listdir(occupied) == ["notes.txt"]
+
+
+def test_the_table_covers_every_subcommand_with_at_least_60_cases():
+    commands = {case.argv[0] for case in BAD_INPUTS}
+    subcommands = set(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert subcommands <= commands and len(BAD_INPUTS) >= 60
+    assert len({case.name for case in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+def test_debug_shows_the_traceback(capsys, monkeypatch):
+    from gptlora.cli_checks import DEBUG_ENV
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    with pytest.raises(ValueError, match="unknown GPT-2 preset"):
+        cli.main(["--debug", "download", "gpt2-tiny"])
+    with pytest.raises(ValueError, match="unknown GPT-2 preset"):
+        cli.main(["download", "gpt2-tiny", "--debug"])
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(ValueError, match="unknown GPT-2 preset"):
+        cli.main(["download", "gpt2-tiny"])
+
+
+def test_warnings_are_one_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    from gptlora import cli as cli_module
+
+    def warn_then_fail(args):
+        warnings.warn("something to know", UserWarning)
+        return 0
+
+    parser = cli_module.build_parser()
+    monkeypatch.setattr(cli_module, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["download"].set_defaults(func=warn_then_fail)
+    assert cli.main(["download", "gpt2-small"]) == 0
+    assert capsys.readouterr().err == "warning: something to know\n"
