@@ -19,7 +19,8 @@ from gptlora.download import OFFLINE_ENV
 from gptlora.locks import exclusive_lock, lock_path_for
 from gptlora.manifest import file_fingerprint
 
-DOWNLOAD_ONE_FILE = "import sys; from gptlora.download import download_file; print(download_file([sys.argv[1]], sys.argv[2]))"
+DOWNLOAD_ONE_FILE = ("import sys; from gptlora.download import download_file; "
+                     "print(download_file([sys.argv[1]], sys.argv[2]))")
 
 
 class HeldServer(LoopbackServer):

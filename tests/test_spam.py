@@ -185,3 +185,97 @@ def test_archive_members_outside_the_target_are_refused(tmp_path, spam_file):
         with pytest.raises(ValueError, match="outside"):
             spam.extract_member(zip_path, "SMSSpamCollection", tmp_path / "data" / "SMSSpamCollection")
         assert not (tmp_path / "SMSSpamCollection").exists() and not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------- the manifest of the prepared splits
+
+def small_source(path, ham=10, spam=10):
+    """A spam file of ``ham`` + ``spam`` short messages."""
+    path.write_text("".join(f"ham\tmessage {i}\n" for i in range(ham)) + "".join(f"spam\tWIN {i}\n" for i in range(spam)))
+    return path
+
+
+def test_a_different_source_rebuilds_the_splits_and_the_manifest_records_it(tmp_path, spam_file, monkeypatch):
+    import json
+    import warnings
+
+    from gptlora.manifest import file_fingerprint
+
+    data = tmp_path / "data"
+    monkeypatch.delenv("GPTLORA_SPAM_SOURCE", raising=False)
+    prepare_spam_data(data, source=spam_file)
+    manifest = json.loads((data / spam.MANIFEST_NAME).read_text())
+    assert manifest["source"] == str(spam_file.resolve()) and manifest["seed"] == 123
+    assert (manifest["source_size"], manifest["source_sha256"]) == (spam.SPAM_FILE_SIZE, spam.SPAM_FILE_SHA256)
+    assert {name: entry["sha256"] for name, entry in manifest["files"].items()} == {
+        name: file_fingerprint(path)["sha256"] for name, path in spam.split_paths(data).items()}
+
+    other = small_source(tmp_path / "other.tsv")
+    with pytest.warns(UserWarning, match=rf"were made from {spam_file.resolve()}, not from {other}; rebuilding"):
+        paths = prepare_spam_data(data, source=other)
+    assert sum(len(pd.read_parquet(path)) for path in paths.values()) == 20  # the file named was read
+    assert json.loads((data / spam.MANIFEST_NAME).read_text())["source_sha256"] == file_fingerprint(other)["sha256"]
+
+    monkeypatch.setattr(spam, "download_file", lambda *a, **k: pytest.fail("must not download"))
+    written = {name: path.stat().st_mtime_ns for name, path in paths.items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the same source again, or none: reused as they are
+        prepare_spam_data(data, source=other)
+        assert sum(len(pd.read_parquet(path)) for path in prepare_spam_data(data).values()) == 20
+    assert [str(w.message) for w in caught if "rebuilding" in str(w.message)] == []
+    assert {name: path.stat().st_mtime_ns for name, path in paths.items()} == written  # not rewritten
+    paths = prepare_spam_data(data, source=spam_file)
+    assert sum(len(pd.read_parquet(path)) for path in paths.values()) == 1494
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "manifest not JSON", "manifest of another seed", "split changed",
+                                    "split missing"])
+def test_a_folder_whose_manifest_does_not_check_out_is_rebuilt(tmp_path, damage, monkeypatch):
+    import json
+
+    monkeypatch.delenv("GPTLORA_SPAM_SOURCE", raising=False)
+    source, data = small_source(tmp_path / "mine.tsv", ham=30, spam=20), tmp_path / "data"
+    with pytest.warns(UserWarning, match="split will differ"):
+        good = {name: pd.read_parquet(path) for name, path in prepare_spam_data(data, source).items()}
+    manifest_path = data / spam.MANIFEST_NAME
+    if damage == "no manifest":
+        manifest_path.unlink()
+    elif damage == "manifest not JSON":
+        manifest_path.write_text('{"files": ')
+    elif damage == "manifest of another seed":
+        manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "seed": 7}))
+    elif damage == "split changed":
+        good["train"][:3].to_parquet(data / "train.parquet", index=False)
+    else:
+        (data / "test.parquet").unlink()
+    with pytest.warns(UserWarning, match=f"not reusing the splits in {data}"):
+        paths = prepare_spam_data(data, source)
+    for name, path in paths.items():
+        assert pd.read_parquet(path).equals(good[name]), name
+    assert spam.read_manifest(manifest_path, paths, spam.SPLIT_SEED)[0] is not None
+
+
+def test_the_smallest_file_the_split_takes_and_one_message_fewer(tmp_path):
+    frames = spam.balance_and_split(read_sms_spam(small_source(tmp_path / "ok.tsv", ham=5, spam=5)))
+    assert [len(frame) for frame in frames] == [7, 1, 2]
+    with pytest.raises(ValueError, match=r"found 5 ham and 4 spam messages: too few .* \(here 5 / 0 / 3 messages\)"):
+        spam.balance_and_split(read_sms_spam(small_source(tmp_path / "small.tsv", ham=5, spam=4)))
+
+
+def test_training_on_the_smallest_split_reports_no_nan(tmp_path, run_cli):
+    import json
+
+    from gptlora.hf_layout import config_to_hf
+    from gptlora.model import GPTConfig
+
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config_to_hf(GPTConfig(
+        vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1, qkv_bias=True))))
+    status, out = run_cli(["finetune", "--model", str(model), "--random-init", "--method", "full", "--epochs", "1",
+                           "--batch-size", "1", "--eval-iter", "1", "--spam-source",
+                           str(small_source(tmp_path / "ok.tsv", ham=5, spam=5)), "--data-dir", str(tmp_path / "d"),
+                           "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert status == 0 and "nan" not in out
+    assert [line.split(":")[0] for line in out.splitlines() if line.endswith("%")] == [
+        "train accuracy", "validation accuracy", "test accuracy"]
