@@ -191,7 +191,8 @@ def test_archive_members_outside_the_target_are_refused(tmp_path, spam_file):
 
 def small_source(path, ham=10, spam=10):
     """A spam file of ``ham`` + ``spam`` short messages."""
-    path.write_text("".join(f"ham\tmessage {i}\n" for i in range(ham)) + "".join(f"spam\tWIN {i}\n" for i in range(spam)))
+    path.write_text("".join(f"ham\tmessage {i}\n" for i in range(ham))
+                    + "".join(f"spam\tWIN {i}\n" for i in range(spam)))
     return path
 
 
