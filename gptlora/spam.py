@@ -235,6 +235,8 @@ def prepare_spam_data(data_dir: str | Path = "data", source: str | Path | None =
     paths = split_paths(data_dir)
     manifest_path = data_dir / MANIFEST_NAME
     source = source or os.environ.get("GPTLORA_SPAM_SOURCE") or None
+    if _reusable_without_writing(manifest_path, paths, source):  # no lock taken: a read-only folder works
+        return paths
     with exclusive_lock(lock_path_for(manifest_path), f"preparing the spam splits in {data_dir}"):
         recorded, problem = read_manifest(manifest_path, paths, SPLIT_SEED)
         if recorded is not None and source is None:
@@ -256,6 +258,16 @@ def prepare_spam_data(data_dir: str | Path = "data", source: str | Path | None =
         write_manifest(manifest_path, Path(source).resolve() if source else raw.resolve(), fingerprint, SPLIT_SEED,
                        paths)
     return paths
+
+
+def _reusable_without_writing(manifest_path: Path, paths: dict[str, Path], source) -> bool:
+    """True when the recorded splits serve ``source`` (None: any source) and checking needs no extraction."""
+    recorded, _ = read_manifest(manifest_path, paths, SPLIT_SEED)
+    if recorded is None or source is None:
+        return recorded is not None
+    source = Path(source)
+    return (source.is_file() and not zipfile.is_zipfile(source)
+            and file_fingerprint(source)["sha256"] == recorded["source_sha256"])
 
 
 # --- dataset and loaders ---------------------------------------------------------------

@@ -280,3 +280,10 @@ def test_training_on_the_smallest_split_reports_no_nan(tmp_path, run_cli):
     assert status == 0 and "nan" not in out
     assert [line.split(":")[0] for line in out.splitlines() if line.endswith("%")] == [
         "train accuracy", "validation accuracy", "test accuracy"]
+
+
+def test_reusing_prepared_splits_takes_no_lock_so_a_read_only_folder_works(tmp_path, spam_file, monkeypatch):
+    data = tmp_path / "data"
+    prepare_spam_data(data, source=spam_file)
+    monkeypatch.setattr(spam, "exclusive_lock", lambda *a, **k: pytest.fail("no lock needed to reuse the splits"))
+    assert prepare_spam_data(data) == prepare_spam_data(data, source=spam_file) == spam.split_paths(data)
