@@ -163,6 +163,8 @@ def os_error_in_words(error: OSError) -> str:
         blocking = next((part for part in (path, *path.parents) if part.is_file()), path)
         inside = f", so {path} cannot be made inside it" if blocking != path else ""
         return f"{blocking} is a file, not a directory{inside}; give the path of a folder (it is created if missing)"
+    if path is not None and error.errno == errno.EISDIR:
+        return f"{path} is a directory, not a file; expected a file there (remove or rename the directory)"
     if path is not None and error.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied for {path}; check its permissions or choose another path"
     if error.errno == errno.ENOSPC:

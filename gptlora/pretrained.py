@@ -100,6 +100,9 @@ def load_pretrained(name_or_dir: str | Path, models_dir: str | Path = "weights",
             raise ValueError(f"{str(name_or_dir)!r} is neither a directory nor a GPT-2 name: {error}") from None
         directory = download_gpt2(canonical, models_dir) if download else Path(models_dir) / canonical
     for file in CHECKPOINT_FILES:
+        if (directory / file).is_dir():
+            raise IsADirectoryError(f"{directory / file} is a directory, not a file; a checkpoint directory holds the "
+                                    f"files {' and '.join(CHECKPOINT_FILES)}")
         if not (directory / file).is_file():
             found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else "no such directory"
             raise FileNotFoundError(f"{directory / file} not found (found: {found}); a checkpoint directory holds "

@@ -91,6 +91,12 @@ BAD_INPUTS = [
     Bad("generate: config not JSON", ("generate", "--model", "{config_not_json}"), "is not valid JSON"),
     Bad("generate: config a list", ("generate", "--model", "{config_list}"), "expected a JSON object"),
     Bad("generate: config binary", ("generate", "--model", "{config_binary}"), "is not UTF-8 text"),
+    Bad("generate: config.json is a directory", ("generate", "--model", "{config_is_dir}"),
+        "config.json is a directory, not a file"),
+    Bad("generate: weights are a directory", ("generate", "--model", "{weights_are_dir}"),
+        "model.safetensors is a directory, not a file"),
+    Bad("generate: config.json unreadable", ("generate", "--model", "{config_unreadable}"), "permission denied for",
+        non_root=True),
     Bad("generate: config of another shape", ("generate", "--model", "{other_shape}"),
         "does not match the GPT-2 shape of its config.json"),
     Bad("generate: empty prompt", ("generate", "--random-init", "--model", "{tiny}", "--prompt", ""),
@@ -245,6 +251,13 @@ def made(tmp_path_factory, small_spam_data_dir):
     model_dir("config_list", raw_config=b"[1, 2, 3]")
     model_dir("config_binary", raw_config=bytes(range(128, 256)))
     model_dir("other_shape", {**TINY_HF, "n_embd": 64})
+    model_dir("config_is_dir", raw_config=b"{}")
+    (paths["config_is_dir"] / "config.json").unlink()
+    (paths["config_is_dir"] / "config.json").mkdir()
+    model_dir("weights_are_dir", weight_bytes=None)
+    (paths["weights_are_dir"] / "model.safetensors").mkdir()
+    model_dir("config_unreadable")
+    (paths["config_unreadable"] / "config.json").chmod(0)
 
     # Runs: a full one and a LoRA one, one epoch each on the small splits.
     for method in ("full", "lora"):
