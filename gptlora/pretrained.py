@@ -53,6 +53,10 @@ def hub_urls(name: str, file: str, base_url: str | list[str] | None = None) -> l
         base_url = os.environ.get(BASE_URL_ENV) or list(HUB_MIRRORS)
     bases = base_url.split(",") if isinstance(base_url, str) else base_url
     bases = [base.strip().rstrip("/") for base in bases if base.strip()]  # "a,b," has no third server
+    for base in bases:
+        if not base.startswith(("http://", "https://")):
+            raise ValueError(f"the base URL {base!r} (--base-url or {BASE_URL_ENV}) is not an http:// or https:// "
+                             "URL; give the server's address, e.g. https://huggingface.co")
     return [f"{base}/{HUB_REPOS[canonical_preset(name)]}/resolve/main/{file}" for base in bases]
 
 

@@ -55,6 +55,12 @@ BAD_INPUTS = [
                                               "{server}/nothing"), "HTTP 404",
         ("{tmp}/w/gpt2-small/config.json", "{tmp}/w/gpt2-small/config.json.part",
          "{tmp}/w/gpt2-small/config.json.lock")),
+    Bad("download: damaged answer", ("download", "gpt2-small", "--models-dir", "{tmp}/w", "--base-url",
+                                      "{server}/damaged"), "has SHA-256",
+        ("{tmp}/w/gpt2-small/config.json", "{tmp}/w/gpt2-small/config.json.part")),
+    Bad("download: base URL not a URL", ("download", "gpt2-small", "--models-dir", "{tmp}/w", "--base-url",
+                                         "huggingface.co"),
+        "'huggingface.co' (--base-url or GPTLORA_HF_BASE_URL) is not an http:// or https:// URL", ("{tmp}/w",)),
     Bad("download: --models-dir is a file", ("download", "gpt2-small", "--models-dir", "{a_file}"),
         "is a file, not a directory"),
     # --- generate: numbers
@@ -309,7 +315,10 @@ def made(tmp_path_factory, small_spam_data_dir):
         archive.writestr("readme.txt", "no spam here")
     paths["a_file"] = root / "a_file.txt"
     paths["a_file"].write_text("not a folder")
-    with LoopbackServer({}) as server:
+    damaged = "/damaged/openai-community/gpt2/resolve/main/config.json"
+    with LoopbackServer({damaged: (tiny / "config.json").read_bytes()}) as server:
+        server.corrupt.add(damaged)  # one byte flipped, while the Hub's headers give the true size and SHA-256
+        server.linked_headers = True
         paths["server"] = server.url
         yield paths
 
