@@ -9,7 +9,6 @@ it combines live in ``spam`` (data), ``classifier`` (head, loss, loop, plots) an
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path

@@ -11,7 +11,6 @@ safetensors files are read: never a pickle from the internet.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from pathlib import Path
