@@ -40,7 +40,7 @@ def cmd_generate(args) -> int:
     if args.random_init:
         print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)
     text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k)
+                         temperature=args.temperature, top_k=args.top_k, progress=True)
     print(text)
     return 0
 

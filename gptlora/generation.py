@@ -6,6 +6,7 @@ Shapes: ``B`` batch size, ``T`` tokens, ``V`` vocabulary size.
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .model import GPTModel
 
@@ -77,6 +78,7 @@ def generate(
     top_k: int | None = None,
     eos_id: int | None = None,
     use_cache: bool = True,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Extend the token ids ``idx`` (``[B, T]``) by up to ``max_new_tokens``; returns ``[B, T + n]``.
 
@@ -91,7 +93,8 @@ def generate(
     (default: its context length). Once the text is longer, the window slides and,
     because GPT-2's position embeddings are absolute, every token in it moves to a
     new position: cached keys no longer apply, so the window is recomputed from
-    scratch. Output is token-for-token the same as without the cache.
+    scratch. Output is token-for-token the same as without the cache. ``progress``
+    shows a bar of the tokens generated (on stderr; the ``gptlora generate`` command uses it).
     """
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"expected a prompt of token ids of shape [batch, tokens] with at least one token, "
@@ -100,7 +103,7 @@ def generate(
     context_size = min(context_size or model.cfg.context_length, model.cfg.context_length)
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
     cache = model.new_cache(idx.shape[0], context_size) if use_cache else None
-    for _ in range(max_new_tokens):
+    for _ in tqdm(range(max_new_tokens), desc="generating", unit="token", disable=not progress, leave=False):
         if not use_cache:
             logits = model(idx[:, -context_size:], last_only=True)
         elif 0 < cache.length < context_size:
