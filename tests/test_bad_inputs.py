@@ -388,3 +388,25 @@ def test_warnings_are_one_line(tmp_path, capsys, monkeypatch):
     parser._subparsers._group_actions[0].choices["download"].set_defaults(func=warn_then_fail)
     assert cli.main(["download", "gpt2-small"]) == 0
     assert capsys.readouterr().err == "warning: something to know\n"
+
+
+def test_range_helpers_accept_the_range_and_name_it_otherwise():
+    import argparse
+
+    from gptlora.cli_checks import positive_float, probability, real_number, whole_number
+
+    assert whole_number(2, 5)("5") == 5 and real_number(maximum=2.5)("-7") == -7.0 and probability()("0") == 0.0
+    for check, text, message in [
+        (whole_number(2, 5), "6", "expected a whole number from 2 to 5, found 6"),
+        (whole_number(), "x", "expected a whole number, found 'x'"),
+        (real_number(maximum=2.5), "3", "expected a finite number of at most 2.5, found '3'"),
+        (positive_float(), "-inf", "expected a finite number above 0, found '-inf'"),
+        (probability(), "0.999999", None),
+        (probability(), "1.0", "expected a finite number of at least 0 and below 1, found '1.0'"),
+    ]:
+        if message is None:
+            assert check(text) == float(text)
+            continue
+        with pytest.raises(argparse.ArgumentTypeError) as error:
+            check(text)
+        assert str(error.value) == message
