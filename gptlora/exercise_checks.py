@@ -59,7 +59,7 @@ def call(name: str, function, *args, **kwargs):
     if result is Ellipsis:
         _fail(f"`{name}` still returns `...`: write its body")
     if result is None:
-        _fail(f"`{name}` returned None: did you forget `return`?")
+        _fail(f"`{name}` returned None: write its body in place of the `...` and end it with `return`")
     return result
 
 

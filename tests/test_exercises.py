@@ -81,8 +81,13 @@ def scores(results) -> dict[str, float]:
     return {name: results.get_score(name) for name in results.test_files}
 
 
+def feedback(results, question: str, hidden: bool = False) -> str:
+    """The messages of a question's public (or hidden) checks, as ``grader.check`` shows them."""
+    return "\n".join(r.message for r in results.get_result(question).test_case_results if r.test_case.hidden == hidden)
+
+
 def public_feedback(results, question: str) -> str:
-    return "\n".join(r.message for r in results.get_result(question).test_case_results if not r.test_case.hidden)
+    return feedback(results, question)
 
 
 @pytest.mark.parametrize("master", MASTERS, ids=IDS)
@@ -162,12 +167,17 @@ def test_typical_mistakes_score_zero_and_are_named(master, built, grading_env, t
     wrong = with_mistakes(folder / "autograder" / master.name, mistakes, tmp_path / master.name)
     results, _ = grade(wrong, folder / "autograder.zip")
     mistaken = {m["question"] for m in mistakes}
+    assert len(mistaken) == len(mistakes), f"typical_mistakes.yaml: at most one mistake per question of {master.name}"
     expected = {name: (0 if name in mistaken else results.get_result(name).possible) for name in question_names(master)}
     assert scores(results) == expected
     for mistake in mistakes:
-        feedback = public_feedback(results, mistake["question"])
-        assert mistake["feedback"] in feedback, \
-            f"{master.name} {mistake['question']}: the feedback should name the mistake ({mistake['feedback']!r}); it was:\n{feedback}"
+        question, hidden = mistake["question"], mistake.get("caught_by", "public") == "hidden"
+        if hidden:
+            assert "failed" not in public_feedback(results, question), \
+                f"{master.name} {question}: this mistake is meant to pass the public checks:\n{public_feedback(results, question)}"
+        found = feedback(results, question, hidden)
+        assert mistake["feedback"] in found, \
+            f"{master.name} {question}: the feedback should name the mistake ({mistake['feedback']!r}); it was:\n{found}"
 
 
 @pytest.mark.slow
