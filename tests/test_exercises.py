@@ -77,6 +77,13 @@ def grade(notebook: Path, autograder: Path):
     return results, time.perf_counter() - start
 
 
+def grade_version(master: Path, folder: Path, version: str):
+    """Grade the ``version`` ("student" or "autograder", the solutions) that ``teach.build`` wrote in ``folder``."""
+    results, seconds = grade(folder / version / master.name, folder / "autograder.zip")
+    print(f"{master.stem}: {version} version graded in {seconds:.1f} s")  # shown with pytest -s
+    return results
+
+
 def scores(results) -> dict[str, float]:
     return {name: results.get_score(name) for name in results.test_files}
 
@@ -126,10 +133,8 @@ def test_student_version_carries_public_checks_only(master, built):
 @pytest.mark.slow
 @pytest.mark.parametrize("master", MASTERS, ids=IDS)
 def test_solution_scores_full_marks(master, built, grading_env):
-    folder = built(master)
-    results, seconds = grade(folder / "autograder" / master.name, folder / "autograder.zip")
-    print(f"{master.stem}: solution graded in {seconds:.1f} s")
-    failed = {name: public_feedback(results, name) or results.get_result(name).test_case_results
+    results = grade_version(master, built(master), "autograder")
+    failed = {name: public_feedback(results, name) + feedback(results, name, hidden=True)
               for name, score in scores(results).items() if score != results.get_result(name).possible}
     assert not failed, f"the solution of {master.name} lost points: {failed}"
     assert results.total == results.possible == len(question_names(master))
@@ -138,9 +143,7 @@ def test_solution_scores_full_marks(master, built, grading_env):
 @pytest.mark.slow
 @pytest.mark.parametrize("master", MASTERS, ids=IDS)
 def test_untouched_student_notebook_scores_zero(master, built, grading_env):
-    folder = built(master)
-    results, seconds = grade(folder / "student" / master.name, folder / "autograder.zip")
-    print(f"{master.stem}: blank student notebook graded in {seconds:.1f} s")
+    results = grade_version(master, built(master), "student")
     assert scores(results) == dict.fromkeys(question_names(master), 0), \
         f"an untouched {master.name} earned points: {scores(results)}"
     for name in question_names(master):
