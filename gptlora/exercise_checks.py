@@ -27,8 +27,13 @@ def _fail(message: str):
 def _describe(value) -> str:
     """A short description of ``value``: tensors by shape, dtype and a few entries."""
     if isinstance(value, torch.Tensor):
-        preview = value.detach().flatten()[:4].tolist()
-        return f"a {value.dtype} tensor of shape {list(value.shape)} starting {preview}"
+        if value.dim() == 0:
+            return f"a scalar tensor {value.item():.6g}"
+        preview = ", ".join(f"{v:.4g}" for v in value.detach().flatten()[:4].tolist())
+        return f"a {value.dtype} tensor of shape {list(value.shape)} starting [{preview}, ...]"
+    if isinstance(value, (tuple, list)) and any(isinstance(v, (torch.Tensor, tuple, list)) for v in value):
+        inner = ", ".join(_describe(v) for v in value)
+        return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -83,6 +88,11 @@ def _same(found, expected, atol: float, rtol: float) -> bool:
     return found == expected
 
 
+def _max_difference(found: torch.Tensor, expected: torch.Tensor) -> float:
+    difference = (found.detach().double() - expected.detach().double()).abs()
+    return difference.nan_to_num(nan=float("inf")).max().item() if difference.numel() else 0.0
+
+
 def diagnose(found, mistakes: dict | None, atol: float = 1e-6, rtol: float = 1e-5) -> str:
     """`` Likely mistake: ...`` when ``found`` equals the value of one of ``mistakes``
     (``{description: value that mistake gives}``), else ``""``."""
@@ -102,18 +112,25 @@ def expect(what: str, found, expected, mistakes: dict | None = None, hint: str =
     """
     if _same(found, expected, atol, rtol):
         return
+    diagnosis = diagnose(found, mistakes, atol, rtol)
+    nested = isinstance(expected, (tuple, list)) and any(isinstance(e, (torch.Tensor, tuple, list)) for e in expected)
+    if nested and not diagnosis and isinstance(found, (tuple, list)) and len(found) == len(expected):
+        for index, (found_item, expected_item) in enumerate(zip(found, expected)):  # name the first item that differs
+            expect(f"{what}, item {index}", found_item, expected_item, hint=hint, atol=atol, rtol=rtol)
     if isinstance(expected, torch.Tensor):
         if not isinstance(found, torch.Tensor):
             _fail(f"{what}: expected a tensor of shape {list(expected.shape)}, found {_describe(found)}")
         if found.shape != expected.shape:
             _fail(f"{what}: expected shape {list(expected.shape)}, found shape {list(found.shape)}."
-                  + (diagnose(found, mistakes, atol, rtol) or (f" {hint}" if hint else "")))
-        difference = (found.detach().double() - expected.detach().double()).abs().max().item()
-        message = (f"{what}: values differ from the expected ones by up to {difference:.3g} "
-                   f"(expected {_describe(expected)}, found {_describe(found)}).")
+                  + (diagnosis or (f" {hint}" if hint else "")))
+        found_nans = int(found.isnan().sum()) - int(expected.isnan().sum())
+        if found_nans > 0:
+            gap = f"hold {found_nans} NaN entries more than expected"  # e.g. a softmax over a row masked entirely
+        else:
+            gap = f"differ from the expected ones by up to {_max_difference(found, expected):.3g}"
+        message = f"{what}: values {gap} (expected {_describe(expected)}, found {_describe(found)})."
     else:
         message = f"{what}: expected {_describe(expected)}, found {_describe(found)}."
-    diagnosis = diagnose(found, mistakes, atol, rtol)
     _fail(message + (diagnosis or (f" {hint}" if hint else "")))
 
 

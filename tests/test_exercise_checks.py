@@ -48,3 +48,18 @@ def test_random_configs_differ_by_seed_and_are_valid():
     configs = {repr(random_gpt_config(seed)) for seed in range(10)}
     assert len(configs) == 10
     assert random_gpt_config(3, qkv_bias=True).qkv_bias is True
+
+
+def test_nan_entries_are_named_rather_than_a_nan_difference():
+    expected = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    found = torch.tensor([[float("nan"), float("nan")], [0.5, 0.5]])
+    with pytest.raises(ExerciseCheckFailed, match=r"values hold 2 NaN entries more than expected"):
+        expect("weights", found, expected)
+
+
+def test_nested_answers_name_the_first_item_that_differs():
+    expected = ((torch.zeros(2), torch.ones(1)), (torch.ones(2), torch.ones(1)))
+    found = ((torch.zeros(2), torch.ones(1)), (torch.ones(2), torch.zeros(1)))
+    with pytest.raises(ExerciseCheckFailed, match=r"^pairs, item 1, item 1: values differ .* by up to 1 \(expected a torch.float32 "
+                                                  r"tensor of shape \[1\] starting \[1, \.\.\.\]"):
+        expect("pairs", found, expected)
