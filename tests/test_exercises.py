@@ -221,3 +221,30 @@ def test_grade_folder_explains_bad_input(tmp_path, capsys):
 def test_build_explains_a_missing_master(tmp_path, capsys):
     assert teach.main(["build", str(tmp_path / "nope.ipynb"), "--out", str(tmp_path)]) == 2
     assert "master notebook" in capsys.readouterr().err
+
+
+def test_grade_folder_uses_otter_grade_when_docker_answers(tmp_path, monkeypatch):
+    """The Docker path hands the folder to ``otter grade`` and keeps its table (Docker itself is not run here)."""
+    import otter.grade
+
+    calls = []
+
+    def fake_otter_grade(**kwargs):
+        calls.append(kwargs)
+        (Path(kwargs["output_dir"]) / "final_grades.csv").write_text("file,q1,total_points_earned\nalice.ipynb,1.0,1.0\n")
+
+    monkeypatch.setattr(teach, "docker_available", lambda: True)
+    monkeypatch.setattr(otter.grade, "main", fake_otter_grade)
+    (tmp_path / "alice.ipynb").write_text("{}")
+    (tmp_path / "autograder.zip").write_bytes(b"")
+    out = teach.grade_folder(tmp_path, tmp_path / "autograder.zip", tmp_path / "scores.csv")
+    assert [call["paths"] for call in calls] == [[str(tmp_path)]] and calls[0]["autograder"] == str(tmp_path / "autograder.zip")
+    assert out.read_text() == "file,q1,total_points_earned\nalice.ipynb,1.0,1.0\n"
+
+
+def test_grade_folder_refuses_docker_when_none_answers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(teach, "docker_available", lambda: False)
+    (tmp_path / "alice.ipynb").write_text("{}")
+    (tmp_path / "autograder.zip").write_bytes(b"")
+    assert teach.main(["grade", str(tmp_path), "--autograder", str(tmp_path / "autograder.zip"), "--docker"]) == 2
+    assert "no Docker daemon answers" in capsys.readouterr().err
