@@ -23,6 +23,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXERCISE_DIR = REPO_ROOT / "exercises"
+SHARED = REPO_ROOT.parent / "shared"  # the offline data, as in conftest.py
 MASTERS = sorted(EXERCISE_DIR.glob("[0-9][0-9]_*.ipynb"))
 MISTAKES = yaml.safe_load((EXERCISE_DIR / "typical_mistakes.yaml").read_text())
 IDS = [path.stem for path in MASTERS]
@@ -59,12 +60,18 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture
-def grading_env(monkeypatch, spam_file):
-    """The environment otter's kernels inherit: this venv's kernel, one thread, offline data."""
+def grading_env(monkeypatch):
+    """The environment otter's kernels inherit: this venv's kernel, one thread, offline data.
+
+    Grading runs in a temporary folder, so data files are named by absolute paths (05 reads the
+    SMS Spam Collection from ../shared; without it, 05's kernel would try to download it).
+    """
     monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "1")  # the python3 kernel of this environment
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("GPTLORA_SPAM_SOURCE", str(spam_file))
     monkeypatch.setenv("GPTLORA_OFFLINE", "1")
+    spam_file = SHARED / "data" / "sms_spam_collection" / "SMSSpamCollection"
+    if spam_file.is_file():
+        monkeypatch.setenv("GPTLORA_SPAM_SOURCE", str(spam_file))
 
 
 def grade(notebook: Path, autograder: Path):
