@@ -294,8 +294,16 @@ class GPTModel(nn.Module):
     def embed(self, in_idx: torch.Tensor, past: int = 0) -> torch.Tensor:
         """Token plus position embeddings, after dropout: ``[B, T]`` -> ``[B, T, D]``."""
         self.check_input(in_idx, past)
-        positions = torch.arange(past, past + in_idx.shape[1], device=in_idx.device)
-        return self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
+        return self.embed_vectors(self.tok_emb(in_idx), past)
+
+    def embed_vectors(self, vectors: torch.Tensor, past: int = 0) -> torch.Tensor:
+        """Position embeddings added to input vectors ``[B, T, D]`` that follow ``past`` tokens, then dropout.
+
+        ``embed`` passes the token embeddings; prompt tuning passes its soft prompt
+        before them. The caller checks that ``past + T`` fits the context.
+        """
+        positions = torch.arange(past, past + vectors.shape[1], device=vectors.device)
+        return self.drop_emb(vectors + self.pos_emb(positions))
 
     def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits ``[B, T, V]`` for token ids ``[B, T]`` (``[B, 1, V]`` with ``last_only``).
@@ -306,13 +314,20 @@ class GPTModel(nn.Module):
         needs nothing else, and the head (``D x V``) is the largest matrix of the model.
         """
         past = cache.length if cache is not None else 0
-        x = self.embed(in_idx, past)
+        return self.forward_embedded(self.embed(in_idx, past), cache, last_only)
+
+    def forward_embedded(self, x: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                         output_from: int = 0) -> torch.Tensor:
+        """The blocks, final norm and head on embedded inputs ``[B, T, D]`` (from ``embed``): ``[B, T, V]``.
+
+        ``output_from`` applies the norm and head from that position on only (``[B, T - output_from, V]``):
+        prompt tuning drops its virtual tokens' outputs this way.
+        """
         for i, block in enumerate(self.trf_blocks):
             x = block(x, cache=cache, layer=i)
         if cache is not None:
-            cache.length += in_idx.shape[1]
-        if last_only:
-            x = x[:, -1:, :]
+            cache.length += x.shape[1]
+        x = x[:, -1:, :] if last_only else x[:, output_from:, :]
         return self.out_head(self.final_norm(x))
 
 
