@@ -28,8 +28,9 @@ from .distributed import set_sampler_epoch, sum_over_processes, world_size
 from .generation import END_OF_TEXT_ID
 from .lora import apply_lora, check_lora_hyperparameters
 from .model import GPTModel, evaluating
+from .prompt_tuning import PROMPT_METHODS, apply_virtual_tokens, prompt_method_options
 
-METHODS = ("last-block", "full", "lora")
+METHODS = ("last-block", "full", "lora", *PROMPT_METHODS)
 LABEL_NAMES = ("not spam", "spam")  # index = class id (ham 0, spam 1)
 
 
@@ -56,12 +57,15 @@ def lora_options(method_options: dict | None) -> dict:
 
 
 def method_settings(method: str, method_options: dict | None = None) -> dict | None:
-    """The checked, complete options of ``method``: ``lora_options`` for ``"lora"``; None for the
+    """The checked, complete options of ``method``: ``lora_options`` for ``"lora"``,
+    ``prompt_tuning.prompt_method_options`` for prompt and prefix tuning; None for the
     other methods, which take none (passing some is a ValueError rather than silently ignored).
     Calling it again on its own result gives the same result."""
     check_method(method)
     if method == "lora":
         return lora_options(method_options)
+    if method in PROMPT_METHODS:
+        return prompt_method_options(method, method_options)
     if method_options:
         raise ValueError(f"method {method!r} takes no options, found {sorted(method_options)}; "
                          "options such as rank and alpha belong to method 'lora'")
@@ -88,9 +92,13 @@ def prepare_for_classification(model: GPTModel, method: str, num_classes: int = 
       overrides ``LORA_DEFAULTS`` (rank 16, alpha 16, every linear layer, the new head
       included: 2,666,528 trainable parameters on gpt2-small). The head itself stays
       frozen, as the book has it; ``modules_to_save=["out_head"]`` trains it in full.
+    - ``prompt-tuning``/``prefix-tuning``: a soft prompt (or per-layer prefix) of
+      ``num_virtual_tokens`` (default 20, started from ``init_text``) and the head train;
+      ``model`` is frozen and returned *wrapped* (``prompt_tuning.VirtualTokenModel``).
 
     The new head draws its initial weights from PyTorch's global generator: call
-    ``torch.manual_seed`` first (the book uses 123). Modifies and returns ``model``.
+    ``torch.manual_seed`` first (the book uses 123). Modifies and returns ``model``
+    (wrapped, for the prompt methods: use the returned model).
     """
     options = method_settings(method, method_options)  # bad options fail before any change
     add_classification_head(model, num_classes)
@@ -100,6 +108,8 @@ def prepare_for_classification(model: GPTModel, method: str, num_classes: int = 
         model.requires_grad_(False)
         for part in (model.trf_blocks[-1], model.final_norm, model.out_head):
             part.requires_grad_(True)
+    elif method in PROMPT_METHODS:
+        return apply_virtual_tokens(model, method, options, modules_to_save=["out_head"])
     else:
         apply_lora(model, **options, verbose=False)  # freezes everything but the adapters
     return model

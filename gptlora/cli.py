@@ -53,7 +53,15 @@ def pick_device(name: str):
 
 
 def lora_method_options(args) -> dict | None:
-    """The ``--rank/--alpha/--targets/--scaling/--lora-dropout`` options as ``apply_lora`` keywords."""
+    """The ``--rank/--alpha/--targets/--scaling/--lora-dropout`` options as ``apply_lora`` keywords
+    (for the prompt methods: ``--num-virtual-tokens/--prompt-init-text/--random-prompt/--prefix-hidden``)."""
+    if args.method in ("prompt-tuning", "prefix-tuning"):
+        if args.random_prompt and args.prompt_init_text is not None:
+            raise ValueError("--random-prompt and --prompt-init-text both say how the prompt starts: give one")
+        options = dict(num_virtual_tokens=args.num_virtual_tokens, hidden=args.prefix_hidden)
+        if args.random_prompt or args.prompt_init_text is not None:  # else: the package's default text
+            options["init_text"] = None if args.random_prompt else args.prompt_init_text
+        return options
     if args.method != "lora":
         return None
     return dict(rank=args.rank, alpha=args.alpha, target_modules=args.targets, scaling=args.scaling,
@@ -210,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "directory's config.json)")
     fine.add_argument("--method", default="last-block",
                       help="last-block: last block + final norm + head (the book, default); full: everything; "
-                           "lora: low-rank adapters")
+                           "lora: low-rank adapters; prompt-tuning: a soft prompt + the head; prefix-tuning: "
+                           "learned keys and values at every layer + the head")
     fine.add_argument("--epochs", type=whole_number(1), default=5,
                       help="passes over the training split (default: 5)")
     fine.add_argument("--lr", type=positive_float(), default=None,
@@ -255,6 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "original appendix), alpha/sqrt(rank) (rsLoRA)")
     lora.add_argument("--lora-dropout", type=probability(), default=0.0,
                       help="dropout on the adapters' input (default: 0)")
+    prompt = fine.add_argument_group("prompt and prefix tuning (--method prompt-tuning / prefix-tuning)")
+    prompt.add_argument("--num-virtual-tokens", type=whole_number(1), default=20, metavar="N",
+                        help="virtual tokens before every message (default: 20)")
+    prompt.add_argument("--prompt-init-text", default=None, metavar="TEXT",
+                        help="text whose tokens (repeated or cut to N) start the prompt; for a prefix, their keys "
+                             "and values (default: 'Classify if the message is spam or not spam.\\n')")
+    prompt.add_argument("--random-prompt", action="store_true",
+                        help="start from random vocabulary rows (prompt) or random numbers (prefix) instead")
+    prompt.add_argument("--prefix-hidden", type=whole_number(1), default=None, metavar="WIDTH",
+                        help="prefix-tuning: make the prefix with the paper's MLP of this hidden width (default: off)")
     fine.set_defaults(func=cmd_finetune)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")

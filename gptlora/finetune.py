@@ -26,6 +26,8 @@ from .lora_io import BaseMismatchError, export_peft, load_adapter, save_adapter
 from .model import GPTConfig, GPTModel, canonical_preset, count_parameters
 from .prefix_cache import cache_frozen_prefix
 from .pretrained import HUB_REPOS, pretrained_or_random, safetensors_shapes, save_hf
+from .prompt_tuning import PROMPT_METHODS, VirtualTokenModel, check_virtual_tokens
+from .prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
 from .tensor_hash import tensors_sha256
 from .spam import create_dataloaders, split_paths
 
@@ -33,7 +35,11 @@ from .spam import create_dataloaders, split_paths
 # (alpha, 5e-5) carried over to alpha/rank: at rank 16, alpha 16 the update is 16 times smaller per
 # step, and Adam moves every entry by about the learning rate, so 16 x 5e-5 = 8e-4 (roughly equivalent).
 DEFAULT_LR = {"last-block": 5e-5, "full": 5e-5, "lora": 8e-4}
-ADAPTER_DIR = "adapter"  # inside a LoRA run directory: adapter_model.safetensors + adapter_config.json
+# Prompt and prefix tuning move a few vectors far from where they start: Lester et al. use 0.3 (Adafactor);
+# peft's AdamW examples 3e-2 (prompt) and 1e-2 (prefix).
+DEFAULT_LR.update({"prompt-tuning": 3e-2, "prefix-tuning": 1e-2})
+# Inside a LoRA, prompt- or prefix-tuning run directory: adapter_model.safetensors + adapter_config.json.
+ADAPTER_DIR = "adapter"
 # What a run writes in its directory (plot_history's two plots included), the checkpoint and the file
 # that load_classifier reads first coming first: --overwrite removes them in this order.
 RUN_FILES = (CHECKPOINT_NAME, "classifier.json", "classifier.safetensors", ADAPTER_DIR, "metrics.json",
@@ -114,10 +120,14 @@ def save_classifier(model: GPTModel, run_dir: str | Path, info: dict) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     if info["method"] == "lora":
         save_adapter(model, run_dir / ADAPTER_DIR, verbose=False)
+    elif info["method"] in PROMPT_METHODS:  # the prompt and the trained head, like a LoRA adapter
+        save_prompt(model, run_dir / ADAPTER_DIR, init_text=info["method_options"]["init_text"], verbose=False)
+        model = model.base
     else:
         with replace_atomically(run_dir / "classifier.safetensors") as tmp:
             save_model(model, str(tmp))  # save_model, unlike save_file, copes with tied (shared) tensors
-    full_info = {**info, "config": model.cfg.to_dict(), "num_classes": model.out_head.out_features}
+    head = getattr(model.out_head, "original", model.out_head)  # the frozen original of a trained copy
+    full_info = {**info, "config": model.cfg.to_dict(), "num_classes": head.out_features}
     write_json(full_info, run_dir / "classifier.json")
     return run_dir
 
@@ -134,7 +144,7 @@ def load_classifier(run_dir: str | Path, device="cpu", base: GPTModel | None = N
 
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    if info["method"] == "lora":
+    if info["method"] == "lora" or info["method"] in PROMPT_METHODS:
         return _load_lora_classifier(run_dir, info, base).to(device).eval(), info
     weights_path = _run_file(run_dir, "classifier.safetensors")
     model = GPTModel(GPTConfig(**info["config"]))
@@ -174,7 +184,8 @@ def _recorded_base_source(run_dir: Path, info: dict) -> dict:
 
 
 def _load_lora_classifier(run_dir: Path, info: dict, base: GPTModel | None, origin: str = "passed in") -> GPTModel:
-    """The base (given, or rebuilt from ``info["base_source"]``) + the seeded head + the run's adapter.
+    """The base (given, or rebuilt from ``info["base_source"]``) + the seeded head + the run's adapter
+    (for a prompt- or prefix-tuning run: the base wrapped with its prompt, see ``load_prompt``).
 
     ``origin`` says where a given ``base`` came from, for the message when it is not the run's base.
     """
@@ -187,6 +198,8 @@ def _load_lora_classifier(run_dir: Path, info: dict, base: GPTModel | None, orig
     torch.manual_seed(info["seed"])  # the head belongs to the base: the run's seed redraws it
     add_classification_head(base, info["num_classes"])
     try:
+        if info["method"] in PROMPT_METHODS:
+            return load_prompt(base, run_dir / ADAPTER_DIR)
         load_adapter(base, run_dir / ADAPTER_DIR)
     except BaseMismatchError as error:
         raise BaseMismatchError(f"{error}\nThe base was {origin}; the run {run_dir} needs the exact base it "
@@ -204,9 +217,9 @@ def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
     """
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    if info["method"] != "lora":
+    if info["method"] != "lora" and info["method"] not in PROMPT_METHODS:
         raise ValueError(f"{run_dir} is a {info['method']!r} run, which saves a whole model; only a "
-                         "`--method lora` run has an adapter to export")
+                         "`--method lora`, `prompt-tuning` or `prefix-tuning` run has an adapter to export")
     source = _recorded_base_source(run_dir, info)
     made_out_dir = not Path(out_dir).exists()
     try:
@@ -226,7 +239,8 @@ def _export(run_dir: Path, info: dict, source: dict, out_dir: str | Path) -> Pat
     else:
         base_name = HUB_REPOS[canonical_preset(source["model"])]
     model = _load_lora_classifier(run_dir, info, base, origin=f"rebuilt from {source}").eval()
-    return export_peft(model, out_dir, base_model_name_or_path=base_name)
+    export = export_prompt_peft if isinstance(model, VirtualTokenModel) else export_peft
+    return export(model, out_dir, base_model_name_or_path=base_name)
 
 
 # --- the whole recipe ------------------------------------------------------------------
@@ -285,8 +299,10 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     if max_length > model.cfg.context_length:
         raise ValueError(f"the longest training text has {max_length} tokens but the model's context length is "
                          f"{model.cfg.context_length}; use a model with a longer context")
+    if method in PROMPT_METHODS:  # the virtual tokens take room in the context too
+        check_virtual_tokens(method_options["num_virtual_tokens"], model.cfg.context_length, max_length)
     torch.manual_seed(seed)
-    prepare_for_classification(model, method, len(LABEL_NAMES), method_options).to(device)
+    model = prepare_for_classification(model, method, len(LABEL_NAMES), method_options).to(device)
     torch.manual_seed(seed)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     # foreach: one batched update for all tensors (PyTorch's default on GPUs, not on CPUs, where it

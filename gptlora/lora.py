@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-from .lora_layer import (SCALINGS, LinearWithLoRA, LoRALayer, ModuleToSave, amplification_factor,
+from .lora_layer import (BASE, SCALINGS, LinearWithLoRA, LoRALayer, ModuleToSave, amplification_factor,
                          check_lora_hyperparameters, lora_scaling, low_rank_approximation)
 from .model import count_parameters
 
@@ -28,7 +28,7 @@ __all__ = [
     "low_rank_approximation", "apply_lora", "inject_adapter", "linear_layer_names", "lora_layers",
     "saved_modules", "select_names", "adapter_parameters", "mark_trainable", "trainable_summary",
     "adapter_names", "set_adapter", "active_adapter", "disable_lora", "enable_lora", "lora_disabled",
-    "merge_lora", "unmerge_lora", "unload_lora",
+    "merge_lora", "unmerge_lora", "unload_lora", "BASE", "set_row_adapters",
 ]
 
 # ----------------------------------------------------------------------------- finding layers
@@ -197,6 +197,7 @@ def inject_adapter(model: nn.Module, adapter_name: str, targets: dict[str, tuple
             module = ModuleToSave(module)
             _set_submodule(model, name, module)
         module.add_adapter(adapter_name)
+    _enable_mixed_batches(model)
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> Iterator[nn.Parameter]:
@@ -312,3 +313,54 @@ def unload_lora(model: nn.Module, keep_merged: bool = False) -> nn.Module:
         else:
             _set_submodule(model, name, wrapper.current() if keep_merged else wrapper.original)
     return model
+
+
+# ----------------------------------------------------------------------------- mixed-adapter batches
+
+def set_row_adapters(model: nn.Module, row_adapters: list[str] | None, batch_size: int | None = None) -> None:
+    """Give every wrapper one adapter name per batch row (``BASE`` for none), or clear them with None.
+
+    Checked first, as ``peft`` does: a list of ``batch_size`` names of this model's
+    adapters, in eval mode (mixed batches are for serving), no adapter merged.
+    """
+    if row_adapters is not None:
+        known = adapter_names(model)
+        if isinstance(row_adapters, str) or not all(isinstance(name, str) for name in row_adapters):
+            raise ValueError(f"adapter_names must be a list with one adapter name per row, found {row_adapters!r}")
+        if batch_size is not None and len(row_adapters) != batch_size:
+            raise ValueError(f"adapter_names has {len(row_adapters)} names for a batch of {batch_size} rows; "
+                             "give one name per row")
+        unknown = sorted(set(row_adapters) - set(known) - {BASE})
+        if unknown:
+            raise ValueError(f"adapter_names {unknown} are not adapters of this model; it has {known or 'none'} "
+                             f"(and {BASE!r} for the base model)")
+        if model.training:
+            raise ValueError("adapter_names mixes adapters in one batch for inference only; call model.eval() first")
+        _refuse_if_merged(model, "mix adapters in one batch")
+    for wrapper in lora_wrappers(model).values():
+        wrapper.row_adapters = None if row_adapters is None else list(row_adapters)
+
+
+def _take_adapter_names(model, args, kwargs):
+    """Forward pre-hook: ``model(x, adapter_names=[...])`` sets each row's adapter for this call only."""
+    names = kwargs.pop("adapter_names", None)
+    if names is not None:
+        batch = args[0] if args else next(iter(kwargs.values()), None)
+        set_row_adapters(model, names, batch.shape[0] if hasattr(batch, "shape") else None)
+        model._rows_routed = True
+    return args, kwargs
+
+
+def _clear_adapter_names(model, args, kwargs, output):
+    if getattr(model, "_rows_routed", False):
+        set_row_adapters(model, None)
+        model._rows_routed = False
+
+
+def _enable_mixed_batches(model: nn.Module) -> None:
+    """Let ``model(x, adapter_names=[...])`` route rows (``peft``'s API), without the model's forward knowing:
+    a pre-hook takes the names out of the call and a hook clears them after it, even after an error."""
+    if not getattr(model, "_takes_adapter_names", False):
+        model.register_forward_pre_hook(_take_adapter_names, with_kwargs=True)
+        model.register_forward_hook(_clear_adapter_names, with_kwargs=True, always_call=True)
+        model._takes_adapter_names = True

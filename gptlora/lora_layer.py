@@ -53,6 +53,17 @@ def lora_scaling(alpha: float, rank: int, scaling: str) -> float:
     return SCALINGS[scaling](alpha, rank)
 
 
+BASE = "__base__"  # in a mixed batch, the rows that use no adapter (as in peft)
+
+
+def rows_by_adapter(row_adapters: list[str], device=None) -> dict[str, torch.Tensor]:
+    """``{adapter name: row indices [k]}`` for a mixed batch, names in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(row_adapters):
+        groups.setdefault(name, []).append(row)
+    return {name: torch.tensor(rows, device=device) for name, rows in groups.items()}
+
+
 class LoRALayer(nn.Module):
     """The low-rank update alone: ``[..., in_dim] -> [..., out_dim]``, ``scaling * dropout(x) @ A @ B``.
 
@@ -101,6 +112,7 @@ class LinearWithLoRA(nn.Module):
         self.lora = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.enabled = True
+        self.row_adapters: list[str] | None = None  # one adapter name per batch row, during a mixed batch
         self._unmerged_weight: nn.Parameter | None = None  # set while an adapter is merged
         if rank is not None:
             self.add_adapter(adapter_name, rank, alpha, dropout, scaling)
@@ -123,7 +135,11 @@ class LinearWithLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)
-        if self._uses_lora():
+        if self.row_adapters is not None and self.enabled:  # a mixed batch: each row its own adapter
+            for name, rows in rows_by_adapter(self.row_adapters, x.device).items():
+                if name in self.lora:  # a layer without that adapter gives those rows the base output
+                    out[rows] += self.lora[name](x[rows])
+        elif self._uses_lora():
             out = out + self.lora[self.active_adapter](x)
         return out
 
@@ -164,6 +180,7 @@ class ModuleToSave(nn.Module):
         self.copies = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.enabled = True
+        self.row_adapters: list[str] | None = None  # one adapter name per batch row, during a mixed batch
 
     def add_adapter(self, name: str) -> None:
         """Add a trainable copy of ``original`` for adapter ``name`` (a deep copy: tied weights come untied)."""
@@ -176,8 +193,15 @@ class ModuleToSave(nn.Module):
         use_copy = self.enabled and self.active_adapter in self.copies
         return self.copies[self.active_adapter] if use_copy else self.original
 
-    def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.row_adapters is None or not self.enabled:
+            return self.current()(x, *args, **kwargs)
+        # A mixed batch: each group of rows through its adapter's copy (or the original), then back in order.
+        groups = rows_by_adapter(self.row_adapters, x.device)
+        parts = [self.copies[name](x[rows], *args, **kwargs) if name in self.copies else
+                 self.original(x[rows], *args, **kwargs) for name, rows in groups.items()]
+        order = torch.argsort(torch.cat(list(groups.values())))
+        return torch.cat(parts)[order]
 
 
 # ----------------------------------------------------------------------------- understanding LoRA

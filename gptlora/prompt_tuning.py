@@ -256,3 +256,50 @@ def activations_as_prefix(base: GPTModel, token_ids: list[int]) -> torch.Tensor:
     keys = torch.stack([k[0, :, :n] for k in cache.keys])  # [L, H, n, hd]
     values = torch.stack([v[0, :, :n] for v in cache.values])
     return torch.stack([keys, values], dim=1).permute(3, 0, 1, 2, 4).reshape(n, cfg.n_layers * 2 * cfg.emb_dim)
+
+
+# ----------------------------------------------------------------------------- as a fine-tuning method
+
+# The options of `--method prompt-tuning` / `prefix-tuning` (hidden: the prefix MLP's width, prefix only).
+PROMPT_DEFAULTS = dict(num_virtual_tokens=20, init_text=DEFAULT_INIT_TEXT, hidden=None)
+
+
+def prompt_method_options(method: str, method_options: dict | None) -> dict:
+    """``PROMPT_DEFAULTS`` updated with ``method_options``, checked (``ValueError`` naming the bad one).
+
+    ``init_text=None`` starts from random vocabulary rows (prompt) or random draws (prefix).
+    """
+    unknown = sorted(set(method_options or {}) - set(PROMPT_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown {method} option(s) {unknown}; expected some of {', '.join(PROMPT_DEFAULTS)}")
+    options = {**PROMPT_DEFAULTS, **(method_options or {})}
+    check_virtual_tokens(options["num_virtual_tokens"], context_length=options["num_virtual_tokens"] + 1)
+    text = options["init_text"]
+    if text is not None and (not isinstance(text, str) or not text.strip()):
+        raise ValueError(f"the prompt's init text must be a non-empty sentence describing the task, found {text!r}; "
+                         "leave it out for the default, or ask for a random start")
+    hidden = options["hidden"]
+    if hidden is not None and method != "prefix-tuning":
+        raise ValueError(f"a hidden width (the reparameterisation MLP) belongs to prefix-tuning, not {method}")
+    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+        raise ValueError(f"the prefix MLP's hidden width must be a positive integer (e.g. 512), found {hidden!r}")
+    return options
+
+
+def apply_virtual_tokens(base: GPTModel, method: str, options: dict, modules_to_save=None) -> VirtualTokenModel:
+    """``apply_prompt_tuning`` or ``apply_prefix_tuning`` with checked ``options`` (``prompt_method_options``).
+
+    The init text is encoded with GPT-2's tokenizer and repeated or cut to the number of
+    virtual tokens. For a prefix with its MLP, the text starts the MLP's input vectors.
+    """
+    from .generation import get_tokenizer
+
+    n, text, hidden = options["num_virtual_tokens"], options["init_text"], options["hidden"]
+    init_ids = init_token_ids(text, get_tokenizer(), n) if text is not None else None
+    if method == "prompt-tuning":
+        return apply_prompt_tuning(base, n, init_ids, modules_to_save)
+    model = apply_prefix_tuning(base, n, hidden, init_ids, modules_to_save)
+    if hidden is not None and init_ids is not None:
+        with torch.no_grad():
+            model.prompt.embedding.copy_(base.tok_emb(torch.tensor(init_ids, device=base.tok_emb.weight.device)))
+    return model
