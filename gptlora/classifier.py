@@ -306,7 +306,7 @@ def plot_history(history: TrainingHistory, out_dir: str | Path) -> list[Path]:
 # --- using a trained classifier --------------------------------------------------------
 
 def classify(text: str, model: GPTModel, tokenizer, device, max_length: int, pad_to_max_length: bool = True,
-             pad_token_id: int = END_OF_TEXT_ID) -> str:
+             pad_token_id: int = END_OF_TEXT_ID, adapter_names: list[str] | None = None) -> str | list[str]:
     """``"spam"`` or ``"not spam"`` for one message.
 
     The text is prepared as in training: cut to its first ``max_length`` tokens
@@ -314,6 +314,10 @@ def classify(text: str, model: GPTModel, tokenizer, device, max_length: int, pad
     book's way, padded to ``max_length`` and read at the last position; with
     ``pad_to_max_length=False`` (dynamic padding) read at its own last token.
     Empty or blank text raises ``ValueError``: there is nothing to classify.
+
+    ``adapter_names`` (LoRA adapters of ``model``) classifies the text with each of them
+    in one batch, one row per adapter (``model(ids, adapter_names=...)``), and returns
+    one label per adapter.
     """
     if not text.strip():
         raise ValueError("cannot classify an empty message; pass at least one non-blank character")
@@ -323,5 +327,9 @@ def classify(text: str, model: GPTModel, tokenizer, device, max_length: int, pad
     if pad_to_max_length:
         ids = ids + [pad_token_id] * (max_length - len(ids))
     with evaluating(model):
+        if adapter_names is not None:
+            rows = torch.tensor([ids] * len(adapter_names), device=device)
+            logits = classification_logits(model(rows, adapter_names=adapter_names))
+            return [LABEL_NAMES[int(label)] for label in logits.argmax(dim=-1)]
         logits = classification_logits(model(torch.tensor([ids], device=device)))
     return LABEL_NAMES[int(logits.argmax(dim=-1))]

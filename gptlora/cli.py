@@ -164,7 +164,16 @@ def cmd_classify(args) -> int:
     from .generation import get_tokenizer
 
     device = pick_device(args.device)
-    model, info = load_classifier(args.run, device)
+    if len(args.run) > 1:  # LoRA runs on one base: one batch, a row per run
+        from .finetune import load_runs_sharing_a_base
+
+        model, names, info = load_runs_sharing_a_base(args.run, device)
+        labels = classify(args.text, model, get_tokenizer(), device, info["max_length"],
+                          pad_to_max_length=not info["dynamic_padding"], adapter_names=names)
+        for run, label in zip(args.run, labels):
+            print(f"{run}: {label}")
+        return 0
+    model, info = load_classifier(args.run[0], device)
     print(classify(args.text, model, get_tokenizer(), device, info["max_length"],
                    pad_to_max_length=not info["dynamic_padding"]))
     return 0
@@ -277,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     fine.set_defaults(func=cmd_finetune)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
-    cls.add_argument("--run", required=True, help="the --out directory of a finetune run")
+    cls.add_argument("--run", required=True, action="append",
+                     help="the --out directory of a finetune run; repeat it for several LoRA runs that share a "
+                          "base: they classify the text in one batch, one row each")
     cls.add_argument("text", help="the message to label")
     cls.add_argument("--device", default="auto", type=device_name, help="auto (cuda if available), cpu, cuda, ...")
     cls.set_defaults(func=cmd_classify)

@@ -154,6 +154,36 @@ def load_classifier(run_dir: str | Path, device="cpu", base: GPTModel | None = N
     return model.to(device).eval(), info
 
 
+def load_runs_sharing_a_base(run_dirs, device="cpu") -> tuple[GPTModel, list[str], dict]:
+    """One base carrying the adapters of several LoRA runs, for classifying with all of them in one batch.
+
+    The runs must share their base (same ``base_source`` and seed, so the same head;
+    each adapter's fingerprint is checked too) and their padding settings. Returns the
+    model (eval mode), the adapter names (``run0``, ``run1``, ... in the order given, for
+    ``model(ids, adapter_names=...)``) and the shared run info.
+    """
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    infos = [read_run_info(run_dir) for run_dir in run_dirs]
+    for run_dir, info in zip(run_dirs, infos):
+        if info["method"] != "lora":
+            raise ValueError(f"{run_dir} is a {info['method']!r} run; only LoRA runs share a base in one batch: "
+                             "classify it with --run alone")
+    shared = ("base_source", "seed", "num_classes", "max_length", "dynamic_padding")
+    for run_dir, info in zip(run_dirs[1:], infos[1:]):
+        differ = [key for key in shared if info.get(key) != infos[0].get(key)]
+        if differ:
+            raise ValueError(f"{run_dir} and {run_dirs[0]} differ in {', '.join(differ)}, so they cannot share "
+                             "one base in one batch; classify them one --run at a time")
+    source = _recorded_base_source(run_dirs[0], infos[0])
+    base = load_base(source)
+    torch.manual_seed(infos[0]["seed"])  # the head belongs to the base, as in _load_lora_classifier
+    add_classification_head(base, infos[0]["num_classes"])
+    names = [f"run{index}" for index in range(len(run_dirs))]
+    for run_dir, name in zip(run_dirs, names):
+        load_adapter(base, run_dir / ADAPTER_DIR, adapter_name=name)
+    return base.to(device).eval(), names, infos[0]
+
+
 RUN_INFO_KEYS = ("method", "max_length", "num_classes", "config", "dynamic_padding")  # what every run records
 
 
@@ -219,7 +249,7 @@ def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
     info = read_run_info(run_dir)
     if info["method"] != "lora" and info["method"] not in PROMPT_METHODS:
         raise ValueError(f"{run_dir} is a {info['method']!r} run, which saves a whole model; only a "
-                         "`--method lora`, `prompt-tuning` or `prefix-tuning` run has an adapter to export")
+                         "`--method lora` run has an adapter to export (or a prompt- or prefix-tuning run)")
     source = _recorded_base_source(run_dir, info)
     made_out_dir = not Path(out_dir).exists()
     try:

@@ -1,0 +1,121 @@
+"""Prompt and prefix tuning of the spam classifier from the command line, and several LoRA runs in one batch."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gptlora.classifier import calc_accuracy_loader, classify
+from gptlora.finetune import ADAPTER_DIR, load_classifier
+from gptlora.hf_layout import config_to_hf
+from gptlora.lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from gptlora.model import GPTConfig
+from gptlora.prompt_tuning import PrefixTunedGPT, PromptTunedGPT
+from gptlora.spam import create_dataloaders
+
+MESSAGE = "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
+TINY = GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
+                 qkv_bias=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-base") / "tiny"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config_to_hf(TINY)))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir, small_spam_data_dir, tmp_path_factory):
+    """One epoch on the small splits from a random base: prompt tuning, prefix tuning with its MLP, two LoRAs."""
+    from conftest import run_cli_on_one_thread
+
+    root = tmp_path_factory.mktemp("prompt-runs")
+    common = ["finetune", "--model", str(tiny_dir), "--random-init", "--epochs", "1", "--data-dir",
+              str(small_spam_data_dir), "--device", "cpu"]
+    options = {"prompt": ["--method", "prompt-tuning", "--num-virtual-tokens", "5"],
+               "prefix": ["--method", "prefix-tuning", "--num-virtual-tokens", "4", "--prefix-hidden", "8"],
+               "lora2": ["--method", "lora", "--rank", "2"],
+               "lora4": ["--method", "lora", "--rank", "4", "--targets", "W_query", "W_value"]}
+    result = {}
+    for name, extra in options.items():
+        status, stdout = run_cli_on_one_thread(common + extra + ["--out", str(root / name)])
+        assert status == 0, (name, stdout)
+        result[name] = SimpleNamespace(run=root / name, stdout=stdout,
+                                       metrics=json.loads((root / name / "metrics.json").read_text()))
+    return result
+
+
+@pytest.mark.parametrize("name, kind, trainable", [
+    ("prompt", PromptTunedGPT, 5 * 64 + 2 * 64 + 2),  # the soft prompt [5, 64] and the head
+    ("prefix", PrefixTunedGPT, 4 * 64 + (64 * 8 + 8) + (8 * 2 * 2 * 64 + 2 * 2 * 64) + 2 * 64 + 2),
+])
+def test_prompt_runs_save_the_prompt_and_head_alone_and_reload(runs, name, kind, trainable, small_spam_data_dir,
+                                                               tokenizer, run_cli):
+    run = runs[name]
+    assert run.metrics["trainable_parameters"] == trainable
+    assert f"trainable parameters: {trainable:,}" in run.stdout
+    assert run.metrics["lr"] == {"prompt": 3e-2, "prefix": 1e-2}[name]
+    assert sorted(p.name for p in (run.run / ADAPTER_DIR).iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    assert not (run.run / "classifier.safetensors").exists()
+    assert (run.run / ADAPTER_DIR / ADAPTER_WEIGHTS).stat().st_size < 4 * trainable + 2_000  # no base inside
+
+    loaded, info = load_classifier(run.run)
+    assert isinstance(loaded, kind) and info["method_options"]["init_text"].startswith("Classify if the message")
+    _, val_loader, test_loader = create_dataloaders(small_spam_data_dir, tokenizer)
+    for split, loader in (("validation", val_loader), ("test", test_loader)):
+        assert calc_accuracy_loader(loader, loaded, "cpu") == run.metrics["accuracy"][split], split
+    status, printed = run_cli(["classify", "--run", str(run.run), MESSAGE, "--device", "cpu"])
+    assert status == 0 and printed.strip() == classify(MESSAGE, loaded, tokenizer, "cpu", info["max_length"])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_export_peft_of_a_prompt_run_reproduces_it(runs, tokenizer, tmp_path, run_cli):
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    out = tmp_path / "peft"
+    status, _ = run_cli(["export-peft", "--run", str(runs["prompt"].run), "--out", str(out)])
+    assert status == 0
+    hf_model = transformers.GPT2ForSequenceClassification.from_pretrained(out / "base", num_labels=2).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf_model, str(out)).eval()
+    loaded, _ = load_classifier(runs["prompt"].run)
+    x = torch.tensor([tokenizer.encode(MESSAGE)])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=x).logits, loaded(x)[:, -1, :], atol=1e-4, rtol=0)
+
+
+def test_several_lora_runs_classify_in_one_batch(runs, run_cli, capsys):
+    singles = [run_cli(["classify", "--run", str(runs[name].run), MESSAGE, "--device", "cpu"])[1].strip()
+               for name in ("lora2", "lora4")]
+    status, printed = run_cli(["classify", "--run", str(runs["lora2"].run), "--run", str(runs["lora4"].run),
+                               MESSAGE, "--device", "cpu"])
+    assert status == 0
+    assert printed.splitlines() == [f"{runs['lora2'].run}: {singles[0]}", f"{runs['lora4'].run}: {singles[1]}"]
+
+    capsys.readouterr()
+    status, _ = run_cli(["classify", "--run", str(runs["lora2"].run), "--run", str(runs["prompt"].run), MESSAGE])
+    assert status == 1
+    assert capsys.readouterr().err.strip().endswith(
+        "is a 'prompt-tuning' run; only LoRA runs share a base in one batch: classify it with --run alone")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--num-virtual-tokens", "0"], "the number of virtual tokens must be a positive integer (e.g. 20), found 0"),
+    (["--num-virtual-tokens", "100"], "100 virtual tokens + 120 tokens of input exceed the context length 128; "
+                                      "use at most 8 virtual tokens"),
+    (["--prompt-init-text", " "], "the prompt's init text must be a non-empty sentence"),
+    (["--prompt-init-text", "spam?", "--random-prompt"], "--random-prompt and --prompt-init-text both say"),
+    (["--prefix-hidden", "16"], "a hidden width (the reparameterisation MLP) belongs to prefix-tuning"),
+])
+def test_bad_prompt_options_are_one_line_and_leave_nothing(options, message, tiny_dir, small_spam_data_dir,
+                                                           tmp_path, capsys):
+    from gptlora import cli
+
+    status = cli.main(["finetune", "--model", str(tiny_dir), "--random-init", "--method", "prompt-tuning",
+                       "--data-dir", str(small_spam_data_dir), "--out", str(tmp_path / "run"), *options])
+    err = capsys.readouterr().err
+    assert status == 1 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
