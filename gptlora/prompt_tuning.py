@@ -214,7 +214,7 @@ def apply_prompt_tuning(base: GPTModel, num_virtual_tokens: int, init_ids: list[
     """
     check_virtual_tokens(num_virtual_tokens, base.cfg.context_length)
     if init_ids is None:
-        init_ids = torch.randint(base.cfg.vocab_size, (num_virtual_tokens,)).tolist()
+        init_ids = torch.randint(base.cfg.vocab_size, (num_virtual_tokens,), device="cpu").tolist()
     if len(init_ids) != num_virtual_tokens:
         raise ValueError(f"expected {num_virtual_tokens} init token ids, found {len(init_ids)}; see init_token_ids")
     with torch.no_grad():

@@ -1,0 +1,92 @@
+"""Five fine-tuning methods side by side on the spam task: what each trains, saves, costs and reaches.
+
+``compare_methods`` runs ``finetune_spam`` once per method on fresh copies of one
+base and measures, for each: trainable parameters, the bytes its run directory needs
+for the weights (the whole model, or the adapter / prompt alone), the time and the
+peak resident-memory rise of one training step (batch ``[8, 120]``, forward +
+backward + AdamW, best of a few), and the accuracies. ``trainable_on_meta`` counts
+the trainable parameters of any GPT-2 size without allocating it.
+
+On a base of random weights the accuracies say little about the methods: what a
+soft prompt or a prefix can do depends on what the frozen model already knows.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .classifier import METHODS, calc_loss_batch, prepare_for_classification, split_batch
+from .finetune import ADAPTER_DIR, finetune_spam
+from .memory import PeakRSS
+from .model import GPTConfig, GPTModel, count_parameters
+from .prompt_tuning import PROMPT_METHODS
+from .spam import create_dataloaders
+
+# Learning rates of the comparison: the method defaults, except full and last-block, whose 5e-5 suits
+# pretrained weights; from random weights they need 1e-3 (the README's tiny runs).
+COMPARISON_LR = {"full": 1e-3, "last-block": 1e-3, "lora": None, "prompt-tuning": None, "prefix-tuning": None}
+
+
+def weights_bytes(run_dir: str | Path) -> int:
+    """Bytes of the weight files a run directory needs: ``classifier.safetensors``, or ``adapter/`` whole."""
+    run_dir = Path(run_dir)
+    if (run_dir / ADAPTER_DIR).is_dir():
+        return sum(path.stat().st_size for path in (run_dir / ADAPTER_DIR).iterdir())
+    return (run_dir / "classifier.safetensors").stat().st_size
+
+
+def time_training_step(model, batch, repeats: int = 3) -> tuple[float, int]:
+    """``(seconds, bytes)``: the fastest of ``repeats`` AdamW training steps on ``batch`` (after one
+    untimed), and the peak rise of resident memory over all of them (optimizer state included)."""
+    inputs, labels, lengths = split_batch(batch, "cpu")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    model.train()
+    times = []
+    with PeakRSS() as memory:
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            calc_loss_batch(inputs, labels, model, "cpu", lengths).backward()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+    return min(times[1:]), memory.rise
+
+
+def compare_methods(make_base: Callable[[], GPTModel], data_dir, tokenizer, runs_dir, methods=METHODS,
+                    epochs: int = 3, seed: int = 123, lrs: dict | None = None, progress: bool = False) -> list[dict]:
+    """Fine-tune a fresh ``make_base()`` with each of ``methods`` (run directories in ``runs_dir/METHOD``).
+
+    Returns one dict per method: ``method``, ``trainable``, ``saved_bytes``, ``step_seconds``,
+    ``peak_memory_bytes``, ``lr``, ``train``/``validation``/``test`` accuracy (0 to 1).
+    ``lrs`` maps methods to learning rates (default :data:`COMPARISON_LR`; None: the method's default).
+    """
+    lrs = {**COMPARISON_LR, **(lrs or {})}
+    torch.manual_seed(seed)
+    step_batch = next(iter(create_dataloaders(data_dir, tokenizer, batch_size=8)[0]))
+    rows = []
+    for method in methods:
+        run_dir = Path(runs_dir) / method
+        metrics = finetune_spam(make_base(), tokenizer, data_dir, run_dir, method, epochs=epochs, lr=lrs.get(method),
+                                seed=seed, progress=progress)
+        torch.manual_seed(seed)
+        model = prepare_for_classification(make_base(), method)
+        seconds, memory = time_training_step(model, step_batch)
+        rows.append(dict(method=method, trainable=metrics["trainable_parameters"], saved_bytes=weights_bytes(run_dir),
+                         step_seconds=seconds, peak_memory_bytes=memory, lr=metrics["lr"], **metrics["accuracy"]))
+    return rows
+
+
+def trainable_on_meta(method: str, preset: str = "gpt2-small") -> int:
+    """Trainable parameters of ``method`` on a GPT-2 size (released layout: q/k/v biases, tied head),
+    built on the meta device: shapes only, nothing allocated."""
+    with torch.device("meta"):
+        model = GPTModel(GPTConfig.from_preset(preset, qkv_bias=True))
+        model.tie_weights()
+        # (a prompt's start does not change the count, and a prefix started from text would run the model)
+        model = prepare_for_classification(model, method, method_options={"init_text": None}
+                                           if method in PROMPT_METHODS else None)
+    return count_parameters(model, trainable_only=True)
