@@ -13,7 +13,6 @@ import os
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from bench_model import gpt2_small
@@ -22,7 +21,8 @@ from common import SHARED, PeakRSS
 from gptlora.classifier import prepare_for_classification, train_classifier
 from gptlora.generation import get_tokenizer
 from gptlora.prefix_cache import cache_frozen_prefix
-from gptlora.spam import SPLITS, create_dataloaders, prepare_spam_data
+from gptlora.method_comparison import first_messages
+from gptlora.spam import create_dataloaders, prepare_spam_data
 
 VARIANTS = {  # name: (dynamic padding with length bucketing, frozen-prefix cache)
     "plain loop (book: 120-token rows)": (False, False),
@@ -36,14 +36,10 @@ def spam_splits(work_dir: Path, messages: int | None) -> Path:
     """The book's split in ``work_dir`` (from ``$GPTLORA_SPAM_SOURCE`` or ``../shared``); with ``messages``,
     only the first ``messages`` rows of each split (for a quick run)."""
     source = os.environ.get("GPTLORA_SPAM_SOURCE") or SHARED / "data/sms_spam_collection/SMSSpamCollection"
-    full = prepare_spam_data(work_dir / "full", source=source)
+    prepare_spam_data(work_dir / "full", source=source)
     if messages is None:
         return work_dir / "full"
-    quick = work_dir / f"first-{messages}"
-    quick.mkdir(exist_ok=True)
-    for split in SPLITS:
-        pd.read_parquet(full[split]).head(messages).to_parquet(quick / f"{split}.parquet", index=False)
-    return quick
+    return first_messages(work_dir / "full", work_dir / f"first-{messages}", messages)
 
 
 def one_epoch(model, initial: dict, data_dir: Path, tokenizer, dynamic: bool, cache: bool) -> dict:

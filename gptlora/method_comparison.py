@@ -24,11 +24,22 @@ from .finetune import ADAPTER_DIR, finetune_spam
 from .memory import PeakRSS
 from .model import GPTConfig, GPTModel, count_parameters
 from .prompt_tuning import PROMPT_METHODS
-from .spam import create_dataloaders
+from .spam import create_dataloaders, split_paths
 
 # Learning rates of the comparison: the method defaults, except full and last-block, whose 5e-5 suits
 # pretrained weights; from random weights they need 1e-3 (the README's tiny runs).
 COMPARISON_LR = {"full": 1e-3, "last-block": 1e-3, "lora": None, "prompt-tuning": None, "prefix-tuning": None}
+
+
+def first_messages(data_dir, out_dir, messages: int) -> Path:
+    """The first ``messages`` rows of each split in ``data_dir`` as parquet files in ``out_dir`` (a quick run)."""
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, path in split_paths(data_dir).items():
+        pd.read_parquet(path).head(messages).to_parquet(out_dir / f"{split}.parquet", index=False)
+    return out_dir
 
 
 def weights_bytes(run_dir: str | Path) -> int:

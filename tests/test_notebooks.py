@@ -129,8 +129,8 @@ def test_kernel_runs_in_this_environment(monkeypatch):
 
 def test_there_are_notebooks_in_sequence():
     numbers = [notebook_number(path) for path in NOTEBOOKS]
-    assert numbers == list(range(1, 8)), f"expected notebooks 01_... to 07_..., without gaps, in {NOTEBOOK_DIR}, " \
-                                         f"found {numbers}"
+    assert numbers == list(range(1, len(numbers) + 1)), \
+        f"expected notebooks numbered from 01_... without gaps in {NOTEBOOK_DIR}, found {numbers}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
