@@ -129,16 +129,29 @@ def save_adapter(model: torch.nn.Module, path, adapter_name: str | None = None, 
     unless ``verbose=False``.
     """
     adapter_name = adapter_name or active_adapter(model)
-    config = adapter_config(model, adapter_name)
-    tensors = adapter_tensors(model, adapter_name)
-    path = Path(path)
-    _write_safetensors(path / ADAPTER_WEIGHTS, tensors, {"format": FORMAT})
-    write_json(config, path / ADAPTER_CONFIG)
-    info = {"path": str(path), "parameters": sum(t.numel() for t in tensors.values()),
-            "bytes": sum((path / f).stat().st_size for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))}
+    info = write_adapter_files(path, adapter_tensors(model, adapter_name), adapter_config(model, adapter_name), FORMAT)
     if verbose:
         print(f"saved adapter {adapter_name!r} to {path}: {info['parameters']:,} parameters, {info['bytes']:,} bytes")
     return info
+
+
+def write_adapter_files(path, tensors: dict[str, torch.Tensor], config: dict, file_format: str) -> dict:
+    """Write the two files of an adapter directory (each atomically); ``{"path", "parameters", "bytes"}``."""
+    path = Path(path)
+    _write_safetensors(path / ADAPTER_WEIGHTS, tensors, {"format": file_format})
+    write_json(config, path / ADAPTER_CONFIG)
+    return {"path": str(path), "parameters": sum(t.numel() for t in tensors.values()),
+            "bytes": sum((path / f).stat().st_size for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))}
+
+
+def check_base_fingerprint(model: torch.nn.Module, config: dict, path, what: str = "adapter") -> None:
+    """``BaseMismatchError`` unless ``model``'s base weights are the ones ``config`` was trained on."""
+    fingerprint = base_fingerprint(model)
+    if fingerprint != config["base_fingerprint"]:
+        raise BaseMismatchError(f"the {what} in {path} was trained on other base weights (fingerprint "
+                                f"{config['base_fingerprint'][:19]}..., this model {fingerprint[:19]}...; "
+                                f"trained on {config['base_model']}). Load the same base (checkpoint and head), "
+                                "or pass check_fingerprint=False if the difference is intended")
 
 
 def read_adapter_config(path) -> dict:
@@ -172,12 +185,8 @@ def load_adapter(model: torch.nn.Module, path, adapter_name: str | None = None,
         raise ValueError(f"this model already has an adapter named {adapter_name!r}; pass another adapter_name")
     tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
     _check_shapes(model, config, tensors)
-    fingerprint = base_fingerprint(model) if check_fingerprint else config["base_fingerprint"]
-    if fingerprint != config["base_fingerprint"]:
-        raise BaseMismatchError(f"the adapter in {path} was trained on other base weights (fingerprint "
-                                f"{config['base_fingerprint'][:19]}..., this model {fingerprint[:19]}...; "
-                                f"trained on {config['base_model']}). Load the same base (checkpoint and head), "
-                                "or pass check_fingerprint=False if the difference is intended")
+    if check_fingerprint:
+        check_base_fingerprint(model, config, path)
     targets = {name: (config["rank_pattern"].get(name, config["rank"]), config["alpha_pattern"].get(name, config["alpha"]))
                for name in config["target_modules"]}
     inject_adapter(model, adapter_name, targets, config["modules_to_save"], config["dropout"], config["scaling"])

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .atomic import write_json
 from .lora import saved_modules
-from .lora_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseMismatchError, _effective_head, _fold_head_bias,
-                      _write_safetensors, base_fingerprint, base_state_dict, describe_base)
+from .lora_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, _effective_head, _fold_head_bias, base_fingerprint,
+                      base_state_dict, check_base_fingerprint, describe_base, write_adapter_files)
 from .model import GPTModel
 from .prompt_tuning import (PrefixTunedGPT, PromptTunedGPT, VirtualTokenModel, apply_prefix_tuning,
                             apply_prompt_tuning)
@@ -60,11 +59,7 @@ def save_prompt(model: VirtualTokenModel, path, init_text: str | None = None, ve
     if not isinstance(model, VirtualTokenModel):
         raise TypeError(f"save_prompt saves a prompt- or prefix-tuned model, found {type(model).__name__}; "
                         "LoRA adapters are saved with lora_io.save_adapter")
-    config, tensors, path = prompt_config(model, init_text), prompt_tensors(model), Path(path)
-    _write_safetensors(path / ADAPTER_WEIGHTS, tensors, {"format": FORMAT})
-    write_json(config, path / ADAPTER_CONFIG)
-    info = {"path": str(path), "parameters": sum(t.numel() for t in tensors.values()),
-            "bytes": sum((path / f).stat().st_size for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))}
+    info = write_adapter_files(path, prompt_tensors(model), prompt_config(model, init_text), FORMAT)
     if verbose:
         print(f"saved {model.method} prompt to {path}: {info['parameters']:,} parameters, {info['bytes']:,} bytes")
     return info
@@ -97,12 +92,8 @@ def load_prompt(base: GPTModel, path, check_fingerprint: bool = True) -> Virtual
     if found != wanted:
         raise ValueError(f"the prompt in {path} was made for a model with {wanted}, this one has {found}; "
                          f"it was trained on {config['base_model']}")
-    fingerprint = base_fingerprint(base) if check_fingerprint else config["base_fingerprint"]
-    if fingerprint != config["base_fingerprint"]:
-        raise BaseMismatchError(f"the prompt in {path} was trained on other base weights (fingerprint "
-                                f"{config['base_fingerprint'][:19]}..., this model {fingerprint[:19]}...; trained "
-                                f"on {config['base_model']}). Load the same base (checkpoint and head), or pass "
-                                "check_fingerprint=False if the difference is intended")
+    if check_fingerprint:
+        check_base_fingerprint(base, config, path, what="prompt")
     tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
     n, saves = config["num_virtual_tokens"], config["modules_to_save"]
     with torch.random.fork_rng(devices=[]):  # the placeholders' random start must not move the caller's seed
@@ -162,7 +153,5 @@ def export_prompt_peft(model: VirtualTokenModel, out_dir, base_model_name_or_pat
             tensors["base_model.transformer.ln_f.bias"] = _fold_head_bias(head_weight, head_bias, shift)
             config["modules_to_save"].append("transformer.ln_f")
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    out_dir = Path(out_dir)
-    _write_safetensors(out_dir / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
-    write_json(config, out_dir / ADAPTER_CONFIG)
-    return out_dir
+    write_adapter_files(out_dir, tensors, config, "pt")  # transformers wants the "pt" format
+    return Path(out_dir)
