@@ -119,3 +119,16 @@ def test_bad_prompt_options_are_one_line_and_leave_nothing(options, message, tin
     err = capsys.readouterr().err
     assert status == 1 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_prompt_run_ends_where_an_uninterrupted_one_does(tiny_dir, small_spam_data_dir, tmp_path,
+                                                                   run_cli):
+    common = ["finetune", "--model", str(tiny_dir), "--random-init", "--method", "prompt-tuning",
+              "--num-virtual-tokens", "4", "--data-dir", str(small_spam_data_dir), "--device", "cpu"]
+    assert run_cli(common + ["--epochs", "2", "--out", str(tmp_path / "straight")])[0] == 0
+    assert run_cli(common + ["--epochs", "1", "--out", str(tmp_path / "resumed")])[0] == 0
+    assert run_cli(["finetune", "--resume", str(tmp_path / "resumed"), "--epochs", "2"])[0] == 0
+    straight, resumed = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("straight", "resumed"))
+    assert resumed["history"] == straight["history"] and resumed["accuracy"] == straight["accuracy"]
+    weights = [(tmp_path / name / ADAPTER_DIR / ADAPTER_WEIGHTS).read_bytes() for name in ("straight", "resumed")]
+    assert weights[0] == weights[1]
