@@ -194,3 +194,13 @@ def test_prompt_tuning_for_language_modelling_lowers_the_loss():
         optimizer.step()
     assert loss().item() < 0.9 * before  # measured: 16.97 -> 13.92 (a random 2-layer base is hard to steer)
     assert all(torch.equal(v, frozen[k]) for k, v in model.base.state_dict().items())
+
+
+def test_documented_gpt2_small_counts_with_the_head():
+    """20 virtual tokens on gpt2-small, the 2-class head training too (counted on the meta device)."""
+    from gptlora.method_comparison import trainable_on_meta
+
+    head = 768 * 2 + 2
+    assert trainable_on_meta("prompt-tuning") == 20 * 768 + head == 16_898
+    assert trainable_on_meta("prefix-tuning") == 20 * 12 * 2 * 768 + head == 370_178
+    assert trainable_on_meta("lora") == 2_666_528
