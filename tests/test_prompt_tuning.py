@@ -204,3 +204,15 @@ def test_documented_gpt2_small_counts_with_the_head():
     assert trainable_on_meta("prompt-tuning") == 20 * 768 + head == 16_898
     assert trainable_on_meta("prefix-tuning") == 20 * 12 * 2 * 768 + head == 370_178
     assert trainable_on_meta("lora") == 2_666_528
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
+def test_a_tuned_model_generates_within_the_room_its_virtual_tokens_leave(method):
+    from gptlora.generation import generate
+
+    model = tuned(method, n=4)
+    assert model.cfg.context_length == TINY.context_length - 4
+    out = generate(model, torch.tensor([[1, 2, 3]]), 15, use_cache=False)  # the 12-token window slides
+    assert out.shape == (1, 18) and torch.equal(out[:, :3], torch.tensor([[1, 2, 3]]))
+    with pytest.raises(NotImplementedError, match="use generate\\(..., use_cache=False\\)"):
+        generate(model, torch.tensor([[1, 2, 3]]), 2)
