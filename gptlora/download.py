@@ -11,6 +11,7 @@ and whatever they know about the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -91,32 +92,46 @@ def download_file(
     others then find the verified file and return it without downloading.
     """
     dest = Path(dest)
-    if _verified_or_removed(dest, expected_size, expected_sha256):
+    # Without the lock a file may only be accepted, never deleted: another process may be replacing a damaged
+    # copy with a good one while this check runs, and deleting on a stale verdict would remove the good one.
+    if dest.is_file() and _verification_problem(dest, expected_size, expected_sha256) is None:
         return dest
     hint = place_by_hand_hint(dest.parent, {dest.name: list(urls)})
     if offline_mode():
-        raise OfflineError(f"{OFFLINE_ENV}=1 and {dest} does not exist.\n{hint}\n"
-                           f"Or unset {OFFLINE_ENV} to download it.")
-    # One process downloads, the others wait here and then find the verified file (see locks.py).
-    with exclusive_lock(lock_path_for(dest), f"downloading {dest}"):
-        if _verified_or_removed(dest, expected_size, expected_sha256):
-            return dest
-        part = dest.with_name(dest.name + ".part")
-        backoff_s = DEFAULT_BACKOFF_S if backoff_s is None else backoff_s
-        failures = []
-        for url in urls:
-            outcome = _download_from(url, part, expected_size, expected_sha256, desc or dest.name,
-                                     retries, backoff_s, timeout_s)
-            if outcome is None:
-                os.replace(part, dest)
+        raise OfflineError(f"{OFFLINE_ENV}=1 and {dest} does not exist: unset {OFFLINE_ENV} to download it, or put "
+                           f"{dest.name} there by hand\n{hint}")
+    new_folders = [folder for folder in (dest.parent, *dest.parent.parents) if not folder.exists()]
+    try:
+        # One process downloads, the others wait here and then find the verified file (see locks.py).
+        with exclusive_lock(lock_path_for(dest), f"downloading {dest}"):
+            if _verified_or_removed(dest, expected_size, expected_sha256):  # under the lock: deleting is safe
                 return dest
-            failures.append(f"  {url}\n    -> {outcome}")
-    raise DownloadError(f"could not download {dest.name} to {dest.parent}:\n" + "\n".join(failures) + f"\n{hint}")
+            part = dest.with_name(dest.name + ".part")
+            backoff_s = DEFAULT_BACKOFF_S if backoff_s is None else backoff_s
+            failures = []
+            for url in urls:
+                outcome = _download_from(url, part, expected_size, expected_sha256, desc or dest.name,
+                                         retries, backoff_s, timeout_s)
+                if outcome is None:
+                    os.replace(part, dest)
+                    return dest
+                failures.append((url, outcome))
+        # The first line is the whole report (what failed, why, what to do); the lines after it are details.
+        first_url, first_outcome = failures[0]
+        mirrors = f" (the {len(failures) - 1} other URL(s) failed too)" if len(failures) > 1 else ""
+        details = "".join(f"  {url}\n    -> {outcome}\n" for url, outcome in failures)
+        raise DownloadError(f"could not download {dest.name} into {dest.parent.resolve()}: {first_url} -> "
+                            f"{first_outcome}{mirrors}; or put {dest.name} there by hand\n{details}{hint}")
+    except BaseException:
+        for folder in new_folders:  # deepest first; only folders this call made, and only while empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _verified_or_removed(dest: Path, expected_size: int | None, expected_sha256: str | None) -> bool:
     """True when ``dest`` exists and passes the given checks; a file that fails them is deleted (with a
-    warning) so that it is downloaded again."""
+    warning) so that it is downloaded again. Call it only while holding ``dest``'s lock."""
     if not dest.is_file():
         return False
     problem = _verification_problem(dest, expected_size, expected_sha256)

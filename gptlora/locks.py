@@ -41,16 +41,22 @@ def exclusive_lock(lock_path: str | Path, doing: str):
 
     ``doing`` says what the holder does ("downloading model.safetensors"), for the one
     line a waiting process prints. The lock file is created (with its folder) when
-    missing and removed on release; a file left over from a killed process is reused.
+    missing and removed on release; a file left over from a killed process is reused,
+    whoever owns it: it is opened read-only (``flock`` needs no write access), so in a
+    shared classroom folder one user's leftover never locks out another.
     """
     lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)  # also without fcntl: the caller writes beside it
     if fcntl is None:
         yield
         return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
     said_waiting = False
     while True:
-        handle = open(lock_path, "a+")
+        try:
+            handle = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)  # 0o666 less the umask
+        except FileNotFoundError:  # the folder was removed meanwhile (a failed download cleans up): again
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -62,17 +68,19 @@ def exclusive_lock(lock_path: str | Path, doing: str):
         # one: our lock is then on a file nobody else sees. Only a lock on the file at the path counts.
         if _same_file(handle, lock_path):
             break
-        handle.close()
+        os.close(handle)
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock_path.unlink()  # still holding it: nobody can be between opening and locking this file
-        handle.close()  # releases the lock
+        # Still holding it: nobody can be between opening and locking this file. A folder we may not
+        # write to keeps the file, which is harmless (the next holder reuses it).
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        os.close(handle)  # releases the lock
 
 
-def _same_file(handle, path: Path) -> bool:
+def _same_file(handle: int, path: Path) -> bool:
     try:
-        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        return os.path.samestat(os.fstat(handle), os.stat(path))
     except FileNotFoundError:
         return False

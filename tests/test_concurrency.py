@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from test_download import PAYLOAD, LoopbackServer
@@ -174,3 +175,49 @@ def test_torchrun_from_empty_folders_prepares_once_and_trains_as_one_process(tmp
     # Two half-batch gradients summed by all_reduce: float32 rounding only (see test_distributed.py).
     for key in ("train_losses", "val_losses"):
         assert one["history"][key] == pytest.approx(two["history"][key], rel=1e-6), key
+
+
+def test_a_lock_file_another_user_left_behind_does_not_lock_others_out():
+    # A killed holder's lock file keeps its owner and mode (0644 by the usual umask): another user can read
+    # it but not write it. flock needs only an open file, so a read-only open must do.
+    if not hasattr(os, "seteuid") or os.geteuid() != 0:
+        pytest.skip("needs root, to act as two users")
+    import shutil
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp())  # in /tmp, which every user can enter (pytest's tmp_path is root's only)
+    shared.chmod(0o777)  # a shared folder: everyone may create and remove files in it
+    lock = lock_path_for(shared / "model.safetensors")
+    lock.write_text("")
+    lock.chmod(0o644)  # left by root's killed process
+    os.seteuid(65534)  # now another user ("nobody")
+    try:
+        with exclusive_lock(lock, "testing"):
+            taken = True
+    finally:
+        os.seteuid(0)
+        removed = not lock.exists()
+        shutil.rmtree(shared)
+    assert taken and removed  # taken, and removed after (the folder is writable for everyone)
+
+
+def test_without_fcntl_a_download_into_a_new_folder_still_works(tmp_path, monkeypatch):
+    from gptlora import download, locks
+
+    monkeypatch.setattr(locks, "fcntl", None)  # as on Windows
+    monkeypatch.setattr(download, "DEFAULT_BACKOFF_S", 0.0)
+    monkeypatch.delenv(OFFLINE_ENV, raising=False)
+    with LoopbackServer({"/data.bin": PAYLOAD}) as server:
+        dest = download.download_file([server.url + "/data.bin"], tmp_path / "new" / "folder" / "data.bin")
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_a_failed_download_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    from gptlora import download
+
+    monkeypatch.setattr(download, "DEFAULT_BACKOFF_S", 0.0)
+    monkeypatch.delenv(OFFLINE_ENV, raising=False)
+    (tmp_path / "weights").mkdir()
+    with LoopbackServer({}) as server, pytest.raises(download.DownloadError, match="HTTP 404"):
+        download.download_file([server.url + "/data.bin"], tmp_path / "weights" / "gpt2-small" / "sub" / "data.bin")
+    assert list(tmp_path.iterdir()) == [tmp_path / "weights"] and not any((tmp_path / "weights").iterdir())

@@ -229,3 +229,26 @@ def test_replace_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
     with atomic.replace_atomically(dest) as tmp:
         Path(tmp).write_text("new")
     assert dest.read_text() == "new" and list(tmp_path.iterdir()) == [dest]
+
+
+def test_a_stale_check_outside_the_lock_never_deletes_a_file_another_process_just_downloaded(
+        server, tmp_path, monkeypatch):
+    # Process C starts checking a damaged data.bin; meanwhile process A (holding the lock) replaces it with a
+    # good copy. C's verdict "damaged" is stale by the time it returns: C must not delete A's good file.
+    dest = tmp_path / "data.bin"
+    dest.write_bytes(PAYLOAD[:10])
+    real_check, calls = download._verification_problem, []
+
+    def check_while_another_process_replaces_the_file(path, size, sha256):
+        calls.append(path)
+        verdict = real_check(path, size, sha256)
+        if len(calls) == 1:  # C's first check, made without the lock
+            good = tmp_path / "from-process-a"
+            good.write_bytes(PAYLOAD)
+            good.replace(dest)  # what A's download_file does when it finishes
+        return verdict
+
+    monkeypatch.setattr(download, "_verification_problem", check_while_another_process_replaces_the_file)
+    result = download_file([server.url + "/files/data.bin"], dest, expected_sha256=PAYLOAD_SHA256)
+    assert result == dest and dest.read_bytes() == PAYLOAD
+    assert server.requests == []  # under the lock C found A's verified file and used it
