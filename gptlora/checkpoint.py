@@ -184,8 +184,9 @@ def check_fingerprint(path: Path, saved: dict, current: dict) -> None:
     differences = [f"  {key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
                    for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
     if differences:
-        raise CheckpointError(f"the checkpoint {path} belongs to a different run:\n" + "\n".join(differences)
-                              + "\nResume with the run's own settings, or start a new run in another directory")
+        raise CheckpointError(f"the checkpoint {path} belongs to a different run ({len(differences)} setting(s) "
+                              f"differ, first {differences[0].strip()}); resume with the run's own settings, or start "
+                              "a new run in another directory\n" + "\n".join(differences))
 
 
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

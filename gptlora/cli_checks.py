@@ -145,14 +145,20 @@ def debug_requested(args: argparse.Namespace | None = None) -> bool:
 
 
 def error_line(error: BaseException, user_errors: tuple) -> str:
-    """The ``error: ...`` report of ``error``: its message for what a user can cause (``user_errors``),
+    """The one ``error: ...`` line for ``error``: its message for what a user can cause (``user_errors``),
     otherwise its type too, marked as unexpected. The operating system's own errors (a path that is a
-    file, no permission, a full disk) are put in words with what to do."""
+    file, no permission, a full disk) are put in words with what to do.
+
+    A message of several lines keeps its first line, which by this package's convention is the whole
+    report (what was expected, what was found, what to do); the lines after it are details (every URL
+    tried, every tensor of the wrong shape), which ``--debug`` shows with the traceback."""
     if isinstance(error, OSError) and error.errno is not None:
         return f"error: {os_error_in_words(error)}"
+    report, _, details = str(error).partition("\n")
+    more = f" (--debug shows {details.strip().count(chr(10)) + 1} more lines)" if details.strip() else ""
     if isinstance(error, user_errors):
-        return f"error: {error}"
-    return (f"error: unexpected {type(error).__name__}: {error} (run again with --debug for the traceback, "
+        return f"error: {report}{more}"
+    return (f"error: unexpected {type(error).__name__}: {report} (run again with --debug for the traceback, "
             "and please report it)")
 
 

@@ -232,8 +232,9 @@ def _load_lora_classifier(run_dir: Path, info: dict, base: GPTModel | None, orig
             return load_prompt(base, run_dir / ADAPTER_DIR)
         load_adapter(base, run_dir / ADAPTER_DIR)
     except BaseMismatchError as error:
-        raise BaseMismatchError(f"{error}\nThe base was {origin}; the run {run_dir} needs the exact base it "
-                                "was trained on (the model it started from, before fine-tuning)") from None
+        raise BaseMismatchError(f"{error.mismatch}; the base was {origin}",
+                                f"the run {run_dir} needs the exact base it was trained on (the model it started "
+                                "from, before fine-tuning)") from None
     return base
 
 

@@ -32,7 +32,18 @@ VERSION = 2
 
 
 class BaseMismatchError(ValueError):
-    """An adapter was loaded onto base weights other than those it was trained on."""
+    """An adapter was loaded onto base weights other than those it was trained on.
+
+    ``mismatch`` says which adapter and which fingerprints, ``remedy`` what to do; a caller
+    that knows a better remedy for its users (the command line) keeps ``mismatch`` and replaces it.
+    """
+
+    def __init__(self, mismatch: str, remedy: str):
+        super().__init__(f"{mismatch}; {remedy}")
+        self.mismatch, self.remedy = mismatch, remedy
+
+    def __reduce__(self):  # pickles (for torch.distributed) with both parts
+        return type(self), (self.mismatch, self.remedy)
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
@@ -150,8 +161,9 @@ def check_base_fingerprint(model: torch.nn.Module, config: dict, path, what: str
     if fingerprint != config["base_fingerprint"]:
         raise BaseMismatchError(f"the {what} in {path} was trained on other base weights (fingerprint "
                                 f"{config['base_fingerprint'][:19]}..., this model {fingerprint[:19]}...; "
-                                f"trained on {config['base_model']}). Load the same base (checkpoint and head), "
-                                "or pass check_fingerprint=False if the difference is intended")
+                                f"trained on {config['base_model']})",
+                                "load the same base (checkpoint and head), or pass check_fingerprint=False if the "
+                                "difference is intended")
 
 
 def read_adapter_config(path) -> dict:

@@ -73,8 +73,9 @@ def download_gpt2(name: str, models_dir: str | Path = "weights", base_url: str |
     missing = {file: hub_urls(canonical, file, base_url) for file in CHECKPOINT_FILES
                if not (directory / file).is_file()}
     if missing and offline_mode():
-        raise OfflineError(f"GPTLORA_OFFLINE=1 and {canonical} is not in {directory}.\n"
-                           f"{place_by_hand_hint(directory, missing)}\nOr unset GPTLORA_OFFLINE to download it.")
+        raise OfflineError(f"GPTLORA_OFFLINE=1 and {canonical} is not in {directory}: unset GPTLORA_OFFLINE to "
+                           f"download it, or put {' and '.join(missing)} there by hand\n"
+                           f"{place_by_hand_hint(directory, missing)}")
     for file, urls in missing.items():
         try:
             download_file(urls, directory / file, desc=f"{canonical}/{file}")
@@ -226,12 +227,16 @@ def _check_keys_and_shapes(path: Path, cfg: GPTConfig, expected: dict, found: di
             wrong_shapes.append(f"{name}: expected shape {list(shape)}, found {list(found[name])}"
                                 + (" (transposed? GPT-2's Conv1D weights are stored [in, out])" if transposed else ""))
     if missing or unexpected or wrong_shapes:
+        groups = [(title, items) for title, items in (("missing", missing), ("unexpected", unexpected),
+                                                      ("wrong shape", wrong_shapes)) if items]
+        counts = ", ".join(f"{len(items)} {title}" for title, items in groups)
+        # The first line is the whole report (found, expected, what to do); the full lists follow it.
         lines = [f"{path} does not match the GPT-2 shape of its config.json (emb_dim={cfg.emb_dim}, "
-                 f"n_layers={cfg.n_layers}, vocab_size={cfg.vocab_size}, context_length={cfg.context_length}):"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shapes)):
-            if items:
-                lines += listed(title, items)
-        lines.append("Are config.json and model.safetensors from the same GPT-2 checkpoint?")
+                 f"n_layers={cfg.n_layers}, vocab_size={cfg.vocab_size}, context_length={cfg.context_length}): "
+                 f"{counts} (first: {groups[0][1][0]}); are config.json and model.safetensors from the same "
+                 "GPT-2 checkpoint?"]
+        for title, items in groups:
+            lines += listed(title, items)
         raise ValueError("\n".join(lines))
 
 

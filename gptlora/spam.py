@@ -161,8 +161,9 @@ def download_spam_file(data_dir: Path) -> Path:
     try:
         zip_path = download_file(spam_urls(), data_dir / "sms_spam_collection.zip", desc="SMS Spam Collection")
     except DownloadError as error:  # same class (OfflineError stays OfflineError), one more way out
-        raise type(error)(f"{error}\nOr point --spam-source or GPTLORA_SPAM_SOURCE at a local "
-                          f"{SPAM_FILE_NAME} file or UCI zip.") from error
+        report, _, details = str(error).partition("\n")  # the way out belongs in the report, its first line
+        raise type(error)(f"{report}; or point --spam-source or GPTLORA_SPAM_SOURCE at a local "
+                          f"{SPAM_FILE_NAME} file or UCI zip\n{details}") from error
     return checked_uci_file(extract_member(zip_path, SPAM_FILE_NAME, data_dir / SPAM_FILE_NAME), zip_path)
 
 

@@ -190,7 +190,10 @@ def test_config_of_another_shape_lists_what_does_not_fit(hf_model, tmp_path):
     write_checkpoint(tmp_path, hf_model)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
-    with pytest.raises(ValueError, match=r"(?s)n_layers=3.*missing \(12\):\n    h\.2\.ln_1\.weight.*\n    \.\.\. and 2 more\nAre"):
+    # The first line is the report (what, how many, the first of them, what to ask); the lists follow.
+    with pytest.raises(ValueError, match=r"(?s)n_layers=3.*: 12 missing \(first: h\.2\.ln_1\.weight\); are config\.json "
+                                         r"and model\.safetensors from the same GPT-2 checkpoint\?\n  missing \(12\):\n"
+                                         r"    h\.2\.ln_1\.weight.*\n    \.\.\. and 2 more$"):
         load_pretrained(tmp_path)
 
 
