@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -104,14 +105,16 @@ def sum_over_processes(*values: float) -> tuple[float, ...]:
     return tuple(totals.tolist())
 
 
-def fail_together(function, *args, **kwargs):
+def fail_together(function, *args, group=None, **kwargs):
     """``function(*args, **kwargs)`` on every process; if it raises on any process, it raises on all.
 
     For the checks before training (the run directory, the checkpoint): a process
     that stopped alone would leave the others waiting in their next collective call
-    (DDP's set-up, an ``all_reduce``) until the group's timeout, half an hour by
-    default. Each process gets its own error, or else the first failing process's.
-    Returns ``function``'s result; for a single process it is simply called.
+    (DDP's set-up, an ``all_reduce``) until the group's timeout (PyTorch's default:
+    10 minutes for nccl, 30 for gloo). Each process gets its own error, or else the
+    first failing process's. ``group`` is the process group that carries the errors
+    (default: the whole world's). Returns ``function``'s result; for a single process
+    it is simply called.
     """
     if not dist.is_initialized():
         return function(*args, **kwargs)
@@ -120,7 +123,7 @@ def fail_together(function, *args, **kwargs):
     except Exception as raised:  # any kind: the others must learn of it, whatever it is
         result, error = None, raised
     errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)  # exceptions pickle as their type and message
+    dist.all_gather_object(errors, error, group=group)  # exceptions pickle as their type and message
     if error is not None:
         raise error
     first = next((other for other in errors if other is not None), None)
@@ -134,6 +137,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0)) if launched_by_torchrun() else 0
 
 
+# How long the processes wait for each other while files are prepared. A download of gpt2-xl (6.4 GB) over
+# a slow line takes hours, far beyond the default group's timeout (nccl: 10 minutes), so the waiting
+# happens in a group of its own; training keeps the default, so that a real hang there is still caught.
+PREPARATION_TIMEOUT = timedelta(hours=24)
+
+
 def local_main_first(function, *args, **kwargs):
     """``function(*args, **kwargs)`` on every process, the local main process (``LOCAL_RANK`` 0 of each
     machine) first and the others after it; returns this process's result.
@@ -142,16 +151,22 @@ def local_main_first(function, *args, **kwargs):
     splits): one process per machine does the work while the others wait, then
     they call ``function`` too and find the files ready. An error on any process
     is raised on all of them (:func:`fail_together`), so none waits forever at the
-    other turn. Without a process group, ``function`` is simply called. Several
-    machines sharing one folder take turns on its file locks (see ``locks``).
+    other turn. The others wait up to :data:`PREPARATION_TIMEOUT`, in a ``gloo``
+    group made for it (on the CPU, whatever the training backend), not the default
+    group's 10 or 30 minutes. Without a process group, ``function`` is simply called.
+    Several machines sharing one folder take turns on its file locks (see ``locks``).
     """
     if not dist.is_initialized():
         return function(*args, **kwargs)
+    waiting_room = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
     result = None
-    for first_turn in (True, False):  # every process takes part in both turns: two collective calls
-        mine = (local_rank() == 0) == first_turn
-        outcome = fail_together(function if mine else _nothing, *args, **kwargs)
-        result = outcome if mine else result
+    try:
+        for first_turn in (True, False):  # every process takes part in both turns: two collective calls
+            mine = (local_rank() == 0) == first_turn
+            outcome = fail_together(function if mine else _nothing, *args, group=waiting_room, **kwargs)
+            result = outcome if mine else result
+    finally:
+        dist.destroy_process_group(waiting_room)
     return result
 
 

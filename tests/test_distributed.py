@@ -83,15 +83,17 @@ def run_under_torchrun(nproc: int, arguments: list[str], timeout: float = 240) -
     return output
 
 
-def run_without_agent(nproc: int, arguments: list[str], timeout: float) -> list[tuple[int, str]]:
-    """``python -m gptlora.cli ARGUMENTS`` as ``NPROC`` processes given RANK/WORLD_SIZE directly, as a
-    cluster's launcher (Slurm's ``srun``) may start them; each one's ``(exit status, output)``.
+def run_without_agent(nproc: int, arguments: list[str], timeout: float,
+                      program: tuple[str, ...] = ("-m", "gptlora.cli")) -> list[tuple[int, str]]:
+    """``python -m gptlora.cli ARGUMENTS`` (or ``python PROGRAM ARGUMENTS``) as ``NPROC`` processes given
+    RANK/WORLD_SIZE directly, as a cluster's launcher (Slurm's ``srun``) may start them; each one's
+    ``(exit status, output)``.
 
     Unlike ``torchrun``, nothing here stops the others when one process exits: each
     must end on its own. Every process is killed after ``timeout`` seconds.
     """
     env = dict(loopback_env(), WORLD_SIZE=str(nproc), MASTER_PORT=str(free_port()))
-    processes = [subprocess.Popen([sys.executable, "-m", "gptlora.cli", *arguments],
+    processes = [subprocess.Popen([sys.executable, *program, *arguments],
                                   env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for rank in range(nproc)]
     results, deadline = [], time.monotonic() + timeout
@@ -186,3 +188,30 @@ def test_a_check_failing_before_training_stops_every_process_with_its_message(tm
         assert status == 1, f"rank {rank}:\n{output}"
         assert "already holds files (notes.txt)" in output and "Traceback" not in output, f"rank {rank}:\n{output}"
     assert os.listdir(occupied) == ["notes.txt"]
+
+
+# Both processes join a group whose timeout (3 s) is shorter than the local main process's preparation
+# (8 s), as nccl's 10 minutes are shorter than downloading gpt2-xl. They first meet at a file barrier, so
+# that joining itself (after importing torch, at different speeds) is not what the short timeout cuts.
+PREPARE_LONGER_THAN_THE_TIMEOUT = """
+import datetime, pathlib, sys, time
+import torch.distributed as dist
+from gptlora.distributed import local_main_first, local_rank
+meeting = pathlib.Path(sys.argv[1])
+(meeting / str(local_rank())).touch()
+while len(list(meeting.iterdir())) < 2:
+    time.sleep(0.05)
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
+def prepare():
+    if local_rank() == 0:
+        time.sleep(8)  # downloading
+    return f"rank {local_rank()} prepared"
+print(local_main_first(prepare), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_the_others_wait_for_the_preparation_longer_than_the_groups_timeout(tmp_path):
+    results = run_without_agent(2, [str(tmp_path)], timeout=90, program=("-c", PREPARE_LONGER_THAN_THE_TIMEOUT))
+    for rank, (status, output) in enumerate(results):
+        assert status == 0 and f"rank {rank} prepared" in output, f"rank {rank}:\n{output}"
