@@ -51,12 +51,15 @@ def read_manifest(manifest_path: str | Path, files: dict[str, Path], seed: int |
         return None, f"{manifest_path} does not exist"
     try:
         manifest = json.loads(manifest_path.read_text())
-        recorded = {name: (entry["size"], entry["sha256"]) for name, entry in manifest["files"].items()}
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            return None, f"{manifest_path} is not a version-{VERSION} {FORMAT} file"
-    except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, or not our fields
-        return None, f"{manifest_path} is damaged ({type(error).__name__}: {error})"
-    if manifest.get("seed") != seed:
+    except (ValueError, UnicodeDecodeError) as error:
+        return None, f"{manifest_path} is damaged (not JSON: {error})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        return None, f"{manifest_path} is not a version-{VERSION} {FORMAT} file"
+    damage = _field_problem(manifest)
+    if damage:
+        return None, f"{manifest_path} is damaged ({damage})"
+    recorded = {name: (entry["size"], entry["sha256"]) for name, entry in manifest["files"].items()}
+    if manifest["seed"] != seed:
         return None, f"{manifest_path} records split seed {manifest.get('seed')!r}, not {seed!r}"
     if set(recorded) != set(files):
         return None, f"{manifest_path} lists {sorted(recorded)}, expected {sorted(files)}"
@@ -66,3 +69,35 @@ def read_manifest(manifest_path: str | Path, files: dict[str, Path], seed: int |
         if (Path(path).stat().st_size, sha256_of(path)) != recorded[name]:
             return None, f"{path} changed since {manifest_path} was written (size or SHA-256 differs)"
     return manifest, ""
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _field_problem(manifest: dict) -> str | None:
+    """What is missing or of the wrong type among the fields :func:`write_manifest` writes; None if nothing.
+
+    Every field a reader uses is checked here, so that a hand-edited or damaged manifest is
+    reported (and the folder rebuilt) rather than failing later with a ``KeyError``.
+    """
+    missing = sorted({"source", "source_size", "source_sha256", "seed", "files"} - set(manifest))
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not isinstance(manifest["source"], str):
+        return f"source is {manifest['source']!r}, expected a path"
+    fingerprint = (manifest["source_size"], manifest["source_sha256"])
+    if fingerprint != (None, None) and not (_is_size(fingerprint[0]) and _is_sha256(fingerprint[1])):
+        return f"source_size, source_sha256 are {fingerprint!r}, expected bytes and a hex SHA-256 (or both null)"
+    if manifest["seed"] is not None and not _is_size(manifest["seed"]):
+        return f"seed is {manifest['seed']!r}, expected a whole number or null"
+    if not isinstance(manifest["files"], dict):
+        return f"files is {manifest['files']!r:.60}, expected an object"
+    for name, entry in manifest["files"].items():
+        if not (isinstance(entry, dict) and _is_size(entry.get("size")) and _is_sha256(entry.get("sha256"))):
+            return f"the entry of {name!r} is {entry!r:.80}, expected its size and SHA-256"
+    return None

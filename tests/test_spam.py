@@ -230,7 +230,8 @@ def test_a_different_source_rebuilds_the_splits_and_the_manifest_records_it(tmp_
 
 
 @pytest.mark.parametrize("damage", ["no manifest", "manifest not JSON", "manifest of another seed", "split changed",
-                                    "split missing"])
+                                    "split missing", "no source_sha256", "source_size a string", "files a list",
+                                    "a split's sha256 a number", "manifest a list"])
 def test_a_folder_whose_manifest_does_not_check_out_is_rebuilt(tmp_path, damage, monkeypatch):
     import json
 
@@ -245,6 +246,20 @@ def test_a_folder_whose_manifest_does_not_check_out_is_rebuilt(tmp_path, damage,
         manifest_path.write_text('{"files": ')
     elif damage == "manifest of another seed":
         manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "seed": 7}))
+    elif damage in ("no source_sha256", "source_size a string", "files a list", "a split's sha256 a number",
+                    "manifest a list"):
+        manifest = json.loads(manifest_path.read_text())
+        if damage == "no source_sha256":
+            del manifest["source_sha256"]
+        elif damage == "source_size a string":
+            manifest["source_size"] = str(manifest["source_size"])
+        elif damage == "files a list":
+            manifest["files"] = list(manifest["files"])
+        elif damage == "a split's sha256 a number":
+            manifest["files"]["train"]["sha256"] = 7
+        else:
+            manifest = [manifest]
+        manifest_path.write_text(json.dumps(manifest))
     elif damage == "split changed":
         good["train"][:3].to_parquet(data / "train.parquet", index=False)
     else:
