@@ -64,7 +64,12 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
         raise ValueError(f"temperature must be >= 0 (0 means greedy), found {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    scaled = logits / temperature
+    if (torch.isinf(scaled) & torch.isfinite(logits)).any():  # a tiny temperature overflowed: inf - inf = nan
+        # The same distribution, shifted so that the largest logit is 0 before dividing: the others
+        # then overflow only to -inf, probability 0, and sampling tends to greedy as it should.
+        scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    probs = torch.softmax(scaled, dim=-1)
     return torch.multinomial(probs, num_samples=1)
 
 

@@ -93,3 +93,13 @@ def test_sampling_is_reproducible_under_a_seed(tiny_model):
     torch.manual_seed(7)
     b = generate(tiny_model, prompt, 15, temperature=1.0)
     assert a.tolist() == b.tolist()
+
+
+def test_a_tiny_temperature_samples_like_greedy_instead_of_failing():
+    # 3 / 1e-39 overflows float32: softmax would see inf - inf = nan, and torch.multinomial would refuse it.
+    torch.manual_seed(0)
+    logits = torch.tensor([[1.0, 3.0, 2.0, float("-inf")], [3.0, 3.0, -1.0, 0.0]])
+    for _ in range(20):
+        first, second = next_token(logits, temperature=1e-39).flatten().tolist()
+        assert first == 1 and second in (0, 1)  # the largest logit (either of two equal ones)
+    assert next_token(logits, temperature=1e-39, top_k=1).flatten().tolist()[0] == 1
