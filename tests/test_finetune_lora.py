@@ -111,7 +111,9 @@ def test_another_base_or_head_is_a_clear_error(lora_run, base_dir, tmp_path, cap
     info = json.loads((other_head / "classifier.json").read_text())
     (other_head / "classifier.json").write_text(json.dumps({**info, "seed": info["seed"] + 1}))
     assert cli.main(["classify", "--run", str(other_head), MESSAGE, "--device", "cpu"]) == 1
-    assert "trained on other base weights" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "trained on other base weights" in err and "needs the exact base" in err
+    assert "check_fingerprint" not in err  # a Python-only argument: no use to the command's user
 
 
 # transformers warns about a renamed attribute; peft that fan_in_fan_out is set.

@@ -11,6 +11,7 @@ import torch
 from test_download import LoopbackServer  # the loopback HTTP server of the downloader's tests
 
 from gptlora import spam
+from gptlora import spam_file as raw_file  # the module; `spam_file` is the fixture (the UCI file)
 from gptlora.download import OfflineError
 from gptlora.spam import SpamDataset, create_dataloaders, prepare_spam_data, read_sms_spam
 
@@ -217,7 +218,7 @@ def test_a_different_source_rebuilds_the_splits_and_the_manifest_records_it(tmp_
     assert sum(len(pd.read_parquet(path)) for path in paths.values()) == 20  # the file named was read
     assert json.loads((data / spam.MANIFEST_NAME).read_text())["source_sha256"] == file_fingerprint(other)["sha256"]
 
-    monkeypatch.setattr(spam, "download_file", lambda *a, **k: pytest.fail("must not download"))
+    monkeypatch.setattr(raw_file, "download_file", lambda *a, **k: pytest.fail("must not download"))
     written = {name: path.stat().st_mtime_ns for name, path in paths.items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # the same source again, or none: reused as they are
@@ -297,8 +298,20 @@ def test_training_on_the_smallest_split_reports_no_nan(tmp_path, run_cli):
         "train accuracy", "validation accuracy", "test accuracy"]
 
 
-def test_reusing_prepared_splits_takes_no_lock_so_a_read_only_folder_works(tmp_path, spam_file, monkeypatch):
-    data = tmp_path / "data"
-    prepare_spam_data(data, source=spam_file)
+@pytest.mark.parametrize("kind", ["plain file", "UCI zip"])
+def test_reusing_prepared_splits_takes_no_lock_so_a_read_only_folder_works(tmp_path, spam_file, monkeypatch, kind):
+    import json
+
+    from gptlora.manifest import file_fingerprint
+
+    data, source = tmp_path / "data", spam_file
+    if kind == "UCI zip":
+        source = tmp_path / "sms+spam+collection.zip"
+        source.write_bytes(uci_zip(spam_file))
+    prepare_spam_data(data, source=source)
+    manifest = json.loads((data / spam.MANIFEST_NAME).read_text())  # the file named, a zip as the zip
+    assert (manifest["source"], manifest["source_size"], manifest["source_sha256"]) == (
+        str(source.resolve()), *file_fingerprint(source).values())
     monkeypatch.setattr(spam, "exclusive_lock", lambda *a, **k: pytest.fail("no lock needed to reuse the splits"))
-    assert prepare_spam_data(data) == prepare_spam_data(data, source=spam_file) == spam.split_paths(data)
+    monkeypatch.setattr(raw_file, "extract_member", lambda *a, **k: pytest.fail("nothing to extract to reuse"))
+    assert prepare_spam_data(data) == prepare_spam_data(data, source=source) == spam.split_paths(data)
