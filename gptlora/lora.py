@@ -92,17 +92,20 @@ def _names_in_short(names: list[str]) -> str:
     one block: 73 full names of gpt2-small say less than its 7 kinds of layer."""
     if not names:
         return "this model has none"
-    suffixes, example = [], None
+    suffixes, example, block_suffix = [], None, None
     for name in names:
         parts = name.split(".")
         numbered = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
         suffix = ".".join(parts[numbered + 1:]) if numbered is not None else name
-        example = example or (name if numbered is not None else None)
+        if numbered is not None and example is None:
+            example, block_suffix = name, suffix
         if suffix not in suffixes:
             suffixes.append(suffix)
-    one_block = f", or a full name such as {example!r} for one block only" if example else ""
+    if example is None:  # no numbered blocks (a plain Sequential, a small MLP): the names are the layers
+        return f"the {len(names)} candidates are {', '.join(names)}: give one of these names"
     return (f"the {len(names)} candidates end in {', '.join(suffixes)}: give one of these suffixes for that layer "
-            f"in every block (e.g. {suffixes[0].rsplit('.', 1)[-1]!r}){one_block}")
+            f"in every block (e.g. {block_suffix.rsplit('.', 1)[-1]!r}), or a full name such as {example!r} for "
+            "one block only")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -114,9 +114,11 @@ def test_mlp_targets_by_list_suffix_regex_and_none():
 
 
 def test_unknown_target_lists_the_linear_layers():
-    with pytest.raises(ValueError, match=r"\['seq.1'\] matched nothing; the 2 candidates end in seq.0, seq.2"):
+    # No numbered blocks here: the names are the layers, and nothing speaks of "every block".
+    with pytest.raises(ValueError, match=r"\['seq.1'\] matched nothing; the 2 candidates are seq.0, seq.2: give one "
+                                         r"of these names$"):
         apply_lora(MLP(), rank=2, alpha=2, target_modules=["seq.0", "seq.1"], verbose=False)
-    with pytest.raises(ValueError, match="end in seq.0, seq.2"):
+    with pytest.raises(ValueError, match="candidates are seq.0, seq.2: give one of these names$"):
         apply_lora(MLP(), rank=2, alpha=2, target_modules="attn.*", verbose=False)
 
 
@@ -128,6 +130,7 @@ def test_unknown_target_in_a_gpt_names_the_kinds_of_layer_not_every_layer():
     assert ("the 73 candidates end in att.W_query, att.W_key, att.W_value, att.out_proj, ff.layers.0, ff.layers.2, "
             "out_head:") in message
     assert "'trf_blocks.0.att.W_query' for one block" in message and "trf_blocks.11" not in message
+    assert "in every block (e.g. 'W_query')" in message
 
 
 def test_reapplying_is_an_error_never_a_double_wrap():
