@@ -108,16 +108,12 @@ def resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
 def prepare_files(data_dir, spam_source, source: dict) -> None:
     """Put the spam splits and, for a GPT-2 name, its weights on disk (downloading what is missing)."""
-    from .model import canonical_preset
-    from .pretrained import download_gpt2
+    from .pretrained import download_gpt2, preset_named
     from .spam import prepare_spam_data
 
     named = not source["random_init"] and not Path(source["model"]).is_dir()
     if named:
-        try:
-            canonical_preset(source["model"])  # a typo fails before the data is downloaded
-        except ValueError as error:
-            raise ValueError(f"--model {source['model']!r} is neither a directory nor a GPT-2 name: {error}") from None
+        preset_named(source["model"])  # a typo fails before the data is downloaded
     prepare_spam_data(data_dir, spam_source)
     if named:
         download_gpt2(source["model"], source["models_dir"])

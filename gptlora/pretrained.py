@@ -88,6 +88,15 @@ def download_gpt2(name: str, models_dir: str | Path = "weights", base_url: str |
 
 
 # ---------------------------------------------------------------- load
+def preset_named(name: str | Path) -> str:
+    """The canonical GPT-2 name (``gpt2-small``, ...) that ``name``, which is not a directory, stands for;
+    a ValueError that says it is neither a directory nor a GPT-2 name otherwise."""
+    try:
+        return canonical_preset(str(name))
+    except ValueError as error:
+        raise ValueError(f"{str(name)!r} is neither a directory nor a GPT-2 name: {error}") from None
+
+
 def load_pretrained(name_or_dir: str | Path, models_dir: str | Path = "weights", download: bool = True) -> GPTModel:
     """A ``GPTModel`` (eval mode, head tied to the token embedding) with pretrained GPT-2 weights.
 
@@ -98,10 +107,7 @@ def load_pretrained(name_or_dir: str | Path, models_dir: str | Path = "weights",
     """
     directory = Path(name_or_dir)
     if not directory.is_dir():
-        try:
-            canonical = canonical_preset(str(name_or_dir))
-        except ValueError as error:
-            raise ValueError(f"{str(name_or_dir)!r} is neither a directory nor a GPT-2 name: {error}") from None
+        canonical = preset_named(name_or_dir)
         directory = download_gpt2(canonical, models_dir) if download else Path(models_dir) / canonical
     for file in CHECKPOINT_FILES:
         if (directory / file).is_dir():
