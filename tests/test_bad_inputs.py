@@ -423,3 +423,13 @@ def test_range_helpers_accept_the_range_and_name_it_otherwise():
         with pytest.raises(argparse.ArgumentTypeError) as error:
             check(text)
         assert str(error.value) == message
+
+
+def test_a_message_of_several_lines_is_reported_by_its_first_line():
+    from gptlora.cli_checks import error_line
+
+    report = "could not do X: found Y, expected Z; do W"
+    assert error_line(ValueError(f"{report}\n  detail 1\n  detail 2\n"), (ValueError,)) == \
+        f"error: {report} (--debug shows 2 more lines)"
+    assert error_line(ValueError(report), (ValueError,)) == f"error: {report}"
+    assert error_line(KeyError("k"), (ValueError,)).startswith("error: unexpected KeyError: 'k' (run again with --debug")
