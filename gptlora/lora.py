@@ -21,6 +21,7 @@ from torch import nn
 from .lora_layer import (BASE, SCALINGS, LinearWithLoRA, LoRALayer, ModuleToSave, amplification_factor,
                          check_lora_hyperparameters, lora_scaling, low_rank_approximation)
 from .model import count_parameters
+from .quantization import QuantizedLinear
 
 __all__ = [
     "SCALINGS", "LoRALayer", "LinearWithLoRA", "ModuleToSave", "lora_scaling", "check_lora_hyperparameters",
@@ -43,8 +44,8 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Names of the layers LoRA can target: every ``nn.Linear``, wrapped or not."""
-    return [name for name, m in _walk(model) if isinstance(m, (nn.Linear, LinearWithLoRA))]
+    """Names of the layers LoRA can target: every ``nn.Linear`` (or quantized one), wrapped or not."""
+    return [name for name, m in _walk(model) if isinstance(m, (nn.Linear, QuantizedLinear, LinearWithLoRA))]
 
 
 def lora_wrappers(model: nn.Module) -> dict[str, LinearWithLoRA | ModuleToSave]:
@@ -174,7 +175,7 @@ def inject_adapter(model: nn.Module, adapter_name: str, targets: dict[str, tuple
         check_lora_hyperparameters(rank, alpha, dropout, scaling)
     for name in targets:
         layer = modules.get(name)
-        if not isinstance(layer, (nn.Linear, LinearWithLoRA)):
+        if not isinstance(layer, (nn.Linear, QuantizedLinear, LinearWithLoRA)):
             raise ValueError(f"{name!r} is not a linear layer of this model; linear layers: "
                              f"{', '.join(linear_layer_names(model))}")
         if isinstance(layer, LinearWithLoRA) and adapter_name in layer.lora:
@@ -288,9 +289,11 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
     holding the merged weight (and every ``ModuleToSave`` by its active copy): a model
     with no LoRA modules and the base's parameter count, e.g. for fast inference.
     """
-    for layer in lora_layers(model).values():
-        if layer.enabled:
-            layer.merge()
+    layers = [layer for layer in lora_layers(model).values() if layer.enabled]
+    for layer in layers:  # every check before the first change: never half merged
+        layer.check_mergeable()
+    for layer in layers:
+        layer.merge()
     return unload_lora(model, keep_merged=True) if unload else model
 
 
@@ -311,7 +314,8 @@ def unload_lora(model: nn.Module, keep_merged: bool = False) -> nn.Module:
         if isinstance(wrapper, LinearWithLoRA):
             if not keep_merged:
                 wrapper.unmerge()
-            wrapper.linear.weight.requires_grad_(False)
+            if isinstance(wrapper.linear, nn.Linear):
+                wrapper.linear.weight.requires_grad_(False)
             _set_submodule(model, name, wrapper.linear)
         else:
             _set_submodule(model, name, wrapper.current() if keep_merged else wrapper.original)

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from .quantization import QuantizedLinear
+
 # Why the rule matters: with Adam every entry of A and B moves by about the learning
 # rate per step, so the update x @ A @ B, a sum over `rank` terms, grows with the rank.
 # Dividing by the rank (the LoRA paper) keeps its size roughly independent of the rank,
@@ -103,11 +105,11 @@ class LinearWithLoRA(nn.Module):
     as the book's ``LinearWithLoRA(linear, rank, alpha)`` does.
     """
 
-    def __init__(self, linear: nn.Linear, rank: int | None = None, alpha: float | None = None,
+    def __init__(self, linear: nn.Linear | QuantizedLinear, rank: int | None = None, alpha: float | None = None,
                  dropout: float = 0.0, scaling: str = "alpha/rank", adapter_name: str = "default"):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"LinearWithLoRA wraps an nn.Linear, found {type(linear).__name__}")
+        if not isinstance(linear, (nn.Linear, QuantizedLinear)):
+            raise TypeError(f"LinearWithLoRA wraps an nn.Linear (or a quantized one), found {type(linear).__name__}")
         self.linear = linear
         self.lora = nn.ModuleDict()
         self.active_adapter: str | None = None
@@ -123,12 +125,14 @@ class LinearWithLoRA(nn.Module):
     merged = property(lambda self: self._unmerged_weight is not None)
 
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, scaling: str = "alpha/rank"):
-        """Add a fresh adapter ``name`` (``B`` = 0), on the wrapped layer's device and dtype."""
+        """Add a fresh adapter ``name`` (``B`` = 0), on the wrapped layer's device and dtype (for a quantized
+        layer, the dtype of the weight it was made from: QLoRA's adapters train in full precision)."""
         if name in self.lora:
             raise ValueError(f"this layer already has a LoRA adapter named {name!r}; pick another name")
-        weight = self.linear.weight
+        quantized = isinstance(self.linear, QuantizedLinear)
+        reference = self.linear if quantized else self.linear.weight
         self.lora[name] = LoRALayer(self.in_features, self.out_features, rank, alpha, dropout, scaling,
-                                    device=weight.device, dtype=weight.dtype)
+                                    device=reference.device, dtype=reference.dtype)
 
     def _uses_lora(self) -> bool:
         return self.enabled and not self.merged and self.active_adapter in self.lora
@@ -156,10 +160,18 @@ class LinearWithLoRA(nn.Module):
         """
         if self.merged or self.active_adapter not in self.lora:
             return
+        self.check_mergeable()
         original = self.linear.weight
         merged = original.detach() + self.lora[self.active_adapter].delta_weight().detach().to(original.dtype)
         self._unmerged_weight = original
         self.linear.weight = nn.Parameter(merged, requires_grad=False)
+
+    def check_mergeable(self) -> None:
+        """Raise ``ValueError`` if ``merge`` would have to requantize: the wrapped layer is quantized."""
+        if isinstance(self.linear, QuantizedLinear) and not self.merged and self.active_adapter in self.lora:
+            raise ValueError(f"cannot merge a LoRA adapter into a {self.linear.method} base: requantizing "
+                             "W + scaling * (A @ B)^T would round most of the update away. Merge into a "
+                             "full-precision copy instead: gptlora.qlora.dequantize_base(model), then merge_lora")
 
     def unmerge(self) -> None:
         """Put the original weight back (exactly) after ``merge``."""
