@@ -37,6 +37,10 @@ def cmd_generate(args) -> int:
                          "as GPT-2 was trained to)")
     torch.manual_seed(args.seed)
     model = pretrained_or_random(args.model, args.models_dir, args.random_init).eval()
+    if args.int8:  # weight-only int8, the head included: fewer bytes to read per generated token
+        from .qlora import quantize_base
+
+        quantize_base(model, "int8", include_head=True, fused_int8=True)
     if args.random_init:
         print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)
     text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens,
@@ -129,7 +133,8 @@ def cmd_finetune(args) -> int:
         args = resumed_arguments(args) if args.resume else args
         out = args.out or f"runs/spam-{Path(args.model).name}-{args.method}"
         method_settings(args.method, lora_method_options(args))  # bad options fail before any download
-        source = base_source(args.model, args.models_dir, args.random_init, args.seed)
+        quantize = quantize_options(args)
+        source = base_source(args.model, args.models_dir, args.random_init, args.seed, quantize)
         start_processes(pick_device(args.device))  # under torchrun: join now, so that one process prepares first
         local_main_first(prepare_files, args.data_dir, args.spam_source, source)
         model = load_base(source)
@@ -152,6 +157,19 @@ def cmd_finetune(args) -> int:
     print(f"training took {metrics['training_seconds']:.1f} s; classifier, metrics.json, loss.png and "
           f"accuracy.png are in {out}")
     return 0
+
+
+def quantize_options(args) -> dict | None:
+    """``--quantize-base`` and ``--double-quant`` as ``qlora.quantize_base`` keywords (None: full precision)."""
+    from .qlora import check_quantize_method
+
+    check_quantize_method(args.quantize_base, args.method)
+    if args.double_quant and args.quantize_base != "nf4":
+        raise ValueError(f"--double-quant quantizes NF4's block scales, so it needs --quantize-base nf4, "
+                         f"found {args.quantize_base or 'no --quantize-base'}")
+    if args.quantize_base is None:
+        return None
+    return dict(method=args.quantize_base, double_quant=True) if args.double_quant else dict(method=args.quantize_base)
 
 
 def cmd_classify(args) -> int:
@@ -216,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=whole_number(1), default=None,
                      help="sample only among the K most likely tokens")
     gen.add_argument("--seed", type=SEED, default=123, help="random seed for sampling (default: 123)")
+    gen.add_argument("--int8", action="store_true",
+                     help="store the linear layers and the head as int8 weights (per output channel) and use "
+                          "PyTorch's fused int8 kernel where it has one: faster and smaller, slightly different")
     gen.set_defaults(func=cmd_generate)
 
     fine = sub.add_parser("finetune", help="fine-tune GPT-2 as an SMS spam classifier (book, chapter 6)")
@@ -279,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start from random vocabulary rows (prompt) or random numbers (prefix) instead")
     prompt.add_argument("--prefix-hidden", type=whole_number(1), default=None, metavar="WIDTH",
                         help="prefix-tuning: make the prefix with the paper's MLP of this hidden width (default: off)")
+    qlora = fine.add_argument_group("QLoRA (--method lora only)")
+    qlora.add_argument("--quantize-base", default=None, metavar="nf4|int8",
+                       help="store the frozen base's linear layers quantized (nf4: 4-bit NormalFloat, blocks of 64; "
+                            "int8: per output channel) under full-precision adapters; the head stays float")
+    qlora.add_argument("--double-quant", action="store_true",
+                       help="with --quantize-base nf4: quantize the block scales too (8-bit, blocks of 256)")
     fine.set_defaults(func=cmd_finetune)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")

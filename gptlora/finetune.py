@@ -28,6 +28,7 @@ from .prefix_cache import cache_frozen_prefix
 from .pretrained import HUB_REPOS, pretrained_or_random, safetensors_shapes, save_hf
 from .prompt_tuning import PROMPT_METHODS, VirtualTokenModel, check_virtual_tokens
 from .prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
+from .qlora import check_quantize_method, quantize_base, quantized_layers
 from .tensor_hash import tensors_sha256
 from .spam import create_dataloaders, split_paths
 
@@ -49,21 +50,28 @@ RUN_FILES = (CHECKPOINT_NAME, "classifier.json", "classifier.safetensors", ADAPT
 # --- the base model of a run -----------------------------------------------------------
 
 def base_source(name_or_dir: str, models_dir: str | Path = "weights", random_init: bool = False,
-                seed: int = 123) -> dict:
+                seed: int = 123, quantize: dict | None = None) -> dict:
     """How to rebuild a base with :func:`load_base`; a LoRA run records it, as it saves only its adapter.
 
     Directories are stored as absolute paths, so the run loads from any working directory.
+    ``quantize`` (QLoRA) holds ``qlora.quantize_base`` keywords, e.g. ``{"method": "nf4"}``.
     """
     directory = Path(name_or_dir)
-    return dict(model=str(directory.resolve()) if directory.is_dir() else str(name_or_dir),
-                models_dir=str(Path(models_dir).resolve()), random_init=random_init, seed=seed)
+    source = dict(model=str(directory.resolve()) if directory.is_dir() else str(name_or_dir),
+                  models_dir=str(Path(models_dir).resolve()), random_init=random_init, seed=seed)
+    if quantize:
+        check_quantize_method(quantize.get("method"), "lora")
+        source["quantize"] = dict(quantize)
+    return source
 
 
 def load_base(source: dict) -> GPTModel:
     """The base described by ``source`` (from :func:`base_source`); random weights are drawn after
-    seeding with ``source["seed"]``, so the same source always gives the same weights."""
+    seeding with ``source["seed"]``, so the same source always gives the same weights. A source with
+    ``quantize`` is quantized the same way again (quantization draws nothing at random)."""
     torch.manual_seed(source["seed"])
-    return pretrained_or_random(source["model"], source["models_dir"], source["random_init"])
+    model = pretrained_or_random(source["model"], source["models_dir"], source["random_init"])
+    return quantize_base(model, **source["quantize"]) if source.get("quantize") else model
 
 
 # --- run directories -------------------------------------------------------------------
@@ -314,6 +322,8 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     (``batch_size`` is the global batch; see ``distributed``); only rank 0 writes.
     """
     method_options = method_settings(method, method_options)  # complete: recorded in full in the run's files
+    if quantized_layers(model) and method != "lora":
+        check_quantize_method(next(iter(quantized_layers(model).values())).method, method)
     if cache_prefix and method != "last-block":
         raise ValueError(f"cache_prefix works only with method 'last-block' (frozen blocks below the trained "
                          f"one); {method!r} trains the lower blocks too, so their output changes at every step")
@@ -377,10 +387,10 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
 
 
 def frozen_weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 of the parameters that do not train: a checkpoint holds only the others, so resuming
-    needs these exactly as they were (the same base model)."""
-    return tensors_sha256((name, parameter) for name, parameter in model.named_parameters()
-                          if not parameter.requires_grad)
+    """SHA-256 of the parameters that do not train, and of the buffers (a quantized base's codes): a
+    checkpoint holds only the others, so resuming needs these exactly as they were (the same base model)."""
+    frozen = [(name, parameter) for name, parameter in model.named_parameters() if not parameter.requires_grad]
+    return tensors_sha256(frozen + list(model.named_buffers()))
 
 
 def data_sha256(data_dir: str | Path) -> dict[str, str]:

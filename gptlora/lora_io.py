@@ -22,6 +22,7 @@ from .lora import (LinearWithLoRA, ModuleToSave, active_adapter, adapter_names, 
                    linear_layer_names, lora_layers, lora_wrappers, mark_trainable, saved_modules, set_adapter)
 from .hf_layout import BLOCK_RENAMES, QKV, TOP_RENAMES
 from .model import GPTConfig
+from .quantization import QuantizedLinear
 from .tensor_hash import tensors_sha256
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -336,6 +337,10 @@ def export_peft(model, out_dir, adapter_name: str | None = None, base_model_name
     cfg = getattr(model, "cfg", None)
     if not isinstance(cfg, GPTConfig):
         raise TypeError(f"export_peft maps a GPTModel's layers to Hugging Face GPT-2; found {type(model).__name__}")
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ValueError("this adapter was trained on a quantized base (QLoRA); peft would apply it to the "
+                         "full-precision checkpoint, whose logits differ. Keep it in gptlora's format "
+                         "(save_adapter), or train on a full-precision base to export")
     adapter_name = adapter_name or active_adapter(model)
     layers = {n: layer.lora[adapter_name] for n, layer in lora_layers(model).items() if adapter_name in layer.lora}
     saves = {n: module.copies[adapter_name] for n, module in saved_modules(model).items()

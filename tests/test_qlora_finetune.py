@@ -1,0 +1,86 @@
+"""QLoRA end to end: `finetune --method lora --quantize-base nf4` against the fp32 LoRA run on the same base
+and seed, the run reloaded and checked by its fingerprint, the option's errors, and `generate --int8`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from gptlora import cli
+from gptlora.classifier import calc_accuracy_loader, classify
+from gptlora.finetune import ADAPTER_DIR, load_classifier
+from gptlora.lora import lora_layers
+from gptlora.lora_io import read_adapter_config
+from gptlora.quantization import NF4Linear
+from gptlora.spam import create_dataloaders
+from test_finetune_lora import MESSAGE, base_dir, lora_run  # noqa: F401  (fixtures: the tiny base, the fp32 run)
+
+
+@pytest.fixture(scope="module")
+def qlora_run(base_dir, lora_run, tmp_path_factory, run_cli):  # noqa: F811
+    """The same command as ``lora_run`` (book defaults, 1 epoch, seed 123) with an NF4 base."""
+    run = tmp_path_factory.mktemp("qlora") / "run"
+    status, printed = run_cli(["finetune", "--model", str(base_dir), "--method", "lora", "--quantize-base", "nf4",
+                               "--epochs", "1", "--data-dir", str(lora_run.data_dir), "--out", str(run),
+                               "--device", "cpu"])
+    metrics = json.loads((run / "metrics.json").read_text()) if status == 0 else None
+    return SimpleNamespace(status=status, stdout=printed, run=run, metrics=metrics, data_dir=lora_run.data_dir)
+
+
+def test_qlora_ends_within_one_point_of_fp32_lora(qlora_run, lora_run):  # noqa: F811
+    assert qlora_run.status == 0, qlora_run.stdout
+    assert qlora_run.metrics["trainable_parameters"] == lora_run.metrics["trainable_parameters"]
+    qlora, lora = qlora_run.metrics["accuracy"], lora_run.metrics["accuracy"]
+    assert abs(qlora["test"] - lora["test"]) <= 0.01, (qlora, lora)
+    info = json.loads((qlora_run.run / "classifier.json").read_text())
+    assert info["base_source"]["quantize"] == {"method": "nf4"}  # recorded, so classify rebuilds it
+    assert "quantize" not in json.loads((lora_run.run / "classifier.json").read_text())["base_source"]
+    fingerprints = {read_adapter_config(r.run / ADAPTER_DIR)["base_fingerprint"] for r in (qlora_run, lora_run)}
+    assert len(fingerprints) == 2  # the NF4 base is another base
+
+
+def test_qlora_run_reloads_and_classifies_identically(qlora_run, tokenizer, run_cli):
+    loaded, info = load_classifier(qlora_run.run)
+    wrapped = [layer.linear for name, layer in lora_layers(loaded).items() if name != "out_head"]
+    assert wrapped and all(isinstance(layer, NF4Linear) for layer in wrapped)
+    _, val_loader, test_loader = create_dataloaders(qlora_run.data_dir, tokenizer)
+    for split, loader in (("validation", val_loader), ("test", test_loader)):
+        assert calc_accuracy_loader(loader, loaded, "cpu") == qlora_run.metrics["accuracy"][split], split
+    status, printed = run_cli(["classify", "--run", str(qlora_run.run), MESSAGE, "--device", "cpu"])
+    assert status == 0 and printed.strip() == classify(MESSAGE, loaded, tokenizer, "cpu", info["max_length"])
+
+
+def test_a_differently_quantized_base_is_refused(qlora_run, tmp_path, capsys):
+    other = shutil.copytree(qlora_run.run, tmp_path / "run")
+    info = json.loads((other / "classifier.json").read_text())
+    info["base_source"]["quantize"] = {"method": "nf4", "double_quant": True}
+    (other / "classifier.json").write_text(json.dumps(info))
+    assert cli.main(["classify", "--run", str(other), MESSAGE, "--device", "cpu"]) == 1
+    assert "trained on other base weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--method", "full", "--quantize-base", "nf4"],
+     "error: a quantized base (nf4) is frozen, so it trains only with --method lora, found --method full; "
+     "use --method lora or leave out --quantize-base\n"),
+    (["--method", "lora", "--quantize-base", "nf5"], "error: unknown quantization 'nf5'; choose one of nf4, int8\n"),
+    (["--method", "lora", "--quantize-base", "int8", "--double-quant"],
+     "error: --double-quant quantizes NF4's block scales, so it needs --quantize-base nf4, found int8\n"),
+])
+def test_bad_quantize_options_are_one_line_before_any_work(options, message, tmp_path, capsys):
+    data = tmp_path / "data"
+    assert cli.main(["finetune", *options, "--data-dir", str(data), "--out", str(tmp_path / "run"),
+                     "--random-init"]) == 1
+    assert capsys.readouterr().err == message
+    assert not data.exists() and not (tmp_path / "run").exists()
+
+
+def test_generate_int8(base_dir, run_cli):  # noqa: F811
+    argv = ["generate", "--model", str(base_dir), "--prompt", "Hello", "--max-new-tokens", "5"]
+    status, fp32 = run_cli(argv)
+    status_int8, int8 = run_cli(argv + ["--int8"])
+    assert status == status_int8 == 0
+    assert fp32.startswith("Hello") and int8.startswith("Hello") and len(int8) > len("Hello")
