@@ -11,6 +11,8 @@ Sections (random-weight gpt2-small throughout; nothing is downloaded):
             dynamic padding with length bucketing vs both (time, padded tokens, peak memory)
   generate  greedy generation tokens/s, KV cache vs none vs transformers' generate
   load      load time and peak-RSS rise vs checkpoint size, each load in a fresh process
+  quantize  quantized bases (bench_quantization): memory fp32 / int8 / NF4 (gpt2-small, gpt2-xl), logits
+            error over the spam test split, LoRA step on an NF4 base, int8 generation vs transformers
 Every comparison is a ratio against a reference measured in the same run (candidates
 alternate, best of several rounds), so a busy machine moves both sides; absolute
 seconds are context only. The closing table says whether each target is met.
@@ -30,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, machine_line, print_table, verdict  # noqa: E402
 
-SECTIONS = ("steps", "epoch", "generate", "load")
+SECTIONS = ("steps", "epoch", "generate", "load", "quantize")
 
 # Offline, as the tests run: tiktoken reads the cached gpt2 files, transformers never calls the Hub.
 if (SHARED / "tiktoken-cache").is_dir():
@@ -63,7 +65,7 @@ def main() -> None:
     start = time.perf_counter()
     tables, targets = [], []
     ours = theirs = None
-    if {"steps", "generate", "load"} & set(sections):
+    if {"steps", "generate", "load", "quantize"} & set(sections):
         ours, theirs = build_pair()
     for name in sections:
         if name == "steps":
@@ -74,6 +76,11 @@ def main() -> None:
         elif name == "generate":
             result = generation_section(ours, theirs, new_tokens=20 if args.quick else args.new_tokens,
                                         repeats=1 if args.quick else 2)
+        elif name == "quantize":
+            from bench_quantization import quantization_section
+
+            result = quantization_section(ours, theirs, new_tokens=20 if args.quick else args.new_tokens,
+                                          repeats=1 if args.quick else 2, quick=args.quick)
         else:
             result = load_section(ours, repeats=1 if args.quick else 2)
         tables += result[0]

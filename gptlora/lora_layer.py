@@ -170,7 +170,8 @@ class LinearWithLoRA(nn.Module):
         """Raise ``ValueError`` if ``merge`` would have to requantize: the wrapped layer is quantized."""
         if isinstance(self.linear, QuantizedLinear) and not self.merged and self.active_adapter in self.lora:
             raise ValueError(f"cannot merge a LoRA adapter into a {self.linear.method} base: requantizing "
-                             "W + scaling * (A @ B)^T would round most of the update away. Merge into a "
+                             "W + scaling * (A @ B)^T adds a new rounding error of up to half a quantization step "
+                             "per weight, so the merged model would not be the one trained. Merge into a "
                              "full-precision copy instead: gptlora.qlora.dequantize_base(model), then merge_lora")
 
     def unmerge(self) -> None:

@@ -7,10 +7,11 @@ adapters train. The output head (``out_head``/``lm_head``) and the embeddings st
 full precision unless asked otherwise: the head is small for a classifier and, for a
 language model, often tied to the token embedding.
 
-Merging an adapter into a quantized base is refused: requantizing ``W + scaling * A B``
-rounds most of the update away (QLoRA's quantization step, about absmax / 8, is far
-larger than a typical LoRA update). ``dequantize_base`` gives a full-precision copy
-of the base into which the adapter merges exactly.
+Merging an adapter into a quantized base is refused: the model trained is
+``dequantize(Q) + scaling * A B``, and quantizing that sum again adds a fresh rounding
+error of up to half a step per weight (NF4's steps are about absmax / 8 near zero),
+comparable to the update itself (notebook 10 measures it). ``dequantize_base`` gives a
+full-precision copy of the base into which the adapter merges exactly.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def dequantize_base(model: nn.Module) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by ``model``'s parameters and buffers (a tensor shared by two modules counted once)."""
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes held by ``model``'s parameters and buffers (a tensor shared by two modules, a tied head,
+    counted once). Works on the meta device too: shapes and dtypes decide, so the bytes of a model
+    too large to build (gpt2-xl) can be counted without allocating it."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
