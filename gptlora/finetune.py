@@ -260,6 +260,9 @@ def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise ValueError(f"{run_dir} is a {info['method']!r} run, which saves a whole model; only a "
                          "`--method lora` run has an adapter to export (or a prompt- or prefix-tuning run)")
     source = _recorded_base_source(run_dir, info)
+    if source.get("quantize"):
+        raise ValueError(f"{run_dir} was trained on a quantized base (QLoRA, {source['quantize']['method']}); peft "
+                         "would apply its adapter to the full-precision base. Keep the run's own adapter files")
     made_out_dir = not Path(out_dir).exists()
     try:
         return _export(run_dir, info, source, out_dir)

@@ -84,3 +84,9 @@ def test_generate_int8(base_dir, run_cli):  # noqa: F811
     status_int8, int8 = run_cli(argv + ["--int8"])
     assert status == status_int8 == 0
     assert fp32.startswith("Hello") and int8.startswith("Hello") and len(int8) > len("Hello")
+
+
+def test_export_peft_refuses_a_qlora_run(qlora_run, tmp_path, capsys):
+    assert cli.main(["export-peft", "--run", str(qlora_run.run), "--out", str(tmp_path / "peft")]) == 1
+    assert "was trained on a quantized base (QLoRA, nf4)" in capsys.readouterr().err
+    assert not (tmp_path / "peft").exists()
