@@ -1,5 +1,6 @@
 """QLoRA end to end: `finetune --method lora --quantize-base nf4` against the fp32 LoRA run on the same base
-and seed, the run reloaded and checked by its fingerprint, the option's errors, and `generate --int8`."""
+and seed, the run reloaded and checked by its fingerprint, and `generate --int8` (the options' bad-input
+rows are in test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -62,22 +63,6 @@ def test_a_differently_quantized_base_is_refused(qlora_run, tmp_path, capsys):
     assert "trained on other base weights" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--method", "full", "--quantize-base", "nf4"],
-     "error: a quantized base (nf4) is frozen, so it trains only with --method lora, found --method full; "
-     "use --method lora or leave out --quantize-base\n"),
-    (["--method", "lora", "--quantize-base", "nf5"], "error: unknown quantization 'nf5'; choose one of nf4, int8\n"),
-    (["--method", "lora", "--quantize-base", "int8", "--double-quant"],
-     "error: --double-quant quantizes NF4's block scales, so it needs --quantize-base nf4, found int8\n"),
-])
-def test_bad_quantize_options_are_one_line_before_any_work(options, message, tmp_path, capsys):
-    data = tmp_path / "data"
-    assert cli.main(["finetune", *options, "--data-dir", str(data), "--out", str(tmp_path / "run"),
-                     "--random-init"]) == 1
-    assert capsys.readouterr().err == message
-    assert not data.exists() and not (tmp_path / "run").exists()
-
-
 def test_generate_int8(base_dir, run_cli):  # noqa: F811
     argv = ["generate", "--model", str(base_dir), "--prompt", "Hello", "--max-new-tokens", "5"]
     status, fp32 = run_cli(argv)
@@ -90,3 +75,17 @@ def test_export_peft_refuses_a_qlora_run(qlora_run, tmp_path, capsys):
     assert cli.main(["export-peft", "--run", str(qlora_run.run), "--out", str(tmp_path / "peft")]) == 1
     assert "was trained on a quantized base (QLoRA, nf4)" in capsys.readouterr().err
     assert not (tmp_path / "peft").exists()
+
+
+def test_a_qlora_run_resumes_with_its_quantized_base(base_dir, small_spam_data_dir, tmp_path, run_cli):  # noqa: F811
+    """--resume takes --quantize-base from the checkpoint and quantizes the base again; the checkpoint's
+    fingerprint of the frozen weights covers the NF4 codes (buffers), so it checks that base."""
+    run = tmp_path / "run"
+    status, printed = run_cli(["finetune", "--model", str(base_dir), "--method", "lora", "--quantize-base", "nf4",
+                               "--epochs", "1", "--data-dir", str(small_spam_data_dir), "--out", str(run),
+                               "--device", "cpu"])
+    assert status == 0, printed
+    status, printed = run_cli(["finetune", "--resume", str(run), "--epochs", "2", "--device", "cpu"])
+    assert status == 0, printed
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["base_source"]["quantize"] == {"method": "nf4"}
