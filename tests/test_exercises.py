@@ -143,13 +143,30 @@ def test_student_version_carries_public_checks_only(master, built):
 
 
 class _Anonymous(ast.NodeTransformer):
-    """Every variable becomes ``_`` (modules and builtins keep their names), so that a check computing
-    the answer with its own variable names still matches the solution line it copies."""
+    """Every variable, and every attribute of one (``lora.scaling``), becomes ``_`` (modules and
+    builtins keep their names) and keyword arguments lose their names (``dim=-1`` is ``-1``), so that
+    a check computing the answer with its own names still matches the solution line it copies."""
 
     KEPT = {"torch", "F", "math", "nn"} | set(dir(builtins))
 
     def visit_Name(self, node):
         return ast.Name(id=node.id if node.id in self.KEPT else "_", ctx=node.ctx)
+
+    def visit_Attribute(self, node):
+        if isinstance(node.value, ast.Name) and node.value.id not in self.KEPT and not isinstance(node.ctx, ast.Store):
+            return ast.Name(id="_", ctx=node.ctx)
+        return self.generic_visit(node)
+
+    def visit_Call(self, node):
+        method = node.func
+        if isinstance(method, ast.Attribute) and isinstance(method.value, ast.Name):  # keep the method's name
+            node.func = ast.Attribute(value=self.visit_Name(method.value), attr=method.attr, ctx=method.ctx)
+        else:
+            node.func = self.visit(method)
+        node.args = [self.visit(a) for a in node.args]
+        node.keywords = [self.visit(k) for k in node.keywords]
+        node.args, node.keywords = node.args + [k.value for k in node.keywords if k.arg], [k for k in node.keywords if not k.arg]
+        return node
 
 
 def _parsed(code: str):
@@ -162,7 +179,7 @@ def _parsed(code: str):
     return None
 
 
-def _skeletons(tree, smallest: int = 12) -> set[str]:
+def _skeletons(tree, smallest: int = 10) -> set[str]:
     """The anonymous text of every sub-expression of ``tree`` with at least two operations (calls,
     arithmetic, indexing, comparisons) and ``smallest`` characters: big enough to give an answer away."""
     found = set()
