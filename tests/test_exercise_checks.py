@@ -98,15 +98,17 @@ def test_reference_attention_weights_are_the_causal_softmax():
 
 @pytest.mark.parametrize("seed, shapes", [(4, [(16, 9, 2)]), (9, [(40, 12, 3), (7, 5, 2)])])
 def test_classification_batches_tell_each_wrong_reading_apart(seed, shapes):
-    """The batches of 06 q4 (public: seed 4; hidden: seed 9): reading any other position, or one class
-    for every row, marks another set of rows as right, so a check row by row catches each of them."""
+    """The batches of 06 q4 (public: seed 4; hidden: seed 9): reading the last, first or next position,
+    or one class for every row, each marks a different set of rows as right, so a check row by row
+    catches each of them and can name it."""
     generator = torch.Generator().manual_seed(seed)
     for batch, time, classes in shapes:
         logits, labels, lengths = batch_read_at_one_position(generator, batch, time, classes)
         assert (lengths < time).all() and (lengths >= 1).all()
         rows = torch.arange(batch)
-        right = logits[rows, lengths - 1].argmax(-1) == labels
-        assert 0 < right.sum() < batch
-        wrong_readings = [logits[:, -1], logits[:, 0], logits[rows, lengths]]
-        for wrong in [reading.argmax(-1) for reading in wrong_readings] + [torch.full((batch,), c) for c in range(classes)]:
-            assert not torch.equal(wrong == labels, right)
+        readings = {"right": logits[rows, lengths - 1].argmax(-1), "last": logits[:, -1].argmax(-1),
+                    "first": logits[:, 0].argmax(-1), "next": logits[rows, lengths].argmax(-1),
+                    **{f"always {c}": torch.full((batch,), c) for c in range(classes)}}
+        right_rows = {name: tuple((predicted == labels).tolist()) for name, predicted in readings.items()}
+        assert len(set(right_rows.values())) == len(right_rows), right_rows
+        assert 0 < sum(right_rows["right"]) < batch
