@@ -9,7 +9,8 @@ into ``OUT/<name>/``: ``student/<name>.ipynb`` to hand out (public checks only) 
 
 ``grade`` grades every ``*.ipynb`` in ``SUBMISSIONS_DIR`` into one CSV, one row per
 submission and one column per question (otter's ``final_grades.csv`` layout, with a first
-row of the points possible). With Docker available it runs ``otter grade`` (one container per
+row of the points possible, and a ``grading_status`` column: a submission that cannot be graded
+scores 0 with the reason there, and the others are still graded). With Docker available it runs ``otter grade`` (one container per
 submission, the environment of the autograder zip); otherwise, or with ``--no-docker``, it runs
 ``otter run`` on each submission in this Python environment, which must have ``gptlora``
 installed. Needs ``pip install -e ".[teach]"``.
@@ -69,14 +70,26 @@ def submissions_in(folder: Path) -> list[Path]:
 
 
 def grade_without_docker(submissions: list[Path], autograder: Path):
-    """``otter run`` each submission here; otter's score table (a DataFrame) of all of them."""
+    """``otter run`` each submission here; otter's score table (a DataFrame) of all of them.
+
+    A submission that cannot be graded (not a notebook, a kernel that dies, ...) gets a row of
+    zeros whose ``grading_status`` says why, and grading goes on with the next one: one broken
+    file must not cost the whole class its table.
+    """
     from otter.api import grade_submission
     from otter.grade.utils import merge_scores_to_df
+    from otter.test_files import GradingResults
 
     results = []
     for path in submissions:
         print(f"grading {path.name}", file=sys.stderr)
-        result = grade_submission(str(path), str(autograder), quiet=True)
+        try:
+            result = grade_submission(str(path), str(autograder), quiet=True)
+        except Exception as error:  # whatever the submission holds, the other students are still graded
+            result = GradingResults.without_results(RuntimeError(f"{type(error).__name__}: {error}"))
+        if result.catastrophic_error is not None:
+            print(f"teach.py: could not grade {path}: {result.catastrophic_error}; it scores 0 "
+                  f"(the reason is in the grading_status column)", file=sys.stderr)
         result.file = path.name  # as otter grade names each row
         results.append(result)
     return merge_scores_to_df(results)

@@ -81,9 +81,11 @@ def _same(found, expected, atol: float, rtol: float) -> bool:
             _same(found[k], expected[k], atol, rtol) for k in expected)
     if isinstance(expected, bool) or isinstance(found, bool):
         return found is expected
+    if isinstance(found, torch.Tensor) and found.numel() == 1 and isinstance(expected, (int, float)):
+        found = found.item()
+    if isinstance(expected, int) and isinstance(found, (int, float)):
+        return found == expected  # counts are exact: a relative tolerance would let gpt2-small's off by 1,536 pass
     if isinstance(expected, (int, float)):
-        if isinstance(found, torch.Tensor) and found.numel() == 1:
-            found = found.item()
         return isinstance(found, (int, float)) and math.isclose(found, expected, rel_tol=rtol, abs_tol=atol)
     return found == expected
 
@@ -104,7 +106,7 @@ def diagnose(found, mistakes: dict | None, atol: float = 1e-6, rtol: float = 1e-
 
 def expect(what: str, found, expected, mistakes: dict | None = None, hint: str = "",
            atol: float = 1e-6, rtol: float = 1e-5) -> None:
-    """Fail unless ``found`` equals ``expected`` (numbers and tensors to ``atol``/``rtol``).
+    """Fail unless ``found`` equals ``expected`` (integers exactly, floats and tensors to ``atol``/``rtol``).
 
     ``what`` names the quantity (``"feed-forward parameters of gpt2-small"``);
     ``mistakes`` maps typical mistakes to the value each gives, and the one that
@@ -148,3 +150,70 @@ def random_gpt_config(seed: int, **overrides):
     values = dict(vocab_size=draw(50, 500), context_length=draw(8, 64), emb_dim=heads * draw(2, 12),
                   n_heads=heads, n_layers=draw(1, 4), drop_rate=0.0, qkv_bias=bool(draw(0, 1)))
     return GPTConfig(**{**values, **overrides})
+
+
+def sampling_probabilities(logits: torch.Tensor, temperature: float, top_k: int | None = None) -> torch.Tensor:
+    """The probabilities ``[B, V]`` that ``gptlora.generation.next_token(logits [B, V], temperature, top_k)``
+    samples from (``temperature`` above 0), caught where it hands them to ``torch.multinomial``.
+
+    A check compares a student's temperature or top-k with the library's own sampling this way,
+    rather than with a copy of the formula that the student notebook would show.
+    """
+    from unittest import mock
+
+    from .generation import next_token
+
+    if temperature <= 0:
+        raise ValueError(f"temperature {temperature} is greedy: next_token samples only above 0")
+    seen = []
+
+    def record(probabilities, num_samples, **_):
+        seen.append(probabilities.detach().clone())
+        return probabilities.argmax(dim=-1, keepdim=True)
+
+    with mock.patch("torch.multinomial", record):
+        next_token(logits, temperature, top_k)
+    return seen[0]
+
+
+def reference_attention_weights(scores: torch.Tensor) -> torch.Tensor:
+    """The causal attention weights ``[..., T, T]`` that ``MultiHeadAttention.attention_reference``
+    computes from attention scores ``[..., T, T]`` (row = query position, column = key position).
+
+    One head of width T whose input, keys, values and output projection are identities: its queries
+    are then the scores themselves (times sqrt(T), which the head divides out again) and its output is
+    its attention weights. Checks compare a student's mask with the model's own code this way.
+    """
+    from .model import MultiHeadAttention
+
+    t = scores.shape[-1]
+    eye = torch.eye(t, dtype=torch.float64)
+    head = MultiHeadAttention(t, t, context_length=t, dropout=0.0, num_heads=1).double().eval()
+    weights = []
+    with torch.no_grad():
+        for layer in (head.W_key, head.W_value, head.out_proj):
+            layer.weight.copy_(eye)
+        head.out_proj.bias.zero_()
+        for matrix in scores.detach().reshape(-1, t, t).double():
+            head.W_query.weight.copy_(matrix.T * math.sqrt(t))  # queries = scores * sqrt(T)
+            weights.append(head.attention_reference(eye[None])[0])
+    return torch.stack(weights).reshape(scores.shape).to(scores.dtype)
+
+
+def batch_read_at_one_position(generator: torch.Generator, batch: int, time: int, classes: int):
+    """``(logits [B, T, C], labels [B], lengths [B])`` for checking where a classifier reads its class.
+
+    Every row ends in padding (``lengths < T``); at a row's last real token (``lengths - 1``) one class
+    wins by a wide margin, elsewhere the logits are random, and the labels agree with that class in
+    about two rows out of three. So reading the last, the first or the next position, or predicting
+    one class throughout, marks another set of rows as right (tests/test_exercise_checks.py checks
+    this for the seeds the exercises use), and a check row by row can tell which mistake it was.
+    """
+    lengths = torch.randint(1, time, (batch,), generator=generator)
+    read = torch.randint(0, classes, (batch,), generator=generator)
+    logits = torch.randn(batch, time, classes, generator=generator)
+    rows = torch.arange(batch)
+    logits[rows, lengths - 1, read] = 10.0
+    agree = torch.rand(batch, generator=generator) < 2 / 3
+    other = (read + torch.randint(1, max(classes, 2), (batch,), generator=generator)) % classes
+    return logits, torch.where(agree, read, other), lengths

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from gptlora.exercise_checks import ExerciseCheckFailed, answered, call, expect, random_gpt_config
+from gptlora.exercise_checks import (ExerciseCheckFailed, answered, batch_read_at_one_position, call, expect,
+                                     random_gpt_config, reference_attention_weights, sampling_probabilities)
 
 
 def test_expect_names_the_mistake_whose_value_was_found():
@@ -63,3 +64,51 @@ def test_nested_answers_name_the_first_item_that_differs():
     with pytest.raises(ExerciseCheckFailed, match=r"^pairs, item 1, item 1: values differ .* by up to 1 \(expected a torch.float32 "
                                                   r"tensor of shape \[1\] starting \[1, \.\.\.\]"):
         expect("pairs", found, expected)
+
+
+def test_counts_are_compared_exactly():
+    """A relative tolerance would pass gpt2-small without its final LayerNorm (off by 1,536 in 163 million)."""
+    expect("parameters", 163_009_536, 163_009_536)
+    expect("parameters", torch.tensor(163_009_536), 163_009_536)
+    with pytest.raises(ExerciseCheckFailed, match=r"expected 163,009,536, found 163,008,000\. Likely mistake: no final norm\."):
+        expect("parameters", 163_008_000, 163_009_536, {"no final norm": 163_009_536 - 1536})
+    with pytest.raises(ExerciseCheckFailed):
+        expect("parameters", 124_441_344, 124_441_346)
+    expect("share", 0.1 + 0.2, 0.3)  # floats keep their tolerance
+
+
+def test_sampling_probabilities_are_those_next_token_samples_from():
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(sampling_probabilities(logits, 0.5), torch.softmax(logits / 0.5, dim=-1))
+    top3 = sampling_probabilities(logits, 1.0, top_k=3)
+    assert (top3 > 0).sum(dim=-1).tolist() == [3, 3, 3]
+    assert torch.equal(top3 > 0, logits >= logits.topk(3).values[:, -1:])
+    with pytest.raises(ValueError, match="greedy"):
+        sampling_probabilities(logits, 0.0)
+
+
+def test_reference_attention_weights_are_the_causal_softmax():
+    scores = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    weights = reference_attention_weights(scores)
+    assert weights.shape == scores.shape and torch.allclose(weights.sum(dim=-1), torch.ones(2, 3, 5))
+    assert (weights.triu(diagonal=1) == 0).all() and (weights.diagonal(dim1=-2, dim2=-1) > 0).all()
+    past = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert torch.allclose(weights, torch.softmax(scores.masked_fill(~past, float("-inf")), dim=-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed, shapes", [(4, [(16, 9, 2)]), (9, [(40, 12, 3), (7, 5, 2)])])
+def test_classification_batches_tell_each_wrong_reading_apart(seed, shapes):
+    """The batches of 06 q4 (public: seed 4; hidden: seed 9): reading the last, first or next position,
+    or one class for every row, each marks a different set of rows as right, so a check row by row
+    catches each of them and can name it."""
+    generator = torch.Generator().manual_seed(seed)
+    for batch, time, classes in shapes:
+        logits, labels, lengths = batch_read_at_one_position(generator, batch, time, classes)
+        assert (lengths < time).all() and (lengths >= 1).all()
+        rows = torch.arange(batch)
+        readings = {"right": logits[rows, lengths - 1].argmax(-1), "last": logits[:, -1].argmax(-1),
+                    "first": logits[:, 0].argmax(-1), "next": logits[rows, lengths].argmax(-1),
+                    **{f"always {c}": torch.full((batch,), c) for c in range(classes)}}
+        right_rows = {name: tuple((predicted == labels).tolist()) for name, predicted in readings.items()}
+        assert len(set(right_rows.values())) == len(right_rows), right_rows
+        assert 0 < sum(right_rows["right"]) < batch

@@ -3,7 +3,8 @@
 For every master notebook ``exercises/NN_*.ipynb`` (a new chapter's exercises are picked up
 by adding its master and one entry in ``exercises/typical_mistakes.yaml``):
 - it is well formed: at least 3 questions, each with public and hidden checks, no outputs;
-- ``otter assign`` builds it, and the student version carries the public checks only;
+- ``otter assign`` builds it, and the student version carries the public checks only and no
+  piece of a solution (in its cells or in the public checks otter stores in its metadata);
 - the solution scores 100%, the untouched student notebook 0 on every question, and the
   typical mistakes of ``typical_mistakes.yaml`` score 0 with feedback naming the mistake.
 Grading runs ``otter run`` here, without Docker, in kernels of this environment.
@@ -11,8 +12,12 @@ Grading runs ``otter run`` here, without Docker, in kernels of this environment.
 
 from __future__ import annotations
 
+import ast
+import builtins
+import copy
 import csv
 import importlib.util
+import json
 import re
 import time
 from pathlib import Path
@@ -137,6 +142,117 @@ def test_student_version_carries_public_checks_only(master, built):
     assert (folder / "autograder.zip").is_file()
 
 
+class _Anonymous(ast.NodeTransformer):
+    """Every variable, and every attribute of one (``lora.scaling``), becomes ``_`` (modules and
+    builtins keep their names) and keyword arguments lose their names (``dim=-1`` is ``-1``), so that
+    a check computing the answer with its own names still matches the solution line it copies."""
+
+    KEPT = {"torch", "F", "math", "nn"} | set(dir(builtins))
+
+    def visit_Name(self, node):
+        return ast.Name(id=node.id if node.id in self.KEPT else "_", ctx=node.ctx)
+
+    def visit_Attribute(self, node):
+        if isinstance(node.value, ast.Name) and node.value.id not in self.KEPT and not isinstance(node.ctx, ast.Store):
+            return ast.Name(id="_", ctx=node.ctx)
+        return self.generic_visit(node)
+
+    def visit_Call(self, node):
+        method = node.func
+        if isinstance(method, ast.Attribute) and isinstance(method.value, ast.Name):  # keep the method's name
+            node.func = ast.Attribute(value=self.visit_Name(method.value), attr=method.attr, ctx=method.ctx)
+        else:
+            node.func = self.visit(method)
+        node.args = [self.visit(a) for a in node.args]
+        node.keywords = [self.visit(k) for k in node.keywords]
+        node.args, node.keywords = node.args + [k.value for k in node.keywords if k.arg], [k for k in node.keywords if not k.arg]
+        return node
+
+
+def _parsed(code: str):
+    """``code`` parsed; a lone ``for ...:``/``if ...:`` line gets a body so that it parses too."""
+    for attempt in (code, code + "\n    pass"):
+        try:
+            return ast.parse(attempt)
+        except SyntaxError:
+            continue
+    return None
+
+
+def _skeletons(tree, smallest: int = 10) -> set[str]:
+    """The anonymous text of every sub-expression of ``tree`` with at least two operations (calls,
+    arithmetic, indexing, comparisons) and ``smallest`` characters: big enough to give an answer away."""
+    found = set()
+    for node in ast.walk(tree) if tree is not None else []:
+        if not isinstance(node, ast.expr) or isinstance(node, (ast.Name, ast.Constant, ast.Slice)):
+            continue
+        operations = sum(isinstance(n, (ast.Call, ast.BinOp, ast.Subscript, ast.Compare)) for n in ast.walk(node))
+        text = "".join(ast.unparse(_Anonymous().visit(copy.deepcopy(node))).split())
+        if operations >= 2 and len(text) >= smallest:
+            found.add(text)
+    return found
+
+
+def _flat(code: str) -> str:
+    """``code`` as otter writes tests (``ast.unparse``: quotes, number and comment style), without whitespace."""
+    tree = _parsed(code)
+    return "".join((ast.unparse(tree).split("\n")[0] if tree is not None else code).split())
+
+
+def solution_lines(master: Path) -> list[str]:
+    """The distinctive code lines of a master's solutions: between ``# BEGIN SOLUTION`` and
+    ``# END SOLUTION``, neither comments nor lines that the notebook shows students anyway
+    (in the question's own code, e.g. a demo calling ``torch.manual_seed(seed)``)."""
+    solution, shown, inside, in_tests = [], set(), False, False
+    for cell in nbformat.read(master, as_version=4).cells:
+        if cell.cell_type == "raw" and re.match(r"#\s*(BEGIN|END) TESTS", cell.source, re.IGNORECASE):
+            in_tests = cell.source.upper().lstrip("# ").startswith("BEGIN")
+        if cell.cell_type != "code" or in_tests:
+            continue
+        for line in cell.source.splitlines():
+            marker = line.strip().upper()
+            if marker.startswith(("# BEGIN SOLUTION", "# END SOLUTION")):
+                inside = marker.startswith("# BEGIN")
+            elif inside and line.strip() and not line.strip().startswith("#"):
+                solution.append(line.strip())
+            elif not inside:
+                shown.add(_flat(line.strip()))
+    return [line for line in solution if _flat(line) not in shown]
+
+
+@pytest.mark.parametrize("master", MASTERS, ids=IDS)
+def test_student_version_holds_no_solution(master, built):
+    """No solution line, no piece of one (a sub-expression, whatever its variable names) and no
+    ``replace`` of typical_mistakes.yaml appears in the student notebook, cells or metadata."""
+    student = nbformat.read(built(master) / "student" / master.name, as_version=4)
+    sources = [cell.source for cell in student.cells] + list(student.metadata["otter"]["tests"].values())
+    flat = "\n".join(["".join(source.split()) for source in sources] + [_flat(source) for source in sources]
+                      + ["".join(json.dumps(student.metadata).split())])
+    pieces = set().union(*(_skeletons(_parsed(source)) for source in sources))
+    lines = solution_lines(master)
+    assert len(lines) >= len(question_names(master)), f"{master.name}: no solution lines found"
+    shown = [line for line in lines if len(_flat(line)) >= 16 and _flat(line) in flat]
+    shown += [f"{line} (as {piece})" for line in lines for piece in _skeletons(_parsed(line)) if piece in pieces]
+    shown += [mistake["replace"] for mistake in MISTAKES[master.stem] if _flat(mistake["replace"].strip()) in flat]
+    assert not shown, f"the student version of {master.name} shows pieces of the solutions: {shown}"
+
+
+@pytest.mark.parametrize("master", MASTERS, ids=IDS)
+def test_hidden_checks_take_only_the_students_answers(master):
+    """A hidden check reads nothing from the notebook but the functions the student wrote: a student's
+    cell may overwrite any other name (``train``, ``tokenizer``) and so change what is checked."""
+    nb = nbformat.read(master, as_version=4)
+    answers = {node.name for cell in nb.cells if cell.cell_type == "code" and "# BEGIN SOLUTION" in cell.source
+               for node in ast.parse(cell.source).body if isinstance(node, ast.FunctionDef)}
+    for cell in nb.cells:
+        if cell.cell_type == "code" and cell.source.startswith("# HIDDEN"):
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, ast.FunctionDef):
+                    arguments = {a.arg for a in node.args.args}
+                    assert arguments <= answers, \
+                        f"{master.name} {node.name} reads notebook names {sorted(arguments - answers)}; build them inside the check"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("master", MASTERS, ids=IDS)
 def test_solution_scores_full_marks(master, built, grading_env):
@@ -198,15 +314,20 @@ def test_grade_folder_writes_one_csv(built, grading_env, tmp_path, capsys):
     (submissions / "alice.ipynb").write_bytes((folder / "autograder" / master.name).read_bytes())
     (submissions / "bob.ipynb").write_bytes((folder / "student" / master.name).read_bytes())
     with_mistakes(folder / "autograder" / master.name, MISTAKES[master.stem][:1], submissions / "carol.ipynb")
+    (submissions / "dan.ipynb").write_text("not json")  # a broken upload must not stop the others' grading
     out = tmp_path / "scores" / "scores.csv"
 
     status = teach.main(["grade", str(submissions), "--autograder", str(folder / "autograder.zip"),
                          "--out", str(out), "--no-docker"])
 
-    assert status == 0 and f"wrote {out}" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert status == 0 and f"wrote {out}" in captured.out
+    assert f"could not grade {submissions / 'dan.ipynb'}: NotJSONError" in captured.err
     rows = {row["file"]: row for row in csv.DictReader(out.open())}
     names = question_names(master)
-    assert list(rows) == ["points-per-question", "alice.ipynb", "bob.ipynb", "carol.ipynb"]
+    assert list(rows) == ["points-per-question", "alice.ipynb", "bob.ipynb", "carol.ipynb", "dan.ipynb"]
+    assert [float(rows["dan.ipynb"][name]) for name in names + ["total_points_earned"]] == [0] * (len(names) + 1)
+    assert "NotJSONError" in rows["dan.ipynb"]["grading_status"] and rows["alice.ipynb"]["grading_status"] == "Completed"
     wrong_question = MISTAKES[master.stem][0]["question"]
     for name in names:
         assert float(rows["alice.ipynb"][name]) == float(rows["points-per-question"][name])
@@ -255,3 +376,15 @@ def test_grade_folder_refuses_docker_when_none_answers(tmp_path, monkeypatch, ca
     (tmp_path / "autograder.zip").write_bytes(b"")
     assert teach.main(["grade", str(tmp_path), "--autograder", str(tmp_path / "autograder.zip"), "--docker"]) == 2
     assert "no Docker daemon answers" in capsys.readouterr().err
+
+
+def test_grade_folder_scores_unreadable_submissions_zero(built, tmp_path, capsys):
+    """Even when no submission can be read, the table is written, one row per file with the reason."""
+    folder = built(MASTERS[0])
+    (tmp_path / "erin.ipynb").write_text("not json")
+    out = tmp_path / "scores.csv"
+    assert teach.main(["grade", str(tmp_path), "--autograder", str(folder / "autograder.zip"), "--out", str(out),
+                       "--no-docker"]) == 0
+    assert f"could not grade {tmp_path / 'erin.ipynb'}" in capsys.readouterr().err
+    [row] = csv.DictReader(out.open())
+    assert row["file"] == "erin.ipynb" and float(row["total_points_earned"]) == 0 and "NotJSONError" in row["grading_status"]
