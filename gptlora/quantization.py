@@ -325,14 +325,27 @@ def fused_int8_kernel_available(device: torch.device | str = "cpu") -> bool:
 
 _INT8_KERNEL: dict[str, bool] = {}
 
+# PyTorch's CPU kernel (aten/src/ATen/native/cpu/int8mm_kernel.cpp) reads a row 16 values at a time with
+# AVX-512 (8 with AVX2 or Arm NEON), with aligned loads and no loop for a remainder: another input width
+# reads past the end of each row (garbage, measured up to 1e30, or a segmentation fault), and an input
+# whose data does not start on a 32-byte boundary crashes it. So the fused path takes only widths that
+# are a multiple of 16 and a freshly allocated (64-byte aligned) activation; anything else dequantizes.
+FUSED_INT8_WIDTH = 16
+
+
+def _aligned(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is contiguous and its data starts on a 64-byte boundary (PyTorch's CPU allocations do)."""
+    return tensor.is_contiguous() and tensor.data_ptr() % 64 == 0
+
 
 class Int8Linear(QuantizedLinear):
     """A linear layer with per-output-channel int8 weights: ``weight_int8`` ``[out, in]``, ``scales`` ``[out]``.
 
-    With ``fused=True`` and no gradient needed, the product runs in PyTorch's fused
-    int8-weight kernel (``torch._weight_int8pack_mm``: bfloat16 activations and
-    scales, the weight read as int8, a quarter of float32's bytes); otherwise the
-    weight is dequantized to float and applied (exact to ``dequantized_weight()``).
+    With ``fused=True``, no gradient needed and ``in_features`` a multiple of
+    ``FUSED_INT8_WIDTH`` (16), the product runs in PyTorch's fused int8-weight kernel
+    (``torch._weight_int8pack_mm``: bfloat16 activations and scales, the weight read as
+    int8, a quarter of float32's bytes); otherwise the weight is dequantized to float
+    and applied (exact to ``dequantized_weight()``).
     """
 
     method = "int8"
@@ -352,9 +365,17 @@ class Int8Linear(QuantizedLinear):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_int8(self.weight_int8, self.scales, dtype or self.dtype)
 
+    def uses_fused_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs in the fused kernel (see the class docstring and ``FUSED_INT8_WIDTH``)."""
+        return (self.fused and not (torch.is_grad_enabled() and x.requires_grad)
+                and self.in_features % FUSED_INT8_WIDTH == 0 and _aligned(self.weight_int8)
+                and fused_int8_kernel_available(x.device))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and not (torch.is_grad_enabled() and x.requires_grad) and fused_int8_kernel_available(x.device):
+        if self.uses_fused_kernel(x):
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            if not _aligned(flat):  # x was already bfloat16: a view (e.g. x[:, -1:]) may start mid-allocation
+                flat = flat.clone(memory_format=torch.contiguous_format)
             out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales.to(torch.bfloat16)).to(x.dtype)
             out = out.view(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias.to(x.dtype)

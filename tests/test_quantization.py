@@ -153,8 +153,35 @@ def test_fused_int8_kernel_is_close_to_the_dequantized_product():
     with torch.no_grad():
         fused = layer(x)
     exact = layer.to_linear()(x)
-    assert fused.dtype == torch.float32
+    assert fused.dtype == torch.float32 and layer.uses_fused_kernel(x)
     assert (fused - exact).abs().max() < 0.02 * exact.abs().max()  # bfloat16 activations: ~3 digits
+
+
+@pytest.mark.parametrize("in_features", [8, 24, 40, 72, 100, 32, 768])
+def test_fused_int8_at_any_width_matches_the_dequantized_product(in_features):
+    """The kernel reads rows 16 values at a time: at other widths it gave garbage (1e30, nan) or crashed, so
+    those dequantize instead; widths that are multiples of 16 still run fused."""
+    torch.manual_seed(4)
+    layer = Int8Linear.from_linear(nn.Linear(in_features, 37), fused=True)
+    x = torch.randn(3, 5, in_features)
+    with torch.no_grad():
+        out = layer(x)
+    exact = layer.to_linear()(x)
+    assert out.shape == exact.shape and torch.isfinite(out).all()
+    assert (out - exact).abs().max() <= 0.02 * exact.abs().max()
+    assert layer.uses_fused_kernel(x) == (in_features % 16 == 0 and fused_int8_kernel_available())
+
+
+@pytest.mark.skipif(not fused_int8_kernel_available(), reason="this PyTorch has no fused int8-weight CPU kernel")
+def test_fused_int8_takes_a_bfloat16_view_that_starts_mid_allocation():
+    """The kernel's aligned loads crashed on a bfloat16 input starting 2 bytes into its allocation."""
+    torch.manual_seed(5)
+    layer = Int8Linear.from_linear(nn.Linear(32, 8), fused=True).to(torch.bfloat16)
+    x = torch.randn(1, 33).bfloat16()[:, 1:]
+    with torch.no_grad():
+        out = layer(x)
+    exact = x.float() @ layer.dequantized_weight().T + layer.bias.float()
+    assert (out.float() - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
 def tiny_gpt() -> GPTModel:
@@ -205,6 +232,20 @@ def test_merging_into_a_quantized_base_is_refused_and_a_full_precision_copy_merg
     assert not quantized_layers(merged) and not lora_layers(merged)
     with torch.no_grad():
         assert torch.allclose(merged(ids), adapted, atol=1e-5)
+
+
+@pytest.mark.parametrize("emb_dim", [64, 72])  # 72: not a multiple of the fused kernel's 16
+def test_fused_int8_gpt_matches_the_dequantized_one(emb_dim):
+    torch.manual_seed(6)
+    cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=emb_dim, n_heads=4, n_layers=2, drop_rate=0.0,
+                    qkv_bias=True)
+    model = GPTModel(cfg).eval()
+    fused = quantize_base(copy.deepcopy(model), "int8", include_head=True, fused_int8=True)
+    plain = quantize_base(model, "int8", include_head=True)
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        expected = plain(ids)
+        assert (fused(ids) - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
 def test_int8_base_and_memory():
