@@ -189,6 +189,10 @@ def inject_adapter(model: nn.Module, adapter_name: str, targets: dict[str, tuple
                              f"layer, found {type(inner).__name__ if inner is not None else 'nothing'}")
         if isinstance(module, ModuleToSave) and adapter_name in module.copies:
             raise ValueError(f"{name!r} already holds a copy for adapter {adapter_name!r}")
+        if any(isinstance(m, QuantizedLinear) for m in inner.modules()):  # its copy would have nothing to train
+            raise ValueError(f"modules_to_save {name!r} holds a quantized layer, which cannot train (its weight is "
+                             "frozen codes): keep that module in full precision when quantizing the base "
+                             "(exclude_modules, or include_head=False for the head), or adapt it with LoRA instead")
     for name, (rank, alpha) in targets.items():
         layer = modules[name]
         if not isinstance(layer, LinearWithLoRA):

@@ -43,12 +43,12 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
 
 
 def quantize_base(model: nn.Module, method: str, target_modules=None, exclude_modules=None,
-                  include_head: bool = False, blocksize: int = NF4_BLOCKSIZE, double_quant: bool = False,
+                  include_head: bool = False, blocksize: int | None = None, double_quant: bool = False,
                   fused_int8: bool = False) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` by quantized ones, in place; returns ``model`` (frozen).
 
-    ``method``: ``"nf4"`` (4-bit NormalFloat, blocks of ``blocksize`` weights, each with
-    an absmax scale; ``double_quant`` quantizes those scales too) or ``"int8"`` (per
+    ``method``: ``"nf4"`` (4-bit NormalFloat, blocks of ``blocksize`` weights, default 64, each
+    with an absmax scale; ``double_quant`` quantizes those scales too) or ``"int8"`` (per
     output channel; ``fused_int8`` uses PyTorch's fused int8 kernel when no gradient is
     needed, see ``Int8Linear``). ``target_modules``/``exclude_modules`` choose layers as
     in ``apply_lora`` (default: every linear layer except the head, which
@@ -57,9 +57,18 @@ def quantize_base(model: nn.Module, method: str, target_modules=None, exclude_mo
 
     Everything is checked before the model changes: an unknown method, a model that
     already holds quantized layers or LoRA wrappers (quantize the base first, then
-    ``apply_lora``), a bad block size.
+    ``apply_lora``), a bad block size, an option of the other method.
     """
     check_quantize_method(method)
+    other_method = ({"blocksize": blocksize, "double_quant": double_quant or None} if method == "int8"
+                    else {"fused_int8": fused_int8 or None})
+    given = [f"{name}={value!r}" for name, value in other_method.items() if value is not None]
+    if given:
+        other = "nf4" if method == "int8" else "int8"
+        raise ValueError(f"{' and '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of {other} "
+                         f"quantization, not {method}: leave {'it' if len(given) == 1 else 'them'} out, "
+                         f"or quantize with {other!r}")
+    blocksize = NF4_BLOCKSIZE if blocksize is None else blocksize
     check_blocksize(blocksize)
     if quantized_layers(model):
         raise ValueError(f"this model is already quantized ({len(quantized_layers(model))} quantized layers); "

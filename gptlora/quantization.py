@@ -255,8 +255,23 @@ class QuantizedLinear(nn.Module):
         return next(self.buffers()).device
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight ``[out_features, in_features]`` these codes stand for, in ``dtype`` (default: the original's)."""
+        """The weight ``[out_features, in_features]`` these codes stand for, in ``dtype`` (default: ``self.dtype``)."""
         raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(...)``, ``.half()``, ``.bfloat16()``, ``.cuda()`` go through here. The codes and scales
+        move to the new device but keep their dtypes: rounding the float32 scales to 16 bits would change
+        every weight; the bias and ``self.dtype`` (the dequantized weight's, and new adapters') follow the cast."""
+        buffers = {id(b) for b in self._buffers.values() if b is not None}
+
+        def keep_buffer_dtypes(tensor):
+            converted = fn(tensor)
+            if id(tensor) in buffers and converted.dtype != tensor.dtype:
+                return tensor.to(converted.device)
+            return converted
+
+        self.dtype = fn(torch.empty(0, dtype=self.dtype, device=self.device)).dtype
+        return super()._apply(keep_buffer_dtypes, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

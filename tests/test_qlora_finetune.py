@@ -9,12 +9,17 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from gptlora import cli
 from gptlora.classifier import calc_accuracy_loader, classify
 from gptlora.finetune import ADAPTER_DIR, load_classifier
 from gptlora.lora import lora_layers
+from gptlora.generation import generate_text
 from gptlora.lora_io import read_adapter_config
+from gptlora.model import GPTConfig, GPTModel
+from gptlora.pretrained import load_pretrained, save_hf
+from gptlora.qlora import quantize_base
 from gptlora.quantization import NF4Linear
 from gptlora.spam import create_dataloaders
 from test_finetune_lora import MESSAGE, base_dir, lora_run  # noqa: F401  (fixtures: the tiny base, the fp32 run)
@@ -63,12 +68,26 @@ def test_a_differently_quantized_base_is_refused(qlora_run, tmp_path, capsys):
     assert "trained on other base weights" in capsys.readouterr().err
 
 
-def test_generate_int8(base_dir, run_cli):  # noqa: F811
-    argv = ["generate", "--model", str(base_dir), "--prompt", "Hello", "--max-new-tokens", "5"]
-    status, fp32 = run_cli(argv)
-    status_int8, int8 = run_cli(argv + ["--int8"])
-    assert status == status_int8 == 0
-    assert fp32.startswith("Hello") and int8.startswith("Hello") and len(int8) > len("Hello")
+@pytest.fixture(scope="module")
+def odd_width_base(tmp_path_factory):
+    """A random GPT whose width, 72, is not a multiple of the fused int8 kernel's 16 (its MLP's 288 is)."""
+    torch.manual_seed(14)
+    model = GPTModel(GPTConfig(vocab_size=50257, context_length=32, emb_dim=72, n_heads=4, n_layers=2,
+                               drop_rate=0.0, qkv_bias=True))
+    return save_hf(model, tmp_path_factory.mktemp("base") / "gpt-72")
+
+
+@pytest.mark.parametrize("which", ["tiny base", "72 wide"])
+def test_generate_int8_gives_the_greedy_tokens_of_the_dequantized_int8_model(which, base_dir, odd_width_base,  # noqa: F811
+                                                                             tokenizer, run_cli):
+    model_dir = base_dir if which == "tiny base" else odd_width_base
+    prompt, new_tokens = "Hello, I am", 10
+    status, int8 = run_cli(["generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens",
+                            str(new_tokens), "--int8"])
+    assert status == 0, int8
+    # the same int8 codes applied as dequantized float32 weights (no fused kernel, no bfloat16)
+    plain = quantize_base(load_pretrained(model_dir).eval(), "int8", include_head=True)
+    assert int8.strip() == generate_text(plain, prompt, tokenizer, new_tokens)
 
 
 def test_export_peft_refuses_a_qlora_run(qlora_run, tmp_path, capsys):

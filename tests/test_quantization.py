@@ -180,7 +180,7 @@ def test_fused_int8_takes_a_bfloat16_view_that_starts_mid_allocation():
     x = torch.randn(1, 33).bfloat16()[:, 1:]
     with torch.no_grad():
         out = layer(x)
-    exact = x.float() @ layer.dequantized_weight().T + layer.bias.float()
+    exact = x.float() @ layer.dequantized_weight(torch.float32).T + layer.bias.float()
     assert (out.float() - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
@@ -261,20 +261,55 @@ def test_int8_base_and_memory():
         assert (model(ids) - reference(ids)).abs().max() < 0.05
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda m: quantize_base(m, "nf5"), "unknown quantization 'nf5'; choose one of nf4, int8"),
-    (lambda m: quantize_base(m, "nf4", blocksize=48), "blocksize 48 must divide the input width"),
-    (lambda m: quantize_base(m, "nf4", blocksize=1), "blocksize must be an integer of at least 2"),
-    (lambda m: quantize_base(m, "nf4", target_modules=["W_nothing"]), r"target_modules \['W_nothing'\] matched nothing"),
-    (lambda m: quantize_base(quantize_base(m, "int8"), "nf4"), "already quantized"),
-    (lambda m: quantize_base(apply_lora(m, 2, 2, verbose=False), "nf4"), "quantize the base first, then apply_lora"),
+def as_is(model):
+    return model
+
+
+@pytest.mark.parametrize("setup, call, message", [
+    (as_is, lambda m: quantize_base(m, "nf5"), "unknown quantization 'nf5'; choose one of nf4, int8"),
+    (as_is, lambda m: quantize_base(m, "nf4", blocksize=48), "blocksize 48 must divide the input width"),
+    (as_is, lambda m: quantize_base(m, "nf4", blocksize=1), "blocksize must be an integer of at least 2"),
+    (as_is, lambda m: quantize_base(m, "nf4", target_modules=["W_nothing"]),
+     r"target_modules \['W_nothing'\] matched nothing"),
+    (as_is, lambda m: quantize_base(m, "int8", double_quant=True, blocksize=7),
+     r"^blocksize=7 and double_quant=True are options of nf4 quantization, not int8: leave them out"),
+    (as_is, lambda m: quantize_base(m, "int8", blocksize=64), r"^blocksize=64 is an option of nf4 quantization"),
+    (as_is, lambda m: quantize_base(m, "nf4", fused_int8=True),
+     r"^fused_int8=True is an option of int8 quantization, not nf4: leave it out, or quantize with 'int8'"),
+    (lambda m: quantize_base(m, "int8"), lambda m: quantize_base(m, "nf4"), "already quantized"),
+    (lambda m: apply_lora(m, 2, 2, verbose=False), lambda m: quantize_base(m, "nf4"),
+     "quantize the base first, then apply_lora"),
+    (lambda m: quantize_base(m, "int8", include_head=True),
+     lambda m: apply_lora(m, 2, 2, modules_to_save=["out_head"], verbose=False),
+     "modules_to_save 'out_head' holds a quantized layer, which cannot train"),
 ])
-def test_bad_input_is_one_clear_error_and_leaves_the_model_unchanged(call, message):
-    model = tiny_gpt()
+def test_bad_input_is_one_clear_error_and_leaves_the_model_unchanged(setup, call, message):
+    model = setup(tiny_gpt())
+    before = base_fingerprint(model), [(name, type(m)) for name, m in model.named_modules()]
     with pytest.raises(ValueError, match=message):
         call(model)
-    if "already" not in message and "apply_lora" not in message:
-        assert not quantized_layers(model) and base_fingerprint(model) == base_fingerprint(tiny_gpt())
+    assert (base_fingerprint(model), [(name, type(m)) for name, m in model.named_modules()]) == before
+
+
+@pytest.mark.parametrize("method, options", [("nf4", {}), ("nf4", {"double_quant": True}), ("int8", {})])
+def test_a_cast_keeps_the_codes_and_scales_and_moves_the_layer_dtype(method, options):
+    """model.bfloat16() used to round the float32 scales (the weights changed) while the layer still said
+    float32, so LoRA added float32 adapters to a bfloat16 model."""
+    model = quantize_base(tiny_gpt(), method, **options)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    weights = {name: layer.dequantized_weight() for name, layer in quantized_layers(model).items()}
+    model.to(torch.bfloat16)
+    assert all(b.dtype == buffers[name].dtype and torch.equal(b, buffers[name]) for name, b in model.named_buffers())
+    for name, layer in quantized_layers(model).items():
+        assert layer.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+        assert torch.equal(layer.dequantized_weight(), weights[name].bfloat16())
+    layers = quantized_layers(model)
+    apply_lora(model, rank=2, alpha=2, verbose=False)  # wraps those same layer objects
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    with torch.no_grad():
+        assert model(torch.randint(0, 97, (1, 8))).dtype == torch.bfloat16
+    model.float()  # and back: the weights are exactly the original ones
+    assert all(torch.equal(layer.dequantized_weight(), weights[name]) for name, layer in layers.items())
 
 
 def test_gptlora_never_imports_bitsandbytes():
