@@ -86,12 +86,17 @@ def base_fingerprint(model: torch.nn.Module) -> str:
 
 
 def describe_base(model: torch.nn.Module) -> dict:
-    """A short description for humans: class, config (if the model has one) and parameter count."""
+    """A short description for humans: class, config (if the model has one) and parameter count (a
+    quantized layer counts the weights it stands for, ``out * in``, not its codes and scales)."""
     state = base_state_dict(model)
     unique = {t.data_ptr(): t.numel() for t in state.values()}  # a tied head is counted once
+    weights = 0
+    for layer in (m for m in model.modules() if isinstance(m, QuantizedLinear)):
+        held = [unique.pop(b.data_ptr(), None) is not None for b in layer.buffers()]  # its codes and scales out
+        weights += layer.in_features * layer.out_features if any(held) else 0
     config = getattr(model, "cfg", None)
     return {"class": type(model).__name__, "config": config.to_dict() if hasattr(config, "to_dict") else None,
-            "parameters": sum(unique.values())}
+            "parameters": sum(unique.values()) + weights}
 
 
 # ----------------------------------------------------------------------------- our adapter files

@@ -48,6 +48,22 @@ def test_qlora_ends_within_one_point_of_fp32_lora(qlora_run, lora_run):  # noqa:
     assert len(fingerprints) == 2  # the NF4 base is another base
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [["nf4", "--double-quant"], ["int8"]], ids=["nf4-double-quant", "int8"])
+def test_the_other_quantized_bases_end_within_one_point_of_fp32_lora(options, base_dir, lora_run, tmp_path,  # noqa: F811
+                                                                     run_cli):
+    """The README's accuracy rows for NF4 with double quantization and int8 (``-s`` prints them)."""
+    run = tmp_path / "run"
+    status, printed = run_cli(["finetune", "--model", str(base_dir), "--method", "lora", "--quantize-base", *options,
+                               "--epochs", "1", "--data-dir", str(lora_run.data_dir), "--out", str(run),
+                               "--device", "cpu"])
+    assert status == 0, printed
+    accuracy, fp32 = json.loads((run / "metrics.json").read_text())["accuracy"], lora_run.metrics["accuracy"]
+    print(" ".join(options), "train / validation / test accuracy (%):",
+          " / ".join(f"{100 * accuracy[split]:.2f}" for split in ("train", "validation", "test")))
+    assert abs(accuracy["test"] - fp32["test"]) <= 0.01, (accuracy, fp32)
+
+
 def test_qlora_run_reloads_and_classifies_identically(qlora_run, tokenizer, run_cli):
     loaded, info = load_classifier(qlora_run.run)
     wrapped = [layer.linear for name, layer in lora_layers(loaded).items() if name != "out_head"]

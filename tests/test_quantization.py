@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gptlora.lora import apply_lora, lora_layers, merge_lora
-from gptlora.lora_io import base_fingerprint, load_adapter, save_adapter
+from gptlora.lora_io import base_fingerprint, describe_base, load_adapter, save_adapter
 from gptlora.model import GPTConfig, GPTModel
 from gptlora.qlora import dequantize_base, quantize_base, quantized_layers, weight_bytes
 from gptlora.quantization import (NF4_LEVELS, Int8Linear, NF4Linear, dequantize_int8, dequantize_nf4,
@@ -319,3 +319,10 @@ def test_gptlora_never_imports_bitsandbytes():
     code = ("import sys, gptlora.qlora, gptlora.finetune, gptlora.cli; "
             "assert 'bitsandbytes' not in sys.modules, 'gptlora imported bitsandbytes'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("method, options", [("nf4", {"double_quant": True}), ("int8", {"include_head": True})])
+def test_a_quantized_base_is_described_by_the_weights_it_stands_for(method, options):
+    """describe_base counted the packed bytes and scales of a quantized layer as its "parameters"."""
+    model = apply_lora(quantize_base(tiny_gpt(), method, **options), rank=2, alpha=2, verbose=False)
+    assert describe_base(model)["parameters"] == describe_base(tiny_gpt())["parameters"]
