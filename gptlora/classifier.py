@@ -28,7 +28,7 @@ from .distributed import set_sampler_epoch, sum_over_processes, world_size
 from .generation import END_OF_TEXT_ID
 from .lora import apply_lora, check_lora_hyperparameters
 from .model import GPTModel, evaluating
-from .prompt_tuning import PROMPT_METHODS, apply_virtual_tokens, prompt_method_options
+from .prompt_tuning import PROMPT_METHODS, apply_virtual_tokens, check_virtual_tokens, prompt_method_options
 
 METHODS = ("last-block", "full", "lora", *PROMPT_METHODS)
 LABEL_NAMES = ("not spam", "spam")  # index = class id (ham 0, spam 1)
@@ -101,6 +101,8 @@ def prepare_for_classification(model: GPTModel, method: str, num_classes: int = 
     (wrapped, for the prompt methods: use the returned model).
     """
     options = method_settings(method, method_options)  # bad options fail before any change
+    if method in PROMPT_METHODS:  # the virtual tokens must leave room in this model's context
+        check_virtual_tokens(options["num_virtual_tokens"], model.cfg.context_length)
     add_classification_head(model, num_classes)
     if method == "full":
         model.requires_grad_(True)

@@ -333,8 +333,6 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     processes = start_processes(device)
     device = processes.device
     show = progress and processes.is_main  # progress bars and log lines: one process shows them
-    # Every process checks (one that failed alone would leave the others waiting); one removes.
-    checkpoint_path = fail_together(open_run_dir, out_dir, resume, overwrite, removes_old_run=processes.is_main)
     lr = DEFAULT_LR[method] if lr is None else lr
     torch.manual_seed(seed)
     loaders = create_dataloaders(data_dir, tokenizer, batch_size, dynamic_padding=dynamic_padding,
@@ -345,6 +343,9 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
                          f"{model.cfg.context_length}; use a model with a longer context")
     if method in PROMPT_METHODS:  # the virtual tokens take room in the context too
         check_virtual_tokens(method_options["num_virtual_tokens"], model.cfg.context_length, max_length)
+    # After the checks above (they need the data), before anything changes: --overwrite removes the old run.
+    # Every process checks (one that failed alone would leave the others waiting); one removes.
+    checkpoint_path = fail_together(open_run_dir, out_dir, resume, overwrite, removes_old_run=processes.is_main)
     torch.manual_seed(seed)
     model = prepare_for_classification(model, method, len(LABEL_NAMES), method_options).to(device)
     torch.manual_seed(seed)

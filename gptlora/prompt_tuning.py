@@ -146,6 +146,16 @@ class VirtualTokenModel(nn.Module):
     def cfg(self):
         return dataclasses.replace(self.base.cfg, context_length=self.base.cfg.context_length - self.num_virtual_tokens)
 
+    def check_input(self, in_idx: torch.Tensor) -> None:
+        """Raise a clear error for ids ``[B, T]`` that do not fit after the ``n`` virtual tokens (or that
+        the base's embeddings cannot take)."""
+        n, context = self.num_virtual_tokens, self.base.cfg.context_length
+        if in_idx.dim() == 2 and in_idx.shape[1] > context - n:
+            room = context - n
+            raise ValueError(f"input of {in_idx.shape[1]} tokens does not fit after the {n} virtual tokens in the "
+                             f"context length {context}; keep only the last {room} tokens, e.g. ids[:, -{room}:]")
+        self.base.check_input(in_idx, past=n)
+
     def new_cache(self, *args, **kwargs):
         raise NotImplementedError(f"generation with a KV cache is not supported for {self.method}: the "
                                   "virtual tokens would have to stay when the cache slides; use "
@@ -164,7 +174,7 @@ class PromptTunedGPT(VirtualTokenModel):
 
     def forward(self, in_idx: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         base, n = self.base, self.num_virtual_tokens
-        base.check_input(in_idx, past=n)
+        self.check_input(in_idx)
         vectors = torch.cat([self.prompt(in_idx.shape[0]), base.tok_emb(in_idx)], dim=1)  # [B, n+T, D]
         return base.forward_embedded(base.embed_vectors(vectors), last_only=last_only, output_from=n)
 
@@ -189,7 +199,7 @@ class PrefixTunedGPT(VirtualTokenModel):
         return cache
 
     def forward(self, in_idx: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        self.base.check_input(in_idx, past=self.num_virtual_tokens)
+        self.check_input(in_idx)
         return self.base(in_idx, cache=self.prefix_cache(in_idx.shape[0], in_idx.shape[1]), last_only=last_only)
 
 

@@ -95,6 +95,19 @@ def test_several_lora_runs_classify_in_one_batch(runs, run_cli, capsys):
     assert status == 0
     assert printed.splitlines() == [f"{runs['lora2'].run}: {singles[0]}", f"{runs['lora4'].run}: {singles[1]}"]
 
+    # The labels alone could agree whatever the routing: the logits of each row must be its run's own.
+    from gptlora.finetune import load_runs_sharing_a_base
+    from gptlora.generation import get_tokenizer
+
+    ids = torch.tensor([get_tokenizer().encode(MESSAGE)[:20]] * 3)
+    shared, names, _ = load_runs_sharing_a_base([runs["lora2"].run, runs["lora4"].run])
+    with torch.no_grad():
+        mixed = shared(ids, adapter_names=[names[1], names[0], "__base__"])
+        alone = [load_classifier(runs[name].run)[0](ids[:1]) for name in ("lora4", "lora2")]
+    for row, expected in enumerate(alone):
+        torch.testing.assert_close(mixed[row:row + 1], expected, atol=1e-5, rtol=0)
+    assert (mixed[0] - mixed[1]).abs().max() > 1e-3  # the two adapters do differ on this message
+
     capsys.readouterr()
     status, _ = run_cli(["classify", "--run", str(runs["lora2"].run), "--run", str(runs["prompt"].run), MESSAGE])
     assert status == 1
@@ -124,6 +137,32 @@ def test_bad_prompt_options_are_one_line_and_leave_nothing(options, message, tin
     err = capsys.readouterr().err
     assert status != 0 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_too_many_virtual_tokens_leave_an_earlier_run_as_it_was(runs, tiny_dir, small_spam_data_dir, tmp_path,
+                                                               capsys):
+    import shutil
+
+    from gptlora import cli
+
+    run = shutil.copytree(runs["prompt"].run, tmp_path / "run")
+    before = {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    status = cli.main(["finetune", "--model", str(tiny_dir), "--random-init", "--method", "prompt-tuning",
+                       "--data-dir", str(small_spam_data_dir), "--out", str(run), "--overwrite",
+                       "--num-virtual-tokens", "100"])
+    assert status != 0 and "100 virtual tokens + 120 tokens of input exceed" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
+def test_prepare_for_classification_checks_the_context_before_changing_the_model():
+    from gptlora.classifier import prepare_for_classification
+    from gptlora.model import GPTModel
+
+    model = GPTModel(TINY)
+    head = model.out_head
+    with pytest.raises(ValueError, match="200 virtual tokens"):
+        prepare_for_classification(model, "prompt-tuning", 2, {"num_virtual_tokens": 200})
+    assert model.out_head is head and all(p.requires_grad for p in model.parameters())
 
 
 def test_a_resumed_prompt_run_ends_where_an_uninterrupted_one_does(tiny_dir, small_spam_data_dir, tmp_path,

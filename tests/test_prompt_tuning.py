@@ -130,9 +130,10 @@ def test_bad_numbers_of_virtual_tokens_and_init_texts_are_explained(tokenizer):
         check_virtual_tokens(14, TINY.context_length, longest_input=3)
     with pytest.raises(ValueError, match="exceed the context length 16"):
         apply_prefix_tuning(base, 16)
-    model = apply_prompt_tuning(base, 10)
-    with pytest.raises(ValueError, match="input of 17 tokens is longer than the context length 16"):
-        model(torch.zeros(1, 7, dtype=torch.long))  # 10 virtual + 7 real tokens
+    for model in (apply_prompt_tuning(tiny_gpt(), 10), apply_prefix_tuning(tiny_gpt(), 10)):
+        with pytest.raises(ValueError, match=r"input of 7 tokens does not fit after the 10 virtual tokens in the "
+                                             r"context length 16; keep only the last 6 tokens, e.g. ids\[:, -6:\]"):
+            model(torch.zeros(1, 7, dtype=torch.long))  # 10 virtual + 7 real tokens
     with pytest.raises(ValueError, match="init text is empty"):
         init_token_ids("", tokenizer, 5)
     with pytest.warns(UserWarning, match="the init text has 12 tokens; only its first 4"):
