@@ -163,6 +163,13 @@ def _per_layer(targets: list[str], default, pattern: dict | None, what: str) -> 
     return values
 
 
+def check_adapter_name(adapter_name: str) -> None:
+    """Refuse ``"__base__"``: in ``model(ids, adapter_names=...)`` it names the rows that use no adapter."""
+    if adapter_name == BASE:
+        raise ValueError(f"{BASE!r} cannot name an adapter: in adapter_names it marks the rows that run through "
+                         "the base alone; choose another adapter_name")
+
+
 def inject_adapter(model: nn.Module, adapter_name: str, targets: dict[str, tuple[int, float]],
                    modules_to_save: Iterable[str] = (), dropout: float = 0.0, scaling: str = "alpha/rank") -> None:
     """Wrap (or extend) the layers ``targets`` ({full name: (rank, alpha)}) with a fresh adapter.
@@ -170,6 +177,7 @@ def inject_adapter(model: nn.Module, adapter_name: str, targets: dict[str, tuple
     Checks every layer and every (rank, alpha) before changing any, so a failure leaves
     ``model`` as it was.
     """
+    check_adapter_name(adapter_name)
     modules = dict(_walk(model))
     for rank, alpha in targets.values():
         check_lora_hyperparameters(rank, alpha, dropout, scaling)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import replace_atomically, write_json
-from .lora import (LinearWithLoRA, ModuleToSave, active_adapter, adapter_names, inject_adapter,
+from .lora import (LinearWithLoRA, ModuleToSave, active_adapter, adapter_names, check_adapter_name, inject_adapter,
                    linear_layer_names, lora_layers, lora_wrappers, mark_trainable, saved_modules, set_adapter)
 from .hf_layout import BLOCK_RENAMES, QKV, TOP_RENAMES
 from .model import GPTConfig
@@ -199,6 +199,7 @@ def load_adapter(model: torch.nn.Module, path, adapter_name: str | None = None,
     """
     config = read_adapter_config(path)
     adapter_name = adapter_name or config["adapter_name"]
+    check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
         raise ValueError(f"this model already has an adapter named {adapter_name!r}; pass another adapter_name")
     tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))

@@ -54,6 +54,19 @@ def test_bad_adapter_names_are_explained_before_anything_runs(names, message):
     assert all(getattr(m, "row_adapters", None) is None for m in model.modules())  # nothing left behind
 
 
+def test_the_base_rows_name_cannot_name_an_adapter(tmp_path):
+    from gptlora.lora_io import load_adapter, save_adapter
+
+    model = two_adapter_classifier()
+    with pytest.raises(ValueError, match="'__base__' cannot name an adapter"):
+        apply_lora(model, rank=2, alpha=2, adapter_name=BASE, verbose=False)
+    save_adapter(model, tmp_path / "a", adapter_name="a", verbose=False)
+    fresh = two_adapter_classifier()
+    with pytest.raises(ValueError, match="'__base__' cannot name an adapter"):
+        load_adapter(fresh, tmp_path / "a", adapter_name=BASE)
+    assert all(BASE not in getattr(m, "lora", {}) for m in fresh.modules())
+
+
 def test_mixed_batches_are_refused_while_training_or_merged():
     model = two_adapter_classifier()
     with pytest.raises(ValueError, match="inference only; call model.eval"):
