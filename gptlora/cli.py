@@ -56,9 +56,22 @@ def pick_device(name: str):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
+# Each method's own options (argparse names); another method's, given, are refused rather than ignored.
+METHOD_OPTIONS = {"lora": ("rank", "alpha", "targets", "scaling", "lora_dropout"),
+                  "prompt-tuning/prefix-tuning": ("num_virtual_tokens", "prompt_init_text", "random_prompt",
+                                                  "prefix_hidden")}
+
+
 def lora_method_options(args) -> dict | None:
     """The ``--rank/--alpha/--targets/--scaling/--lora-dropout`` options as ``apply_lora`` keywords
-    (for the prompt methods: ``--num-virtual-tokens/--prompt-init-text/--random-prompt/--prefix-hidden``)."""
+    (for the prompt methods: ``--num-virtual-tokens/--prompt-init-text/--random-prompt/--prefix-hidden``).
+    Options of another method than ``--method`` are a ValueError."""
+    given = options_given(args)
+    foreign = [f"--{name.replace('_', '-')} ({family})" for family, names in METHOD_OPTIONS.items()
+               if args.method not in family.split("/") for name in names if name in given]
+    if foreign:
+        raise ValueError(f"options of another method than --method {args.method}: {', '.join(foreign)}; "
+                         "leave them out or choose their method")
     if args.method in ("prompt-tuning", "prefix-tuning"):
         if args.random_prompt and args.prompt_init_text is not None:
             raise ValueError("--random-prompt and --prompt-init-text both say how the prompt starts: give one")
@@ -82,7 +95,7 @@ def options_given(args: argparse.Namespace) -> set[str]:
     """The options written on the command line (``--name`` or ``--name=value``), or set to a value other
     than their default (which also catches an abbreviated name)."""
     defaults = vars(build_parser().parse_args([args.command]))
-    written = {token.split("=", 1)[0] for token in args.argv if token.startswith("--")}
+    written = {token.split("=", 1)[0] for token in getattr(args, "argv", ()) if token.startswith("--")}
     return {name for name, value in vars(args).items()
             if f"--{name.replace('_', '-')}" in written or value != defaults.get(name)}
 
