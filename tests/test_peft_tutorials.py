@@ -83,7 +83,7 @@ def test_mnist_shapes_count_on_the_meta_device():
 
 
 @pytest.mark.slow
-def test_digits_lora_fixes_the_worst_digit_and_leaves_the_base_bitwise_alone():
+def test_digits_lora_fixes_the_worst_digit_keeps_the_others_and_leaves_the_base_bitwise_alone():
     pytest.importorskip("sklearn")
     x_train, y_train, x_test, y_test = digits_data()
     assert len(x_train) + len(x_test) == 1_797 and x_train.shape[1] == 64
@@ -97,9 +97,12 @@ def test_digits_lora_fixes_the_worst_digit_and_leaves_the_base_bitwise_alone():
     apply_lora(net, rank=1, alpha=1, verbose=False)
     assert count_parameters(net, trainable_only=True) == (64 + 1000) + (1000 + 2000) + (2000 + 10)
     only_worst = y_train == worst
-    train_mlp(net, x_train[only_worst], y_train[only_worst], epochs=100, max_steps=20)
+    train_mlp(net, x_train[only_worst], y_train[only_worst], epochs=100, max_steps=30, lr=2e-4)  # as notebook 09
     after = wrong_per_class(net, x_test, y_test)
-    assert after[worst] < before[worst]
+    print("wrong per digit before", before, "after", after)
+    assert after[worst] <= before[worst] // 2  # the worst digit is fixed in good part...
+    others_before, others_after = sum(before) - before[worst], sum(after) - after[worst]
+    assert others_after <= others_before + 5  # ...without the adapter answering that digit for everything
     with lora_disabled(net):
         assert wrong_per_class(net, x_test, y_test) == before  # adapter off: the pretrained network
     for name, layer in lora_layers(net).items():
