@@ -11,6 +11,7 @@ so a prompt is never applied to another base or another width.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -123,6 +124,19 @@ def export_prompt_peft(model: VirtualTokenModel, out_dir, base_model_name_or_pat
     into ``ln_f``'s shift (as the LoRA export does). A prefix is exported as the keys
     and values themselves (``prefix_projection=False``): the MLP, if any, is applied
     first, exactly as peft does when it saves a trained prefix.
+
+    Caveats of the classifier export (a warning says the second one):
+
+    - ``GPT2ForSequenceClassification`` fed ``inputs_embeds`` (what peft's prompt
+      tuning does) cannot find the padding and reads the *last position*. That equals
+      ours for a message without padding, or for a run padded the book's way (read at
+      the last position too); a dynamic-padding run reads each message at its last real
+      token, so give peft the message unpadded.
+    - A prefix-tuned classifier cannot run in peft's ``PeftModelForSequenceClassification``
+      with the installed versions (peft passes ``past_key_values``, which transformers 5
+      names ``cache``). The files are right: the tests feed peft's own prefix
+      (``peft_model.get_prompt``) as the cache of peft's wrapped model and get our logits,
+      and a language-model prefix runs in ``PeftModelForCausalLM`` unchanged.
     """
     if not isinstance(model, VirtualTokenModel):
         raise TypeError(f"export_prompt_peft exports a prompt- or prefix-tuned model, found {type(model).__name__}")
@@ -152,6 +166,10 @@ def export_prompt_peft(model: VirtualTokenModel, out_dir, base_model_name_or_pat
             tensors["base_model.transformer.ln_f.weight"] = base_state_dict(base)["final_norm.scale"]
             tensors["base_model.transformer.ln_f.bias"] = _fold_head_bias(head_weight, head_bias, shift)
             config["modules_to_save"].append("transformer.ln_f")
+    if classifier and isinstance(model, PrefixTunedGPT):
+        warnings.warn("a prefix-tuned classifier's export may not run in peft's PeftModelForSequenceClassification "
+                      "(with transformers 5 it fails on past_key_values); see export_prompt_peft for a way round",
+                      stacklevel=2)
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     write_adapter_files(out_dir, tensors, config, "pt")  # transformers wants the "pt" format
     return Path(out_dir)

@@ -87,6 +87,14 @@ def test_export_peft_of_a_prompt_run_reproduces_it(runs, tokenizer, tmp_path, ru
         torch.testing.assert_close(peft_model(input_ids=x).logits, loaded(x)[:, -1, :], atol=1e-4, rtol=0)
 
 
+def test_export_peft_of_a_prefix_classifier_warns_that_peft_may_not_run_it(runs, tmp_path):
+    from gptlora.finetune import export_run_to_peft
+
+    with pytest.warns(UserWarning, match="prefix-tuned classifier's export may not run in peft"):
+        export_run_to_peft(runs["prefix"].run, tmp_path / "peft")
+    assert (tmp_path / "peft" / ADAPTER_CONFIG).is_file()
+
+
 def test_several_lora_runs_classify_in_one_batch(runs, run_cli, capsys):
     singles = [run_cli(["classify", "--run", str(runs[name].run), MESSAGE, "--device", "cpu"])[1].strip()
                for name in ("lora2", "lora4")]
