@@ -328,8 +328,10 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     if quantized_layers(model) and method != "lora":
         check_quantize_method(next(iter(quantized_layers(model).values())).method, method)
     if cache_prefix and method != "last-block":
+        why = ("its virtual tokens change what the frozen blocks compute at every step" if method in PROMPT_METHODS
+               else "it trains the lower blocks too, so their output changes at every step")
         raise ValueError(f"cache_prefix works only with method 'last-block' (frozen blocks below the trained "
-                         f"one); {method!r} trains the lower blocks too, so their output changes at every step")
+                         f"one); {method!r} cannot cache them: {why}")
     processes = start_processes(device)
     device = processes.device
     show = progress and processes.is_main  # progress bars and log lines: one process shows them

@@ -132,6 +132,8 @@ def test_several_lora_runs_classify_in_one_batch(runs, run_cli, capsys):
     (["--prompt-init-text", " "], "the prompt's init text must be a non-empty sentence"),
     (["--prompt-init-text", "spam?", "--random-prompt"], "--random-prompt and --prompt-init-text both say"),
     (["--prefix-hidden", "16"], "a hidden width (the reparameterisation MLP) belongs to prefix-tuning"),
+    (["--cache-prefix"], "'prompt-tuning' cannot cache them: its virtual tokens change what the frozen blocks "
+                         "compute at every step"),
 ])
 def test_bad_prompt_options_are_one_line_and_leave_nothing(options, message, tiny_dir, small_spam_data_dir,
                                                            tmp_path, capsys):
