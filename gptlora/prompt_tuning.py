@@ -40,15 +40,33 @@ PROMPT_METHODS = ("prompt-tuning", "prefix-tuning")
 DEFAULT_INIT_TEXT = "Classify if the message is spam or not spam.\n"
 
 
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_num_virtual_tokens(num_virtual_tokens) -> None:
+    """Raise ``ValueError`` unless ``num_virtual_tokens`` is a positive integer (before the model is known;
+    ``check_virtual_tokens`` checks the room it leaves in a context)."""
+    if not _is_positive_int(num_virtual_tokens):
+        raise ValueError(f"the number of virtual tokens must be a positive integer (e.g. 20), "
+                         f"found {num_virtual_tokens!r}")
+
+
 def check_virtual_tokens(num_virtual_tokens, context_length: int, longest_input: int = 1) -> None:
     """Raise ``ValueError`` unless ``num_virtual_tokens`` is a positive integer leaving room for
     ``longest_input`` real tokens in a context of ``context_length``."""
     n = num_virtual_tokens
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the number of virtual tokens must be a positive integer (e.g. 20), found {n!r}")
+    check_num_virtual_tokens(n)
     if n + longest_input > context_length:
-        raise ValueError(f"{n} virtual tokens + {longest_input} tokens of input exceed the context length "
+        tokens = "1 token" if longest_input == 1 else f"{longest_input} tokens"
+        raise ValueError(f"{n} virtual tokens + {tokens} of input exceed the context length "
                          f"{context_length}; use at most {context_length - longest_input} virtual tokens")
+
+
+def check_prefix_hidden(hidden) -> None:
+    """Raise ``ValueError`` unless ``hidden`` (the prefix MLP's width) is None (no MLP) or a positive integer."""
+    if hidden is not None and not _is_positive_int(hidden):
+        raise ValueError(f"the prefix MLP's hidden width must be a positive integer (e.g. 512), found {hidden!r}")
 
 
 def init_token_ids(text: str, tokenizer, num_virtual_tokens: int) -> list[int]:
@@ -244,8 +262,7 @@ def apply_prefix_tuning(base: GPTModel, num_virtual_tokens: int, hidden: int | N
     """
     cfg = base.cfg
     check_virtual_tokens(num_virtual_tokens, cfg.context_length)
-    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
-        raise ValueError(f"the prefix MLP's hidden width must be a positive integer (e.g. 512), found {hidden!r}")
+    check_prefix_hidden(hidden)
     initial = None
     if init_ids is not None and hidden is None:
         initial = activations_as_prefix(base, init_ids)
@@ -283,7 +300,7 @@ def prompt_method_options(method: str, method_options: dict | None) -> dict:
     if unknown:
         raise ValueError(f"unknown {method} option(s) {unknown}; expected some of {', '.join(PROMPT_DEFAULTS)}")
     options = {**PROMPT_DEFAULTS, **(method_options or {})}
-    check_virtual_tokens(options["num_virtual_tokens"], context_length=options["num_virtual_tokens"] + 1)
+    check_num_virtual_tokens(options["num_virtual_tokens"])  # the room in the context: once the model is known
     text = options["init_text"]
     if text is not None and (not isinstance(text, str) or not text.strip()):
         raise ValueError(f"the prompt's init text must be a non-empty sentence describing the task, found {text!r}; "
@@ -291,8 +308,7 @@ def prompt_method_options(method: str, method_options: dict | None) -> dict:
     hidden = options["hidden"]
     if hidden is not None and method != "prefix-tuning":
         raise ValueError(f"a hidden width (the reparameterisation MLP) belongs to prefix-tuning, not {method}")
-    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
-        raise ValueError(f"the prefix MLP's hidden width must be a positive integer (e.g. 512), found {hidden!r}")
+    check_prefix_hidden(hidden)
     return options
 
 

@@ -128,8 +128,10 @@ def test_bad_numbers_of_virtual_tokens_and_init_texts_are_explained(tokenizer):
     with pytest.raises(ValueError, match=r"14 virtual tokens \+ 3 tokens of input exceed the context length 16; "
                                          r"use at most 13"):
         check_virtual_tokens(14, TINY.context_length, longest_input=3)
-    with pytest.raises(ValueError, match="exceed the context length 16"):
+    with pytest.raises(ValueError, match=r"16 virtual tokens \+ 1 token of input exceed the context length 16"):
         apply_prefix_tuning(base, 16)
+    with pytest.raises(ValueError, match="prefix MLP's hidden width must be a positive integer"):
+        apply_prefix_tuning(base, 4, hidden=0)
     for model in (apply_prompt_tuning(tiny_gpt(), 10), apply_prefix_tuning(tiny_gpt(), 10)):
         with pytest.raises(ValueError, match=r"input of 7 tokens does not fit after the 10 virtual tokens in the "
                                              r"context length 16; keep only the last 6 tokens, e.g. ids\[:, -6:\]"):
