@@ -13,6 +13,12 @@ def test_the_tutorial_data_has_its_class_counts():
     x, y = sine_data()
     assert x.shape == (1000, 20)
     assert dict(zip(*[t.tolist() for t in y.unique(return_counts=True)])) == {0: 663, 1: 337}
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand((1000, 20)), x)  # the tutorial's own draw...
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    sine_data()
+    assert torch.equal(torch.get_rng_state(), state)  # ...without touching the global generator
 
 
 def copy_adapters_into_peft(ours, theirs):
@@ -28,7 +34,7 @@ def copy_adapters_into_peft(ours, theirs):
 @pytest.mark.parametrize("save_last, trainable, total", [(False, 12_660, 455_262), (True, 13_062, 455_664)])
 def test_peft_tutorial_counts_outputs_and_merge_match_peft(tmp_path, save_last, trainable, total):
     peft = pytest.importorskip("peft")
-    x, _ = sine_data()
+    x, y = sine_data()
     torch.manual_seed(0)
     base = TutorialMLP()
     assert count_parameters(base) == 442_602
@@ -45,7 +51,7 @@ def test_peft_tutorial_counts_outputs_and_merge_match_peft(tmp_path, save_last, 
     for layer in lora_layers(model).values():  # B starts at zero, so the update is exactly zero
         assert torch.count_nonzero(layer.lora["default"].A @ layer.lora["default"].B) == 0
 
-    train_mlp(model, x[:800], sine_data()[1][:800], epochs=1, lr=2e-3, log_probs=True, max_steps=5)
+    train_mlp(model, x[:800], y[:800], epochs=1, lr=2e-3, log_probs=True, max_steps=5)
     copy_adapters_into_peft(model, theirs)
     if save_last:
         with torch.no_grad():
