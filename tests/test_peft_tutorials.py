@@ -48,8 +48,11 @@ def test_peft_tutorial_counts_outputs_and_merge_match_peft(tmp_path, save_last, 
     assert theirs.get_nb_trainable_parameters() == (trainable, total)
     if not save_last:
         assert f"{100 * trainable / total:.4f}" == "2.7808"
-    for layer in lora_layers(model).values():  # B starts at zero, so the update is exactly zero
+    for name, layer in lora_layers(model).items():  # B starts at zero, so the update is exactly zero...
         assert torch.count_nonzero(layer.lora["default"].A @ layer.lora["default"].B) == 0
+        peft_layer = theirs.get_submodule(f"base_model.model.{name}")  # ...as peft's lora_B @ lora_A
+        assert torch.count_nonzero(peft_layer.lora_B["default"].weight @ peft_layer.lora_A["default"].weight) == 0
+        assert torch.count_nonzero(peft_layer.lora_A["default"].weight) > 0  # (A is random, in both)
 
     train_mlp(model, x[:800], y[:800], epochs=1, lr=2e-3, log_probs=True, max_steps=5)
     copy_adapters_into_peft(model, theirs)
@@ -78,6 +81,21 @@ def test_the_tutorial_adapter_file_holds_its_numbers_alone(tmp_path):
     weights = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
     assert info["parameters"] == 12_660
     assert 12_660 * 4 <= weights < 12_660 * 4 + 1_000  # float32 numbers and a small header: about 51 kB
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_peft_saves_the_tutorial_adapter_as_the_same_numbers(tmp_path):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(TutorialMLP(), peft.LoraConfig(r=3, lora_alpha=8, target_modules=["seq.0", "seq.2"]))
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert sum(t.numel() for t in tensors.values()) == 12_660
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    weights = (tmp_path / "peft" / "adapter_model.safetensors").stat().st_size
+    assert 12_660 * 4 <= weights < 12_660 * 4 + 1_000  # as ours: about 51 kB
 
 
 def test_mnist_shapes_count_on_the_meta_device():
