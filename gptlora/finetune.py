@@ -153,7 +153,7 @@ def load_classifier(run_dir: str | Path, device="cpu", base: GPTModel | None = N
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
     if info["method"] == "lora" or info["method"] in PROMPT_METHODS:
-        return _load_lora_classifier(run_dir, info, base).to(device).eval(), info
+        return _load_adapter_classifier(run_dir, info, base).to(device).eval(), info
     weights_path = _run_file(run_dir, "classifier.safetensors")
     model = GPTModel(GPTConfig(**info["config"]))
     prepare_for_classification(model, info["method"], info["num_classes"], info.get("method_options"))
@@ -184,7 +184,7 @@ def load_runs_sharing_a_base(run_dirs, device="cpu") -> tuple[GPTModel, list[str
                              "one base in one batch; classify them one --run at a time")
     source = _recorded_base_source(run_dirs[0], infos[0])
     base = load_base(source)
-    torch.manual_seed(infos[0]["seed"])  # the head belongs to the base, as in _load_lora_classifier
+    torch.manual_seed(infos[0]["seed"])  # the head belongs to the base, as in _load_adapter_classifier
     add_classification_head(base, infos[0]["num_classes"])
     names = [f"run{index}" for index in range(len(run_dirs))]
     for run_dir, name in zip(run_dirs, names):
@@ -221,15 +221,17 @@ def _recorded_base_source(run_dir: Path, info: dict) -> dict:
     return info["base_source"]
 
 
-def _load_lora_classifier(run_dir: Path, info: dict, base: GPTModel | None, origin: str = "passed in") -> GPTModel:
-    """The base (given, or rebuilt from ``info["base_source"]``) + the seeded head + the run's adapter
-    (for a prompt- or prefix-tuning run: the base wrapped with its prompt, see ``load_prompt``).
+def _load_adapter_classifier(run_dir: Path, info: dict, base: GPTModel | None, origin: str = "passed in") -> GPTModel:
+    """A run that saved only ``adapter/`` (LoRA, prompt or prefix tuning), as a classifier: the base (given,
+    or rebuilt from ``info["base_source"]``) + the seeded head + the run's LoRA adapter (for a prompt- or
+    prefix-tuning run: the base wrapped with its prompt, see ``load_prompt``).
 
     ``origin`` says where a given ``base`` came from, for the message when it is not the run's base.
     """
     if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{run_dir / ADAPTER_DIR / 'adapter_config.json'} not found: the LoRA run {run_dir} "
-                                "has lost its adapter; train the run again (gptlora finetune ... --overwrite)")
+        raise FileNotFoundError(f"{run_dir / ADAPTER_DIR / 'adapter_config.json'} not found: the {info['method']} "
+                                f"run {run_dir} has lost its adapter; train the run again "
+                                "(gptlora finetune ... --overwrite)")
     if base is None:
         source = _recorded_base_source(run_dir, info)
         base, origin = load_base(source), f"rebuilt from {source}"
@@ -280,7 +282,7 @@ def _export(run_dir: Path, info: dict, source: dict, out_dir: str | Path) -> Pat
         base_name = source["model"]
     else:
         base_name = HUB_REPOS[canonical_preset(source["model"])]
-    model = _load_lora_classifier(run_dir, info, base, origin=f"rebuilt from {source}").eval()
+    model = _load_adapter_classifier(run_dir, info, base, origin=f"rebuilt from {source}").eval()
     export = export_prompt_peft if isinstance(model, VirtualTokenModel) else export_peft
     return export(model, out_dir, base_model_name_or_path=base_name)
 
