@@ -52,7 +52,12 @@ def weights_bytes(run_dir: str | Path) -> int:
 
 def time_training_step(model, batch, repeats: int = 3) -> tuple[float, int]:
     """``(seconds, bytes)``: the fastest of ``repeats`` AdamW training steps on ``batch`` (after one
-    untimed), and the peak rise of resident memory over all of them (optimizer state included)."""
+    untimed), and the peak rise of resident memory over all of them (optimizer state included).
+
+    The optimizer is the one ``finetune_spam`` trains with (AdamW on the trainable parameters,
+    ``foreach=True``), so the step measured is the step trained; the learning rate does not change
+    its cost. (Issue 11 lifts the training loop and its optimizer builder into ``training.py``:
+    this should then call that builder.)"""
     inputs, labels, lengths = split_batch(batch, "cpu")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     model.train()

@@ -83,6 +83,10 @@ def train_mlp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 
     The loss is cross-entropy on the model's outputs (``log_probs=True``: they already are
     log-probabilities, as ``TutorialMLP``'s, so negative log-likelihood). Shuffles with
     PyTorch's global generator; stops after ``max_steps`` batches if given.
+
+    A loop of its own, on purpose: the tutorials train with plain Adam on in-memory tensors
+    (no data loaders, evaluation, checkpoints or processes), and their numbers come from that
+    recipe; the spam classifier's loop (``classifier.train_classifier``) is built for the rest.
     """
     loss_fn = nn.NLLLoss() if log_probs else nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
