@@ -22,7 +22,8 @@ from .classifier import (LABEL_NAMES, add_classification_head, calc_accuracy_loa
                          plot_history, prepare_for_classification, train_classifier, TrainingHistory)
 from .distributed import fail_together, shard_loaders, start_processes, wrap_for_training
 from .download import sha256_of
-from .lora_io import BaseMismatchError, export_peft, load_adapter, save_adapter
+from .lora_io import BaseMismatchError, load_adapter, save_adapter
+from .lora_peft_export import export_peft
 from .model import GPTConfig, GPTModel, canonical_preset, count_parameters
 from .prefix_cache import cache_frozen_prefix
 from .pretrained import HUB_REPOS, pretrained_or_random, safetensors_shapes, save_hf

@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from .lora import saved_modules
-from .lora_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, _effective_head, _fold_head_bias, base_fingerprint,
-                      base_state_dict, check_base_fingerprint, describe_base, write_adapter_files)
+from .lora_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_fingerprint, base_state_dict, check_base_fingerprint,
+                      describe_base, write_adapter_files)
+from .lora_peft_export import effective_head, fold_head_bias
 from .model import GPTModel
 from .prompt_tuning import (PrefixTunedGPT, PromptTunedGPT, VirtualTokenModel, apply_prefix_tuning,
                             apply_prompt_tuning)
@@ -141,7 +142,7 @@ def export_prompt_peft(model: VirtualTokenModel, out_dir, base_model_name_or_pat
     if not isinstance(model, VirtualTokenModel):
         raise TypeError(f"export_prompt_peft exports a prompt- or prefix-tuned model, found {type(model).__name__}")
     base, cfg = model.base, model.base.cfg
-    head_weight, head_bias = _effective_head(base, "default")
+    head_weight, head_bias = effective_head(base, "default")
     classifier = head_weight.shape[0] != cfg.vocab_size
     if not classifier and head_bias is not None:
         raise ValueError("the output head has a bias, which GPT2LMHeadModel's lm_head lacks: it cannot be exported")
@@ -164,7 +165,7 @@ def export_prompt_peft(model: VirtualTokenModel, out_dir, base_model_name_or_pat
         if head_bias is not None:
             shift = base_state_dict(base)["final_norm.shift"]
             tensors["base_model.transformer.ln_f.weight"] = base_state_dict(base)["final_norm.scale"]
-            tensors["base_model.transformer.ln_f.bias"] = _fold_head_bias(head_weight, head_bias, shift)
+            tensors["base_model.transformer.ln_f.bias"] = fold_head_bias(head_weight, head_bias, shift)
             config["modules_to_save"].append("transformer.ln_f")
     if classifier and isinstance(model, PrefixTunedGPT):
         warnings.warn("a prefix-tuned classifier's export may not run in peft's PeftModelForSequenceClassification "

@@ -10,7 +10,8 @@ from torch import nn
 
 from gptlora.lora import apply_lora, lora_layers, set_adapter
 from gptlora.lora_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseMismatchError, base_fingerprint, base_state_dict,
-                             export_peft, load_adapter, save_adapter)
+                             load_adapter, save_adapter)
+from gptlora.lora_peft_export import export_peft
 from gptlora.tensor_hash import tensors_sha256
 from gptlora.model import GPTModel
 from gptlora.pretrained import save_hf
