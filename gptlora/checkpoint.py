@@ -189,15 +189,17 @@ def check_fingerprint(path: Path, saved: dict, current: dict) -> None:
                               "a new run in another directory\n" + "\n".join(differences))
 
 
-def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Copy the checkpoint's ``model/...`` tensors into ``model``'s trainable parameters and buffers."""
-    expected = trainable_state(model)
+def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path,
+                         expected: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy the checkpoint's ``model/...`` tensors into ``model``'s trainable parameters and buffers
+    (or into the tensors of ``expected``, by name); nothing is copied unless every name and shape fits."""
+    expected = trainable_state(model) if expected is None else expected
     saved = {name.removeprefix("model/"): tensor for name, tensor in tensors.items() if name.startswith("model/")}
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     wrong_shape = [f"{name} {tuple(saved[name].shape)} != {tuple(expected[name].shape)}"
                    for name in set(saved) & set(expected) if saved[name].shape != expected[name].shape]
     if missing or unexpected or wrong_shape:
-        raise CheckpointError(f"the checkpoint {path} does not fit this model's trainable parameters: "
+        raise CheckpointError(f"the checkpoint {path} does not fit this model's parameters: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}")
     with torch.no_grad():
         for name, target in expected.items():

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 from .atomic import replace_atomically
 from .checkpoint import NoCheckpoints
-from .distributed import set_sampler_epoch, sum_over_processes, world_size
+from .distributed import sum_over_processes
 from .generation import END_OF_TEXT_ID
 from .lora import apply_lora, check_lora_hyperparameters
 from .model import GPTModel, evaluating
 from .prompt_tuning import PROMPT_METHODS, apply_virtual_tokens, check_virtual_tokens, prompt_method_options
+from .training import first_batches, mean_batch_loss, train_epochs
 
 METHODS = ("last-block", "full", "lora", *PROMPT_METHODS)
 LABEL_NAMES = ("not spam", "spam")  # index = class id (ham 0, spam 1)
@@ -154,28 +155,17 @@ def calc_loss_batch(input_batch, target_batch, model, device, lengths=None) -> t
     return F.cross_entropy(logits, target_batch.to(device))
 
 
-def first_batches(data_loader, num_batches: int | None):
-    """The first ``num_batches`` batches of ``data_loader`` (all of them when ``None``)."""
-    limit = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    for index, batch in enumerate(data_loader):
-        if index >= limit:
-            break
-        yield batch
-
-
 def calc_loss_loader(data_loader, model, device, num_batches=None) -> float:
     """Mean batch loss over the first ``num_batches`` batches; NaN for an empty loader.
 
     Under ``torchrun`` each process has its share of every batch: the sums and
-    counts of all processes are added before dividing.
+    counts of all processes are added before dividing (``training.mean_batch_loss``).
     """
-    losses = []
-    with evaluating(model):
-        for batch in first_batches(data_loader, num_batches):
-            inputs, labels, lengths = split_batch(batch, device)
-            losses.append(calc_loss_batch(inputs, labels, model, device, lengths).item())
-    total, count = sum_over_processes(sum(losses), len(losses))
-    return total / count if count else float("nan")
+    def batch_loss(batch):
+        inputs, labels, lengths = split_batch(batch, device)
+        return calc_loss_batch(inputs, labels, model, device, lengths)
+
+    return mean_batch_loss(data_loader, model, batch_loss, num_batches)
 
 
 def calc_accuracy_loader(data_loader, model, device, num_batches=None) -> float:
@@ -220,6 +210,10 @@ class TrainingHistory:
     def __iter__(self):
         return iter((self.train_losses, self.val_losses, self.train_accs, self.val_accs, self.examples_seen))
 
+    def count(self, examples: int) -> None:
+        """Add the rows of one training step (all processes) to ``examples_seen``."""
+        self.examples_seen += examples
+
 
 def train_classifier(model, train_loader, val_loader, optimizer, device, num_epochs: int, eval_freq: int,
                      eval_iter: int, *, progress: bool = True, history: TrainingHistory | None = None,
@@ -234,45 +228,41 @@ def train_classifier(model, train_loader, val_loader, optimizer, device, num_epo
 
     ``checkpoints`` (a ``checkpoint.Checkpointer``) saves the training state after
     steps and epochs, and when resuming hands out only the batches still to train
-    on. The same loop runs under ``torchrun`` (see ``distributed``).
+    on. The same loop runs under ``torchrun`` (see ``distributed``); the loop itself
+    is ``training.train_epochs``, shared with language-model pretraining.
     """
     history = history or TrainingHistory()
-    checkpoints = checkpoints or NoCheckpoints()
     log = tqdm.write if progress else (lambda message: None)
-    for epoch in range(history.epochs_done, num_epochs):
-        model.train()
-        set_sampler_epoch(train_loader, epoch)  # under torchrun: this epoch's shuffle
-        bar = tqdm(checkpoints.epoch_batches(train_loader, epoch), total=len(train_loader),
-                   desc=f"epoch {epoch + 1}/{num_epochs}", unit="batch", disable=not progress)
-        for batch in bar:
-            inputs, labels, lengths = split_batch(batch, device)
-            optimizer.zero_grad()
-            loss = calc_loss_batch(inputs, labels, model, device, lengths)
-            loss.backward()
-            optimizer.step()
-            history.examples_seen += inputs.shape[0] * world_size()  # each process trains on its share
-            history.global_step += 1
-            if history.global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-                history.train_losses.append(train_loss)
-                history.val_losses.append(val_loss)
-                bar.set_postfix(train_loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}")
-            checkpoints.step_done(history)
+
+    def batch_loss(batch):
+        inputs, labels, lengths = split_batch(batch, device)
+        return calc_loss_batch(inputs, labels, model, device, lengths), inputs.shape[0]
+
+    def evaluate(history):
+        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+        history.train_losses.append(train_loss)
+        history.val_losses.append(val_loss)
+        return dict(train_loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}")
+
+    def end_epoch(history, epoch):
         history.train_accs.append(calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter))
         history.val_accs.append(calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter))
-        history.epochs_done = epoch + 1
-        checkpoints.epoch_done(history)
         log(f"epoch {epoch + 1}: training accuracy {history.train_accs[-1]:.2%}, "
             f"validation accuracy {history.val_accs[-1]:.2%} (over {eval_iter} batches)")
-    return history
+
+    return train_epochs(model, train_loader, optimizer, num_epochs, history, batch_loss=batch_loss,
+                        eval_freq=eval_freq, evaluate=evaluate, end_epoch=end_epoch, progress=progress,
+                        checkpoints=checkpoints)
 
 
 # --- plots -----------------------------------------------------------------------------
 
-def plot_values(epochs_seen, examples_seen, train_values, val_values, label: str, path: str | Path) -> Path:
+def plot_values(epochs_seen, examples_seen, train_values, val_values, label: str, path: str | Path,
+                seen_label: str = "Examples seen") -> Path:
     """Write a PNG of training and validation ``label`` against epochs (bottom) and examples seen (top).
 
-    ``epochs_seen`` and ``examples_seen`` give the x position of each value.
+    ``epochs_seen`` and ``examples_seen`` give the x position of each value; ``seen_label``
+    names the top axis (``"Tokens seen"`` for pretraining).
     Uses a bare matplotlib ``Figure``, so no display is needed.
     """
     from matplotlib.figure import Figure
@@ -286,7 +276,7 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label: str
     axes.legend()
     top = axes.twiny()  # a second x axis, in examples; the invisible line only sets its range
     top.plot(examples_seen, train_values, alpha=0)
-    top.set_xlabel("Examples seen")
+    top.set_xlabel(seen_label)
     figure.tight_layout()
     with replace_atomically(Path(path)) as tmp:
         figure.savefig(tmp, format="png")

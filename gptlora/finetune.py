@@ -77,13 +77,14 @@ def load_base(source: dict) -> GPTModel:
 
 # --- run directories -------------------------------------------------------------------
 
-def open_run_dir(out_dir: str | Path, resume: bool, overwrite: bool, removes_old_run: bool = True) -> Path:
+def open_run_dir(out_dir: str | Path, resume: bool, overwrite: bool, removes_old_run: bool = True,
+                 run_files: tuple[str, ...] = RUN_FILES) -> Path:
     """Check that ``out_dir`` may receive this run; with ``overwrite``, remove the earlier run's files.
 
     ``resume`` (which takes precedence) needs the checkpoint of an earlier run: its
     header is read here, so a missing, damaged or foreign file fails before any slow
     work. A fresh run needs a missing or empty directory, or ``overwrite``, which
-    removes every file of :data:`RUN_FILES`: a new run that stops early must leave
+    removes every file of ``run_files`` (:data:`RUN_FILES`): a new run that stops early must leave
     neither a checkpoint to be resumed nor a classifier to be loaded as its own.
     Other files are left alone. ``removes_old_run=False`` only checks (under
     ``torchrun``, on every process but the main one). Returns the checkpoint's path.
@@ -97,7 +98,7 @@ def open_run_dir(out_dir: str | Path, resume: bool, overwrite: bool, removes_old
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir} already holds files ({', '.join(existing[:5])}); pass --resume {out_dir} "
                               "to continue that run, --overwrite to replace it, or choose another --out")
-    for name in RUN_FILES if removes_old_run else ():
+    for name in run_files if removes_old_run else ():
         stale = out_dir / name
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale)
@@ -277,15 +278,20 @@ def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 def _export(run_dir: Path, info: dict, source: dict, out_dir: str | Path) -> Path:
     base = load_base(source)  # built once: a random base is also written out, before its head is replaced
-    if source["random_init"]:
-        base_name = str(save_hf(base, Path(out_dir) / "base"))
-    elif Path(source["model"]).is_dir():
-        base_name = source["model"]
-    else:
-        base_name = HUB_REPOS[canonical_preset(source["model"])]
+    base_name = peft_base_name(source, lambda: base, out_dir)
     model = _load_adapter_classifier(run_dir, info, base, origin=f"rebuilt from {source}").eval()
     export = export_prompt_peft if isinstance(model, VirtualTokenModel) else export_peft
     return export(model, out_dir, base_model_name_or_path=base_name)
+
+
+def peft_base_name(source: dict, build_base, out_dir: str | Path) -> str:
+    """What an exported adapter names as its ``base_model_name_or_path``: the Hub repository of a GPT-2
+    name, or the checkpoint directory; a random base (``build_base()``) is first written to ``out_dir/base``."""
+    if source["random_init"]:
+        return str(save_hf(build_base(), Path(out_dir) / "base"))
+    if Path(source["model"]).is_dir():
+        return source["model"]
+    return HUB_REPOS[canonical_preset(source["model"])]
 
 
 # --- the whole recipe ------------------------------------------------------------------
