@@ -13,6 +13,8 @@ Sections (random-weight gpt2-small throughout; nothing is downloaded):
   load      load time and peak-RSS rise vs checkpoint size, each load in a fresh process
   quantize  quantized bases (bench_quantization): memory fp32 / int8 / NF4 (gpt2-small, gpt2-xl), logits
             error over the spam test split, LoRA step on an NF4 base, int8 generation vs transformers
+  pretrain  the book's pretraining step (GPT_CONFIG_124M, batch 2 x 256, + AdamW) vs transformers, and the
+            wall time of the whole 10-epoch run on The Verdict (--pretrain-epochs; 0 skips it)
 Every comparison is a ratio against a reference measured in the same run (candidates
 alternate, best of several rounds), so a busy machine moves both sides; absolute
 seconds are context only. The closing table says whether each target is met.
@@ -32,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, machine_line, print_table, verdict  # noqa: E402
 
-SECTIONS = ("steps", "epoch", "generate", "load", "quantize")
+SECTIONS = ("steps", "epoch", "generate", "load", "quantize", "pretrain")
 
 # Offline, as the tests run: tiktoken reads the cached gpt2 files, transformers never calls the Hub.
 if (SHARED / "tiktoken-cache").is_dir():
@@ -49,6 +51,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--new-tokens", type=int, default=100,
                         help="tokens the generation section produces (default: 100, the issues' setting)")
+    parser.add_argument("--pretrain-epochs", type=int, default=10,
+                        help="epochs of the book's pretraining run that the pretrain section times (default: 10)")
     args = parser.parse_args()
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -59,6 +63,7 @@ def main() -> None:
 
     from bench_finetune import epoch_section
     from bench_model import build_pair, generation_section, load_section, steps_section
+    from bench_pretrain import pretrain_section
 
     print(f"Machine: {machine_line()}")
     print("Command: " + " ".join(["python", "bench/run.py", *sys.argv[1:]]))
@@ -81,6 +86,8 @@ def main() -> None:
 
             result = quantization_section(ours, theirs, new_tokens=20 if args.quick else args.new_tokens,
                                           repeats=1 if args.quick else 2, quick=args.quick)
+        elif name == "pretrain":
+            result = pretrain_section(repeats=1 if args.quick else 3, epochs=1 if args.quick else args.pretrain_epochs)
         else:
             result = load_section(ours, repeats=1 if args.quick else 2)
         tables += result[0]

@@ -36,7 +36,12 @@ def cmd_generate(args) -> int:
         raise ValueError("--prompt is empty: give some text to continue (or '<|endoftext|>' to start from nothing, "
                          "as GPT-2 was trained to)")
     torch.manual_seed(args.seed)
-    model = pretrained_or_random(args.model, args.models_dir, args.random_init).eval()
+    if Path(args.model).is_dir() and pretraining_run(args.model):  # the --out directory of `gptlora pretrain`
+        from .pretrain_run import load_language_model
+
+        model = load_language_model(args.model)[0]
+    else:
+        model = pretrained_or_random(args.model, args.models_dir, args.random_init).eval()
     if args.int8:  # weight-only int8, the head included: fewer bytes to read per generated token
         from .qlora import quantize_base
 
@@ -206,16 +211,98 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def pretraining_run(path) -> bool:
+    """Whether ``path`` is the directory of a `gptlora pretrain` run (``pretrain_run.is_pretraining_run``)."""
+    from .pretrain_run import is_pretraining_run
+
+    return is_pretraining_run(path)
+
+
 def cmd_export_peft(args) -> int:
     from .finetune import export_run_to_peft
+    from .pretrain_run import export_pretraining_run_to_peft
 
     existing = sorted(entry.name for entry in Path(args.out).iterdir()) if Path(args.out).is_dir() else []
     if existing:
         raise FileExistsError(f"{args.out} already holds files ({', '.join(existing[:5])}); choose another --out "
                               "or remove them")
-    out = export_run_to_peft(args.run, args.out)
+    export = export_pretraining_run_to_peft if pretraining_run(args.run) else export_run_to_peft
+    out = export(args.run, args.out)
     print(f"peft adapter written to {out}; load it with peft.PeftModel.from_pretrained(hf_model, {str(out)!r})")
     return 0
+
+
+PRETRAIN_POSITIVE = ("epochs", "batch_size", "eval_freq", "eval_iter", "sample_tokens", "context_length",
+                     "save_every")
+
+
+def check_pretrain_options(args) -> None:
+    """One-line ValueErrors for numeric ``pretrain`` options out of range (before any download or training)."""
+    for name in PRETRAIN_POSITIVE:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a whole number of at least 1, found {value}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be a number above 0, found {args.lr}")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be 0 or more, found {args.weight_decay}")
+    if not 0 < args.train_ratio < 1:
+        raise ValueError(f"--train-ratio must lie strictly between 0 and 1, found {args.train_ratio}")
+
+
+def cmd_pretrain(args) -> int:
+    from .distributed import is_main_process, stop_processes
+    from .pretrain_run import base_source, pretrain_on_text
+    from .text_data import load_text
+
+    check_pretrain_options(args)
+    if args.resume:
+        raise_if_resume_conflicts(args)
+    random_init = args.random_init or args.model is None  # no --model: the book's model from random weights
+    source = base_source(args.model or "gpt2-small", args.models_dir, random_init, args.seed, args.context_length)
+    text = load_text(args.text, args.data_dir)
+    options = lora_method_options(args)
+    out = args.resume or args.out or "runs/pretrain"
+    try:
+        metrics = pretrain_on_text(text, out, source, method=args.method, method_options=options,
+                                   context_length=args.context_length, epochs=args.epochs, lr=args.lr,
+                                   weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
+                                   eval_freq=args.eval_freq, eval_iter=args.eval_iter, train_ratio=args.train_ratio,
+                                   prompt=args.prompt, sample_tokens=args.sample_tokens,
+                                   device=pick_device(args.device), text_name=args.text, save_every=args.save_every,
+                                   resume=bool(args.resume), overwrite=args.overwrite)
+        if not is_main_process():
+            return 0
+    finally:
+        stop_processes()
+    print(f"trainable parameters: {metrics['trainable_parameters']:,} (method {args.method}); final training loss "
+          f"{metrics['train_loss']:.3f}, validation loss {metrics['val_loss']:.3f} (perplexity "
+          f"{metrics['val_loss_perplexity']:.1f}); training took {metrics['training_seconds']:.1f} s")
+    print(f"model, metrics.json and loss.png are in {out}; try: gptlora generate --model {out}")
+    return 0
+
+
+def raise_if_resume_conflicts(args) -> None:
+    """``pretrain --resume RUN_DIR`` continues the run there: repeat its options; --out and --overwrite conflict."""
+    if args.overwrite:
+        raise ValueError("--resume continues the run in its directory and --overwrite replaces it: choose one")
+    if args.out is not None and Path(args.out) != Path(args.resume):
+        raise ValueError(f"--out {args.out} and --resume {args.resume} differ; a resumed run stays in its directory")
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser, head_help: str) -> None:
+    """``--rank/--alpha/--targets/--scaling/--lora-dropout``, shared by finetune and pretrain."""
+    lora = parser.add_argument_group("LoRA (--method lora; defaults: the book's appendix E)")
+    lora.add_argument("--rank", type=whole_number(1), default=16, help="rank r of every adapter (default: 16)")
+    lora.add_argument("--alpha", type=positive_float(), default=16, help="LoRA alpha (default: 16)")
+    lora.add_argument("--targets", nargs="+", default=None, metavar="NAME",
+                      help="layers to adapt, by full name or suffix, e.g. W_query W_value (default: every "
+                           f"linear layer, {head_help})")
+    lora.add_argument("--scaling", default="alpha/rank", choices=("alpha/rank", "alpha", "alpha/sqrt(rank)"),
+                      help="the factor on x @ A @ B: alpha/rank (LoRA paper, peft; default), alpha (the book's "
+                           "original appendix), alpha/sqrt(rank) (rsLoRA)")
+    lora.add_argument("--lora-dropout", type=probability(), default=0.0,
+                      help="dropout on the adapters' input (default: 0)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, random_init_help: str) -> None:
@@ -292,17 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="continue the run in RUN_DIR from its checkpoint, with its own options (--epochs, "
                            "--device and --save-every may change)")
     fine.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
-    lora = fine.add_argument_group("LoRA (--method lora; defaults: the book's appendix E)")
-    lora.add_argument("--rank", type=whole_number(1), default=16, help="rank r of every adapter (default: 16)")
-    lora.add_argument("--alpha", type=positive_float(), default=16, help="LoRA alpha (default: 16)")
-    lora.add_argument("--targets", nargs="+", default=None, metavar="NAME",
-                      help="layers to adapt, by full name or suffix, e.g. W_query W_value (default: every "
-                           "linear layer, the new head included)")
-    lora.add_argument("--scaling", default="alpha/rank", choices=("alpha/rank", "alpha", "alpha/sqrt(rank)"),
-                      help="the factor on x @ A @ B: alpha/rank (LoRA paper, peft; default), alpha (the book's "
-                           "original appendix), alpha/sqrt(rank) (rsLoRA)")
-    lora.add_argument("--lora-dropout", type=probability(), default=0.0,
-                      help="dropout on the adapters' input (default: 0)")
+    add_lora_arguments(fine, head_help="the new head included")
     prompt = fine.add_argument_group("prompt and prefix tuning (--method prompt-tuning / prefix-tuning)")
     prompt.add_argument("--num-virtual-tokens", type=whole_number(1), default=20, metavar="N",
                         help="virtual tokens before every message (default: 20)")
@@ -320,6 +397,41 @@ def build_parser() -> argparse.ArgumentParser:
     qlora.add_argument("--double-quant", action="store_true",
                        help="with --quantize-base nf4: quantize the block scales too (8-bit, blocks of 256)")
     fine.set_defaults(func=cmd_finetune)
+
+    pre = sub.add_parser("pretrain", help="train a GPT on a text by next-token prediction (book, chapter 5)")
+    pre.add_argument("--text", default="the-verdict",
+                     help="'the-verdict' (downloaded to DATA_DIR on first use) or a UTF-8 text file")
+    pre.add_argument("--model", default=None,
+                     help="GPT-2 name or checkpoint directory (pretrained weights unless --random-init); "
+                          "default: the book's GPT_CONFIG_124M from random weights")
+    pre.add_argument("--models-dir", default="weights", help="where named models are stored (default: weights)")
+    pre.add_argument("--random-init", action="store_true",
+                     help="random weights of that shape, configured as the book (dropout 0.1, no qkv bias)")
+    pre.add_argument("--context-length", type=int, default=None,
+                     help="tokens per training window (default: 256 from random weights, else the model's)")
+    pre.add_argument("--method", default="full", choices=("full", "lora"),
+                     help="full: every weight (the book, default); lora: low-rank adapters only")
+    pre.add_argument("--epochs", type=int, default=10, help="passes over the training text (default: 10)")
+    pre.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate (default: 4e-4)")
+    pre.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
+    pre.add_argument("--batch-size", type=int, default=2, help="windows per optimizer step (default: 2)")
+    pre.add_argument("--train-ratio", type=float, default=0.9,
+                     help="share of the text's characters to train on; the rest validates (default: 0.9)")
+    pre.add_argument("--seed", type=int, default=123, help="seeds the weights and shuffles (default: 123)")
+    pre.add_argument("--eval-freq", type=int, default=5, help="print losses every N steps (default: 5)")
+    pre.add_argument("--eval-iter", type=int, default=5, help="batches per printed loss (default: 5)")
+    pre.add_argument("--prompt", default="Every effort moves you", help="start of each epoch's sample")
+    pre.add_argument("--sample-tokens", type=int, default=50, help="tokens of each epoch's sample (default: 50)")
+    pre.add_argument("--data-dir", default="data", help="where the-verdict is stored (default: data)")
+    pre.add_argument("--out", default=None, help="run directory (default: runs/pretrain)")
+    pre.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    pre.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+                     help="also save a checkpoint every STEPS optimizer steps (always: at each epoch end)")
+    pre.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR from its checkpoint (give the same options)")
+    pre.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
+    add_lora_arguments(pre, head_help="the output head included")
+    pre.set_defaults(func=cmd_pretrain)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
     cls.add_argument("--run", required=True, action="append",

@@ -49,6 +49,12 @@ def finetune(*options, model="{tiny}", out="{tmp}/run"):
     return ("finetune", "--model", model, "--data-dir", "{data}", "--device", "cpu", "--out", out, *options)
 
 
+def pretrain(text, *options, out="{tmp}/run"):
+    """A pretrain command line on the tiny model's shape (random weights) and ``text``, writing to ``out``."""
+    return ("pretrain", "--text", text, "--model", "{tiny}", "--random-init", "--device", "cpu", "--out", out,
+            *options)
+
+
 RUN = ("{tmp}/run",)
 NOT_UCI = "is not byte for byte UCI's SMSSpamCollection"
 BAD_INPUTS = [
@@ -223,6 +229,17 @@ BAD_INPUTS = [
         "already holds files (notes.txt)", ("{occupied}/adapter_config.json", "{occupied}/adapter_model.safetensors")),
     Bad("export-peft: adapter on another base", ("export-peft", "--run", "{lora_other_base}", "--out", "{tmp}/peft"),
         "trained on other base weights", ("{tmp}/peft",)),
+    # --- pretrain (its own checks are in test_pretraining.py)
+    Bad("pretrain: empty text", pretrain("{spam_empty}"), "is empty; pass a file with some text", RUN),
+    Bad("pretrain: latin-1 text", pretrain("{spam_latin1}"), "is not UTF-8 text", RUN),
+    Bad("pretrain: binary text", pretrain("{spam_png}"), "looks like a binary file", RUN),
+    Bad("pretrain: no such text", pretrain("{tmp}/missing.txt"), "no text file at", RUN),
+    Bad("pretrain: text too short", pretrain("{spam_two}"), "too few for one training window", RUN),
+    Bad("pretrain: context too long", pretrain("{spam_two}", "--context-length", "129"),
+        "--context-length 129 is not possible", RUN),
+    Bad("pretrain: zero epochs", pretrain("{spam_two}", "--epochs", "0"), "--epochs must be a whole number", RUN),
+    Bad("pretrain: --out holds a run", pretrain("{spam_two}", "--context-length", "2", "--train-ratio", "0.5",
+                                                out="{full_run}"), "already holds files"),
 ]
 
 

@@ -3,8 +3,8 @@
 All notebooks share one temporary workspace (data, weights, runs and figure folders
 passed through the ``GPTLORA_*`` variables of ``gptlora.notebook_params``), so later
 notebooks read what earlier ones wrote (05's parquet files, 06's run) and the repository
-itself stays clean. From notebook 04 on, ``GPTLORA_MODEL`` is a small GPT-2-shaped
-checkpoint written here, and ``GPTLORA_EPOCHS=1`` keeps the fine-tuning of 06 and 07 short.
+itself stays clean. From notebook 03 on, ``GPTLORA_MODEL`` is a small GPT-2-shaped
+checkpoint written here (03 pretrains a model of its shape from random weights), and ``GPTLORA_EPOCHS=1`` keeps the fine-tuning of 06 and 07 short.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def workspace(tmp_path_factory, spam_file) -> dict:
         # (measured: notebook 02 took 30 s with two threads, 8 s with one, on 2 busy cores).
         "OMP_NUM_THREADS": "1",
     }
+    verdict = root / "data" / "the-verdict" / "the-verdict.txt"  # as notebook 03 downloads it (offline here)
+    verdict.parent.mkdir(parents=True)
+    verdict.write_bytes((REPO_ROOT.parent / "shared" / "data" / "the-verdict" / "the-verdict.txt").read_bytes())
     return {"root": root, "env": env, "checkpoint": None}
 
 
@@ -152,7 +155,7 @@ def test_notebook_is_committed_clean(path):
 def test_notebook_runs(path, workspace, monkeypatch):
     monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "1")
     env = dict(workspace["env"])
-    if notebook_number(path) >= 4:  # 01-03 build GPT-2 presets with random weights
+    if notebook_number(path) >= 3:  # 01-02 build GPT-2 presets with random weights; 03 pretrains this shape
         env[env_name("model")] = str(checkpoint_for(workspace))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own inline backend, as in Jupyter
     figures = Path(env[env_name("output_dir")])

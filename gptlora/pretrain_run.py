@@ -1,0 +1,256 @@
+"""The pretraining recipe end to end, and the run directories it writes (``gptlora pretrain``).
+
+``pretrain_on_text`` is the first half of chapter 5 of "Build a Large Language
+Model (From Scratch)" as one call: split the text 90/10, cut it into windows,
+build the model, train with AdamW, print the book's log, and save a run directory
+that ``load_language_model`` (and ``gptlora generate --model RUN_DIR``) reads back.
+
+Two kinds of run:
+
+- ``full`` (the book): every weight trains; the run saves the whole model
+  (``model.safetensors``). The default base is the book's ``GPT_CONFIG_124M``
+  from random weights: GPT-2 small's shape, context 256, dropout 0.1, no
+  query/key/value bias (:func:`book_config`).
+- ``lora``: continued pretraining of a pretrained GPT-2 on your own text (domain
+  adaptation): only low-rank adapters train, and the run saves only them
+  (``adapter/``), with a record of how to rebuild the base. ``gptlora export-peft``
+  turns such a run into a peft adapter for ``transformers.GPT2LMHeadModel``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .atomic import replace_atomically, write_json
+from .checkpoint import Checkpointer
+from .classifier import lora_options
+from .distributed import fail_together, shard_loaders, start_processes, wrap_for_training
+from .finetune import ADAPTER_DIR, RUN_FILES as FINETUNE_RUN_FILES, frozen_weights_sha256, open_run_dir, peft_base_name
+from .generation import get_tokenizer
+from .hf_layout import config_from_hf
+from .lora import apply_lora
+from .lora_io import export_peft, load_adapter, save_adapter
+from .model import GPTConfig, GPTModel, count_parameters
+from .pretrained import load_pretrained
+from .pretraining import PretrainingHistory, perplexity, plot_history, train_language_model
+from .text_data import create_dataloader, split_text
+from .training import trainable_adamw
+
+METHODS = ("full", "lora")
+RUN_INFO = "language_model.json"  # marks a pretraining run directory
+WEIGHTS = "model.safetensors"
+# What a pretraining run writes; --overwrite also removes a spam run's files, so no other run survives in it.
+RUN_FILES = tuple(dict.fromkeys(FINETUNE_RUN_FILES + (RUN_INFO, WEIGHTS)))
+BOOK_CONTEXT_LENGTH = 256
+
+
+# --- the base model --------------------------------------------------------------------
+
+def book_config(name_or_dir: str = "gpt2-small", context_length: int | None = None) -> GPTConfig:
+    """The book's from-scratch config (dropout 0.1, no qkv bias, context 256) in the shape of a preset
+    or of a checkpoint directory's ``config.json``; ``context_length`` above that shape's is a ValueError."""
+    directory = Path(name_or_dir)
+    if directory.is_dir():
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found; random weights take their shape from a checkpoint "
+                                    "directory's config.json, or from a GPT-2 name such as gpt2-small")
+        shape = config_from_hf(json.loads(config_path.read_text()))
+    else:
+        shape = GPTConfig.from_preset(str(name_or_dir))
+    context_length = context_length or min(BOOK_CONTEXT_LENGTH, shape.context_length)
+    check_context_length(context_length, shape.context_length, str(name_or_dir))
+    return GPTConfig(**{**shape.to_dict(), "context_length": context_length, "drop_rate": 0.1, "qkv_bias": False})
+
+
+def check_context_length(wanted: int, available: int, model_name: str) -> None:
+    """One-line ValueError unless ``1 <= wanted <= available``."""
+    if not 1 <= wanted <= available:
+        raise ValueError(f"--context-length {wanted} is not possible for {model_name}, whose context length is "
+                         f"{available}; choose a value from 1 to {available}")
+
+
+def base_source(model: str = "gpt2-small", models_dir: str | Path = "weights", random_init: bool = True,
+                seed: int = 123, context_length: int | None = None) -> dict:
+    """How to rebuild a run's base with :func:`load_base` (recorded in its ``language_model.json``)."""
+    directory = Path(model)
+    return dict(model=str(directory.resolve()) if directory.is_dir() else str(model),
+                models_dir=str(Path(models_dir).resolve()), random_init=random_init, seed=seed,
+                context_length=context_length)
+
+
+def base_context_length(source: dict, limit: bool = False) -> int:
+    """The context length of the base :func:`load_base` builds, read without building it; with
+    ``limit``, the longest its shape allows (a random base may be built shorter, as the book's 256)."""
+    if source["random_init"] and not limit:
+        return book_config(source["model"], source["context_length"]).context_length
+    directory = Path(source["model"])
+    if directory.is_dir() and (directory / "config.json").is_file():
+        return config_from_hf(json.loads((directory / "config.json").read_text())).context_length
+    return GPTConfig.from_preset(source["model"]).context_length
+
+
+def load_base(source: dict) -> GPTModel:
+    """The base of :func:`base_source`: seeded with ``source["seed"]``, then :func:`book_config` random
+    weights (as the book draws them after ``torch.manual_seed(123)``) or the pretrained checkpoint."""
+    torch.manual_seed(source["seed"])
+    if source["random_init"]:
+        return GPTModel(book_config(source["model"], source["context_length"]))
+    return load_pretrained(source["model"], source["models_dir"])
+
+
+# --- run directories -------------------------------------------------------------------
+
+def is_pretraining_run(path: str | Path) -> bool:
+    """True for a directory written by :func:`pretrain_on_text` (it holds ``language_model.json``)."""
+    return (Path(path) / RUN_INFO).is_file()
+
+
+def save_language_model(model: GPTModel, run_dir: str | Path, info: dict) -> Path:
+    """``model.safetensors`` (full) or ``adapter/`` (LoRA) and ``language_model.json`` in ``run_dir``.
+
+    The info file is written last: a directory without it is not (yet) a run.
+    """
+    from safetensors.torch import save_model
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if info["method"] == "lora":
+        save_adapter(model, run_dir / ADAPTER_DIR, verbose=False)
+    else:
+        with replace_atomically(run_dir / WEIGHTS) as tmp:
+            save_model(model, str(tmp))  # copes with a tied head
+    write_json({**info, "config": model.cfg.to_dict()}, run_dir / RUN_INFO)
+    return run_dir
+
+
+def load_language_model(run_dir: str | Path, device="cpu") -> tuple[GPTModel, dict]:
+    """The model of a pretraining run (eval mode, on ``device``) and its ``language_model.json``.
+
+    A LoRA run's base is rebuilt from its ``base_source`` and must be the one trained on
+    (the adapter's fingerprint is checked).
+    """
+    from safetensors.torch import load_model
+
+    run_dir = Path(run_dir)
+    if not is_pretraining_run(run_dir):
+        raise FileNotFoundError(f"{run_dir / RUN_INFO} not found; is {run_dir} the --out directory of a "
+                                "finished `gptlora pretrain` run?")
+    info = json.loads((run_dir / RUN_INFO).read_text())
+    if info["method"] == "lora":
+        model = load_base(info["base_source"])
+        load_adapter(model, run_dir / ADAPTER_DIR)
+    else:
+        model = GPTModel(GPTConfig(**info["config"]))
+        load_model(model, str(run_dir / WEIGHTS), strict=True)
+    return model.to(device).eval(), info
+
+
+def export_pretraining_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a LoRA pretraining run's adapter as a peft adapter for ``transformers.GPT2LMHeadModel``."""
+    model, info = load_language_model(run_dir)
+    if info["method"] != "lora":
+        raise ValueError(f"{run_dir} is a {info['method']!r} run, which saves a whole model; only a "
+                         "`--method lora` run has an adapter to export")
+    base_name = peft_base_name(info["base_source"], lambda: load_base(info["base_source"]), out_dir)
+    return export_peft(model, out_dir, base_model_name_or_path=base_name)
+
+
+# --- the whole recipe ------------------------------------------------------------------
+
+def text_loaders(text: str, tokenizer, context_length: int, batch_size: int, train_ratio: float = 0.90):
+    """The book's ``(train, validation)`` loaders: windows of ``context_length`` tokens, stride the same.
+
+    Training is shuffled with incomplete last batches dropped; validation keeps
+    every window, in order. A text too short for a batch of each is a ValueError.
+    """
+    train_text, val_text = split_text(text, train_ratio)
+    loaders = []
+    for name, part, training in (("training", train_text, True), ("validation", val_text, False)):
+        try:
+            loaders.append(create_dataloader(part, batch_size, context_length, context_length, shuffle=training,
+                                             drop_last=training, tokenizer=tokenizer))
+        except ValueError as error:
+            raise ValueError(f"the {name} part of the text ({1 - train_ratio if not training else train_ratio:.0%} "
+                             f"of its characters): {error}") from None
+    if len(loaders[0]) == 0:
+        windows = len(loaders[0].dataset)
+        raise ValueError(f"the training part of the text gives {windows} window(s) of {context_length} tokens, "
+                         f"fewer than one batch of {batch_size}; use a longer text, a smaller --batch-size "
+                         "or a shorter --context-length")
+    return loaders
+
+
+def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: str = "full",
+                     method_options: dict | None = None, context_length: int | None = None, epochs: int = 10,
+                     lr: float = 4e-4, weight_decay: float = 0.1, batch_size: int = 2, seed: int = 123,
+                     eval_freq: int = 5, eval_iter: int = 5, train_ratio: float = 0.90,
+                     prompt: str = "Every effort moves you", sample_tokens: int = 50, device="cpu",
+                     tokenizer=None, text_name: str | None = None, progress: bool = True, verbose: bool = True,
+                     save_every: int | None = None, resume: bool = False, overwrite: bool = True,
+                     command_options: dict | None = None) -> dict:
+    """Chapter 5 end to end: train the base described by ``source`` (:func:`base_source`) on ``text``.
+
+    Seeds as the book does (``seed`` before the loaders and again before the
+    model), trains with AdamW, prints the book's log, and writes the model (or the
+    LoRA adapter), ``language_model.json``, ``metrics.json`` and ``loss.png`` to
+    ``out_dir``. ``context_length`` (default: the model's) sets the window length.
+    Checkpoints, ``resume``, ``overwrite`` and ``torchrun`` work as in
+    ``finetune.finetune_spam``. Returns the metrics dict.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown pretraining method {method!r}; choose one of {', '.join(METHODS)}")
+    if method_options and method != "lora":
+        raise ValueError(f"method {method!r} takes no options, found {sorted(method_options)}")
+    method_options = lora_options(method_options) if method == "lora" else None
+    tokenizer = tokenizer or get_tokenizer()
+    processes = start_processes(device)
+    device = processes.device
+    context_length = context_length or base_context_length(source)
+    check_context_length(context_length, base_context_length(source, limit=True), source["model"])
+    torch.manual_seed(seed)  # the book seeds before the loaders (their shuffles draw later) ...
+    loaders = text_loaders(text, tokenizer, context_length, batch_size, train_ratio)
+    # Every process checks (one that failed alone would leave the others waiting); one removes. After the
+    # checks of the text and options, so that a bad one leaves an old run untouched even with --overwrite.
+    checkpoint_path = fail_together(open_run_dir, out_dir, resume, overwrite, removes_old_run=processes.is_main,
+                                    run_files=RUN_FILES)
+    model = load_base(source)  # ... and again before the model: load_base seeds with source["seed"]
+    if method == "lora":
+        apply_lora(model, **method_options, verbose=False)
+    model.to(device)
+    optimizer = trainable_adamw(model, lr, weight_decay)
+    fingerprint = dict(config=model.cfg.to_dict(), method=method, method_options=method_options, seed=seed, lr=lr,
+                       weight_decay=weight_decay, batch_size=batch_size, eval_freq=eval_freq, eval_iter=eval_iter,
+                       context_length=context_length, train_ratio=train_ratio, prompt=prompt,
+                       sample_tokens=sample_tokens, frozen_weights=frozen_weights_sha256(model),
+                       text=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                       data_order="distributed" if processes.distributed else "book")
+    checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, save_every,
+                               writes_files=processes.is_main, extra=command_options)
+    # Tokens per epoch, as the book counts them (batches x rows x tokens), before sharding.
+    train_tokens = len(loaders[0]) * batch_size * context_length
+    val_tokens = len(loaders[1].dataset) * context_length
+    loaders = shard_loaders(loaders, processes, seed)
+    history = PretrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
+    history = train_language_model(wrap_for_training(model, processes), loaders[0], loaders[1], optimizer, device,
+                                   epochs, eval_freq, eval_iter, prompt, tokenizer, sample_tokens=sample_tokens,
+                                   progress=progress and processes.is_main, verbose=verbose and processes.is_main,
+                                   history=history, checkpoints=checkpoints)
+    info = dict(method=method, method_options=method_options, base_source=source, seed=seed,
+                context_length=context_length, text=text_name, prompt=prompt)
+    final = dict(train_loss=history.train_losses[-1], val_loss=history.val_losses[-1]) if history.train_losses else {}
+    metrics = dict(info, **final, **{f"{k}_perplexity": perplexity(v) for k, v in list(final.items())},
+                   training_seconds=round(checkpoints.training_seconds(), 1), epochs=epochs, lr=lr,
+                   weight_decay=weight_decay, batch_size=batch_size, train_ratio=train_ratio,
+                   trainable_parameters=count_parameters(model, trainable_only=True),
+                   train_tokens=train_tokens, val_tokens=val_tokens, history=asdict(history))
+    if processes.is_main:  # under torchrun, one process writes the run directory
+        write_json(metrics, Path(out_dir) / "metrics.json")
+        plot_history(history, Path(out_dir) / "loss.png")
+        save_language_model(model, out_dir, info)  # last: language_model.json marks a finished run
+    return metrics

@@ -1,0 +1,135 @@
+"""The book's chapter-5 pretraining run on "The Verdict", reproduced to the printed digit (slow: minutes).
+
+"Build a Large Language Model (From Scratch)", sections 5.1-5.3: GPT_CONFIG_124M
+(GPT-2 small's shape, context 256, dropout 0.1, no qkv bias) from random weights
+under ``torch.manual_seed(123)``, 10 epochs of AdamW (lr 0.0004, weight decay 0.1),
+evaluated every 5 steps over 5 batches, a 50-token greedy sample after each
+epoch. The 28 printed lines are ../shared/data/the-verdict/book-ch05-training-log.txt;
+losses are compared as printed (three decimals), texts exactly.
+
+Bitwise results depend on the number of threads the matrix products use; this
+run was checked with 1 and 2 threads, and uses 2 (the CI machine's cores).
+"""
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+from gptlora.generation import generate, text_to_token_ids, token_ids_to_text
+from gptlora.model import GELU, GPTConfig, GPTModel
+from gptlora.pretraining import calc_loss_batch, calc_loss_loader, perplexity, train_model_simple
+from gptlora.text_data import create_dataloader, read_text_file, split_text
+
+from conftest import SHARED
+
+pytestmark = pytest.mark.slow
+
+VERDICT_DIR = SHARED / "data" / "the-verdict"
+GPT_CONFIG_124M = GPTConfig(vocab_size=50257, context_length=256, emb_dim=768, n_heads=12, n_layers=12,
+                            drop_rate=0.1, qkv_bias=False)
+THREADS = 2  # checked: 1 and 2 threads give the same bits here
+
+
+@pytest.fixture(scope="module")
+def threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def book_loaders(tokenizer):
+    path = VERDICT_DIR / "the-verdict.txt"
+    if not path.is_file():
+        pytest.skip(f"'The Verdict' is not at {path}; see ../shared/README.md")
+    train_text, val_text = split_text(read_text_file(path), train_ratio=0.90)
+    torch.manual_seed(123)
+    train_loader = create_dataloader(train_text, batch_size=2, max_length=256, stride=256, drop_last=True,
+                                     shuffle=True, tokenizer=tokenizer)
+    val_loader = create_dataloader(val_text, batch_size=2, max_length=256, stride=256, drop_last=False,
+                                   shuffle=False, tokenizer=tokenizer)
+    return train_loader, val_loader
+
+
+def test_untrained_124m_model_gives_the_books_tokens_loss_and_perplexity(tokenizer, threads):
+    torch.manual_seed(123)
+    model = GPTModel(GPTConfig(context_length=256, drop_rate=0.1, qkv_bias=False)).eval()
+    ids = generate(model, text_to_token_ids("Every effort moves you", tokenizer), 10)
+    assert token_ids_to_text(ids, tokenizer) == "Every effort moves you rentingetic wasnم refres RexMeCHicular stren"
+    inputs = torch.tensor([[16833, 3626, 6100], [40, 1107, 588]])
+    targets = torch.tensor([[3626, 6100, 345], [1107, 588, 11311]])
+    with torch.no_grad():
+        logits = model(inputs)
+    assert logits.argmax(dim=-1).tolist() == [[16657, 339, 42826], [49906, 29669, 41751]]
+    loss = calc_loss_batch(inputs, targets, model, "cpu")
+    assert f"{loss.item():.4f} {perplexity(loss).item():.4f}" == "10.7940 48725.8203"
+    assert perplexity(loss.item()) == pytest.approx(48725.8203, rel=1e-6)
+
+
+def book_gelu(self, x):
+    """The book's GELU, written out (its chapter 4): our GELU uses PyTorch's fused kernel of the same formula."""
+    return 0.5 * x * (1 + torch.tanh(torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def test_untrained_loss_over_the_loaders(book_loaders, threads, monkeypatch):
+    """The book prints 10.98758347829183 and 10.98110580444336 (section 5.1.3).
+
+    Validation reproduces exactly. Training differs in the 8th digit (10.9875835843):
+    PyTorch's fused tanh-GELU rounds a few of its float32 results differently from the
+    book's written-out formula, which changes one batch's loss by a float32 ulp. With
+    the book's formula put in, both printed numbers come out to the last digit.
+    """
+    train_loader, val_loader = book_loaders
+    torch.manual_seed(123)
+    model = GPTModel(GPT_CONFIG_124M).eval()
+    torch.manual_seed(123)  # the book seeds again: the training loader's shuffle draws from it
+    losses = calc_loss_loader(train_loader, model, "cpu"), calc_loss_loader(val_loader, model, "cpu")
+    assert losses[1] == 10.98110580444336
+    assert losses[0] == pytest.approx(10.98758347829183, abs=2e-7)  # one float32 ulp of a batch mean, over 9
+    monkeypatch.setattr(GELU, "forward", book_gelu)
+    torch.manual_seed(123)
+    assert (calc_loss_loader(train_loader, model, "cpu"),
+            calc_loss_loader(val_loader, model, "cpu")) == (10.98758347829183, 10.98110580444336)
+
+
+@pytest.fixture(scope="module")
+def book_run(book_loaders, tokenizer, threads):
+    """The 10-epoch run exactly as the book's listing 5.3 calls it; returns (model, printed lines)."""
+    train_loader, val_loader = book_loaders
+    torch.manual_seed(123)
+    model = GPTModel(GPT_CONFIG_124M)
+    # foreach: the same arithmetic as the default per-tensor loop, bit for bit (test_pretraining), but faster.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1, foreach=True)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_losses, val_losses, tokens_seen = train_model_simple(
+            model, train_loader, val_loader, optimizer, "cpu", num_epochs=10, eval_freq=5, eval_iter=5,
+            start_context="Every effort moves you", tokenizer=tokenizer)
+    assert len(train_losses) == len(val_losses) == len(tokens_seen) == 18
+    assert tokens_seen[-1] == 85 * 512 + 512
+    return model, printed.getvalue().splitlines()
+
+
+def test_the_ten_epochs_print_the_books_28_lines(book_run):
+    _, printed = book_run
+    book = (VERDICT_DIR / "book-ch05-training-log.txt").read_text(encoding="utf-8").splitlines()
+    assert len(book) == 28
+    differing = [f"line {i + 1}:\n  book: {b!r}\n  ours: {o!r}" for i, (b, o) in enumerate(zip(book, printed))
+                 if b != o]
+    assert not differing and len(printed) == 28, "\n".join(differing) + f"\n({len(printed)} lines printed)"
+
+
+def test_the_trained_model_generates_the_books_texts(book_run, tokenizer):
+    model, _ = book_run
+    model.eval()
+    prompt = text_to_token_ids("Every effort moves you", tokenizer)
+    greedy = token_ids_to_text(generate(model, prompt, max_new_tokens=25, context_size=256), tokenizer)
+    assert greedy == ('Every effort moves you know," was one of the axioms he laid down across the Sevres and '
+                      'silver of an exquisitely appointed lun')
+    torch.manual_seed(123)
+    sampled = generate(model, prompt, max_new_tokens=15, context_size=256, top_k=25, temperature=1.4)
+    assert token_ids_to_text(sampled, tokenizer) == \
+        "Every effort moves you stand to work on surprise, a one of us had gone with random-"
