@@ -34,7 +34,8 @@ from .finetune import ADAPTER_DIR, RUN_FILES as FINETUNE_RUN_FILES, frozen_weigh
 from .generation import get_tokenizer
 from .hf_layout import config_from_hf
 from .lora import apply_lora
-from .lora_io import export_peft, load_adapter, save_adapter
+from .lora_io import load_adapter, save_adapter
+from .lora_peft_export import export_peft
 from .model import GPTConfig, GPTModel, count_parameters
 from .pretrained import load_pretrained
 from .pretraining import PretrainingHistory, perplexity, plot_history, train_language_model
