@@ -184,17 +184,30 @@ def test_an_occupied_out_dir_needs_overwrite_or_resume(uninterrupted, tiny_dir, 
     assert os.listdir(occupied) == ["notes.txt"]  # the old run's files, and only those
 
 
-def test_overwrite_leaves_nothing_of_the_old_run_to_load(uninterrupted, small_spam_data_dir, tmp_path, capsys):
-    """A new run that stops before saving must not leave the old classifier to be loaded as its own."""
+def test_overwrite_leaves_nothing_of_the_old_run_to_load(uninterrupted, small_spam_data_dir, tmp_path, capsys,
+                                                         monkeypatch):
+    """A bad --model is refused before --overwrite touches the old run; a run that fails after the
+    directory was opened must not leave the old classifier to be loaded as its own."""
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
     load_classifier(run_dir)  # the old run loads
+    old_files = {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)}
     short = tmp_path / "short"
     short.mkdir()
     (short / "config.json").write_text(json.dumps({**TINY_HF_CONFIG, "n_positions": 16}))
-    assert cli.main(["finetune", "--model", str(short), "--random-init", "--method", "full", "--data-dir",
-                     str(small_spam_data_dir), "--device", "cpu", "--out", str(run_dir), "--overwrite"]) == 1
-    assert "context length is 16" in capsys.readouterr().err  # stopped after the directory was opened
+    arguments = ["finetune", "--model", str(short), "--random-init", "--method", "full", "--data-dir",
+                 str(small_spam_data_dir), "--device", "cpu", "--out", str(run_dir), "--overwrite"]
+    assert cli.main(arguments) == 1
+    assert "context length is 16" in capsys.readouterr().err  # checked before the directory is opened
+    assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == old_files
+
+    def training_fails(*args, **kwargs):
+        raise ValueError("training stopped")
+
+    monkeypatch.setattr("gptlora.finetune.train_classifier", training_fails)
+    (short / "config.json").write_text(json.dumps(TINY_HF_CONFIG))
+    assert cli.main(arguments) == 1
+    assert "training stopped" in capsys.readouterr().err  # stopped after the directory was opened
     assert os.listdir(run_dir) == []
     with pytest.raises(FileNotFoundError, match="classifier.json not found"):
         load_classifier(run_dir)
