@@ -77,6 +77,8 @@ def grading_env(monkeypatch):
     spam_file = SHARED / "data" / "sms_spam_collection" / "SMSSpamCollection"
     if spam_file.is_file():
         monkeypatch.setenv("GPTLORA_SPAM_SOURCE", str(spam_file))
+    if (SHARED / "data" / "the-verdict" / "the-verdict.txt").is_file():  # 03 reads it from params.data_dir
+        monkeypatch.setenv("GPTLORA_DATA_DIR", str(SHARED / "data"))
 
 
 def grade(notebook: Path, autograder: Path):
