@@ -45,8 +45,9 @@ DEFAULT_LR.update({"prompt-tuning": 3e-2, "prefix-tuning": 1e-2})
 ADAPTER_DIR = "adapter"
 # What a run writes in its directory (plot_history's two plots included), the checkpoint and the file
 # that load_classifier reads first coming first: --overwrite removes them in this order.
-RUN_FILES = (CHECKPOINT_NAME, "classifier.json", "classifier.safetensors", ADAPTER_DIR, "metrics.json",
-             "loss.png", "accuracy.png")
+# A pretraining run's marker and weights (pretrain_run.py) go too, so that no other run survives in it.
+RUN_FILES = (CHECKPOINT_NAME, "classifier.json", "language_model.json", "classifier.safetensors",
+             "model.safetensors", ADAPTER_DIR, "metrics.json", "loss.png", "accuracy.png")
 
 
 # --- the base model of a run -----------------------------------------------------------

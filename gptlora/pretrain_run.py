@@ -45,8 +45,9 @@ from .training import trainable_adamw
 METHODS = ("full", "lora")
 RUN_INFO = "language_model.json"  # marks a pretraining run directory
 WEIGHTS = "model.safetensors"
-# What a pretraining run writes; --overwrite also removes a spam run's files, so no other run survives in it.
-RUN_FILES = tuple(dict.fromkeys(FINETUNE_RUN_FILES + (RUN_INFO, WEIGHTS)))
+# What --overwrite removes: one list for both kinds of run (a spam run's files and ours), so that no
+# other run survives in the directory.
+RUN_FILES = FINETUNE_RUN_FILES
 BOOK_CONTEXT_LENGTH = 256
 
 
@@ -126,7 +127,9 @@ def save_language_model(model: GPTModel, run_dir: str | Path, info: dict) -> Pat
     else:
         with replace_atomically(run_dir / WEIGHTS) as tmp:
             save_model(model, str(tmp))  # copes with a tied head
-    write_json({**info, "config": model.cfg.to_dict()}, run_dir / RUN_INFO)
+    # A GPT-2 base has its head tied to the token embedding; save_model stores that tensor once, so
+    # the loader must tie the two again before it reads the file.
+    write_json({**info, "config": model.cfg.to_dict(), "weights_tied": model.weights_tied}, run_dir / RUN_INFO)
     return run_dir
 
 
@@ -148,6 +151,8 @@ def load_language_model(run_dir: str | Path, device="cpu") -> tuple[GPTModel, di
         load_adapter(model, run_dir / ADAPTER_DIR)
     else:
         model = GPTModel(GPTConfig(**info["config"]))
+        if info.get("weights_tied"):
+            model.tie_weights()
         load_model(model, str(run_dir / WEIGHTS), strict=True)
     return model.to(device).eval(), info
 
@@ -216,11 +221,12 @@ def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: st
     check_context_length(context_length, base_context_length(source, limit=True), source["model"])
     torch.manual_seed(seed)  # the book seeds before the loaders (their shuffles draw later) ...
     loaders = text_loaders(text, tokenizer, context_length, batch_size, train_ratio)
+    model = load_base(source)  # ... and again before the model: load_base seeds with source["seed"]
     # Every process checks (one that failed alone would leave the others waiting); one removes. After the
-    # checks of the text and options, so that a bad one leaves an old run untouched even with --overwrite.
+    # checks of the text and options and after the base is loaded (or failed to download), so that a bad
+    # one leaves an old run untouched even with --overwrite. open_run_dir draws no random numbers.
     checkpoint_path = fail_together(open_run_dir, out_dir, resume, overwrite, removes_old_run=processes.is_main,
                                     run_files=RUN_FILES)
-    model = load_base(source)  # ... and again before the model: load_base seeds with source["seed"]
     if method == "lora":
         apply_lora(model, **method_options, verbose=False)
     model.to(device)

@@ -330,6 +330,41 @@ def test_lora_run_on_a_pretrained_gpt2_exports_to_peft(run_cli, short_text, tmp_
     torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=0)
 
 
+def test_full_run_on_a_tied_gpt2_base_loads_back_and_generates(run_cli, short_text, tmp_path, one_thread):
+    """GPT-2's head is its token embedding; the saved run stores that tensor once and must load tied."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptlora.pretrain_run import load_language_model
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)).save_pretrained(
+        base_dir)
+    run = tmp_path / "full-run"
+    status, out = run_cli(["pretrain", "--text", str(short_text), "--model", str(base_dir), "--context-length", "32",
+                           "--epochs", "1", "--eval-freq", "5", "--eval-iter", "1", "--lr", "1e-3",
+                           "--sample-tokens", "5", "--out", str(run), "--device", "cpu"])
+    assert status == 0, out
+    model, info = load_language_model(run)
+    assert info["weights_tied"] and model.weights_tied
+    sample = json.loads((run / "metrics.json").read_text())["history"]["samples"][-1]
+    status, generated = run_cli(["generate", "--model", str(run), "--max-new-tokens", "5"])
+    assert status == 0 and generated.strip() == sample.strip()
+
+
+def test_finetune_overwrite_removes_a_pretraining_runs_marker(tmp_path):
+    from gptlora.finetune import open_run_dir
+    from gptlora.pretrain_run import RUN_INFO, WEIGHTS, is_pretraining_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (RUN_INFO, WEIGHTS, "metrics.json"):
+        (run / name).write_text("old")
+    assert is_pretraining_run(run)
+    open_run_dir(run, resume=False, overwrite=True)  # finetune's default list of run files
+    assert list(run.iterdir()) == [] and not is_pretraining_run(run)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--context-length", "65"], "--context-length 65 is not possible .* whose context length is 64"),
     (["--epochs", "0"], "--epochs must be a whole number of at least 1, found 0"),
