@@ -114,7 +114,7 @@ def resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
     saved = read_checkpoint_values(Path(args.resume) / CHECKPOINT_NAME).get("extra")
     if not saved:
         raise ValueError(f"the checkpoint in {args.resume} records no command-line options (it was not written "
-                         "by `gptlora finetune`); resume it from Python with finetune_spam(..., resume=True)")
+                         f"by `gptlora {args.command}`); resume it from Python with resume=True")
     if args.overwrite:
         raise ValueError("--resume continues the run in its directory and --overwrite replaces it: choose one")
     if args.out is not None and Path(args.out) != Path(args.resume):
@@ -256,8 +256,7 @@ def cmd_pretrain(args) -> int:
     from .text_data import load_text
 
     check_pretrain_options(args)
-    if args.resume:
-        raise_if_resume_conflicts(args)
+    args = resumed_arguments(args) if args.resume else args  # the run's own options, as finetune does
     random_init = args.random_init or args.model is None  # no --model: the book's model from random weights
     source = base_source(args.model or "gpt2-small", args.models_dir, random_init, args.seed, args.context_length)
     text = load_text(args.text, args.data_dir)
@@ -270,7 +269,8 @@ def cmd_pretrain(args) -> int:
                                    eval_freq=args.eval_freq, eval_iter=args.eval_iter, train_ratio=args.train_ratio,
                                    prompt=args.prompt, sample_tokens=args.sample_tokens,
                                    device=pick_device(args.device), text_name=args.text, save_every=args.save_every,
-                                   resume=bool(args.resume), overwrite=args.overwrite)
+                                   resume=bool(args.resume), overwrite=args.overwrite,
+                                   command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
         if not is_main_process():
             return 0
     finally:
@@ -280,14 +280,6 @@ def cmd_pretrain(args) -> int:
           f"{metrics['val_loss_perplexity']:.1f}); training took {metrics['training_seconds']:.1f} s")
     print(f"model, metrics.json and loss.png are in {out}; try: gptlora generate --model {out}")
     return 0
-
-
-def raise_if_resume_conflicts(args) -> None:
-    """``pretrain --resume RUN_DIR`` continues the run there: repeat its options; --out and --overwrite conflict."""
-    if args.overwrite:
-        raise ValueError("--resume continues the run in its directory and --overwrite replaces it: choose one")
-    if args.out is not None and Path(args.out) != Path(args.resume):
-        raise ValueError(f"--out {args.out} and --resume {args.resume} differ; a resumed run stays in its directory")
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser, head_help: str) -> None:

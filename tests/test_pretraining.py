@@ -294,7 +294,8 @@ def test_pretrain_command_writes_a_run_that_generate_reads(run_cli, short_text, 
 
     # Resumed from the epoch-1 checkpoint of a 1-epoch run, a second epoch ends where the 2-epoch run did.
     status, _ = run_cli(pretrain_args(short_text, tiny_model_dir, tmp_path / "half", "--epochs", "1"))
-    status, _ = run_cli(pretrain_args(short_text, tiny_model_dir, tmp_path / "half", "--resume", str(tmp_path / "half")))
+    # As with finetune, --resume alone restores the run's options (text, model, context, lr, ...).
+    status, _ = run_cli(["pretrain", "--resume", str(tmp_path / "half"), "--epochs", "2"])
     assert status == 0
     resumed = json.loads((tmp_path / "half" / "metrics.json").read_text())
     assert resumed["history"]["val_losses"] == metrics["history"]["val_losses"]
