@@ -43,8 +43,11 @@ def cmd_generate(args) -> int:
     else:
         model = pretrained_or_random(args.model, args.models_dir, args.random_init).eval()
     if args.int8:  # weight-only int8, the head included: fewer bytes to read per generated token
+        from .lora import lora_wrappers, merge_lora
         from .qlora import quantize_base
 
+        if lora_wrappers(model):  # a LoRA run: fold its adapters into the weights first, then quantize those
+            model = merge_lora(model, unload=True)
         quantize_base(model, "int8", include_head=True, fused_int8=True)
     if args.random_init:
         print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)

@@ -127,9 +127,10 @@ def save_language_model(model: GPTModel, run_dir: str | Path, info: dict) -> Pat
     else:
         with replace_atomically(run_dir / WEIGHTS) as tmp:
             save_model(model, str(tmp))  # copes with a tied head
-    # A GPT-2 base has its head tied to the token embedding; save_model stores that tensor once, so
-    # the loader must tie the two again before it reads the file.
-    write_json({**info, "config": model.cfg.to_dict(), "weights_tied": model.weights_tied}, run_dir / RUN_INFO)
+        # A GPT-2 base has its head tied to the token embedding; save_model stores that tensor once,
+        # so the loader must tie the two again before it reads the file.
+        info = {**info, "weights_tied": model.weights_tied}
+    write_json({**info, "config": model.cfg.to_dict()}, run_dir / RUN_INFO)
     return run_dir
 
 

@@ -320,6 +320,8 @@ def test_lora_run_on_a_pretrained_gpt2_exports_to_peft(run_cli, short_text, tmp_
 
     ours, info = load_language_model(run)
     assert info["method_options"]["rank"] == 4
+    status, generated = run_cli(["generate", "--model", str(run), "--max-new-tokens", "3", "--int8"])
+    assert status == 0 and generated.startswith("Every effort moves you")  # adapters merged, then quantized
     status, out = run_cli(["export-peft", "--run", str(run), "--out", str(tmp_path / "peft")])
     assert status == 0, out
     hf = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_dir), tmp_path / "peft").eval()
