@@ -301,14 +301,24 @@ def test_pretrain_command_writes_a_run_that_generate_reads(run_cli, short_text, 
     assert resumed["history"]["val_losses"] == metrics["history"]["val_losses"]
 
 
-def test_lora_run_on_a_pretrained_gpt2_exports_to_peft(run_cli, short_text, tmp_path):
-    from peft import PeftModel
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A randomly initialised GPT-2 (32 wide, context 64) in the Hugging Face layout, head tied."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    base_dir = tmp_path / "tiny-gpt2"
+    base_dir = tmp_path_factory.mktemp("tiny-gpt2")
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)).save_pretrained(
         base_dir)
+    return base_dir
+
+
+def test_lora_run_on_a_pretrained_gpt2_exports_to_peft(run_cli, short_text, tiny_gpt2_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    base_dir = tiny_gpt2_dir
+
     run = tmp_path / "lora-run"
     status, out = run_cli(["pretrain", "--text", str(short_text), "--model", str(base_dir), "--method", "lora",
                            "--rank", "4", "--alpha", "8", "--context-length", "32", "--epochs", "1", "--eval-freq",
@@ -333,16 +343,12 @@ def test_lora_run_on_a_pretrained_gpt2_exports_to_peft(run_cli, short_text, tmp_
     torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=0)
 
 
-def test_full_run_on_a_tied_gpt2_base_loads_back_and_generates(run_cli, short_text, tmp_path, one_thread):
+def test_full_run_on_a_tied_gpt2_base_loads_back_and_generates(run_cli, short_text, tiny_gpt2_dir, tmp_path,
+                                                               one_thread):
     """GPT-2's head is its token embedding; the saved run stores that tensor once and must load tied."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from gptlora.pretrain_run import load_language_model
 
-    torch.manual_seed(0)
-    base_dir = tmp_path / "tiny-gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)).save_pretrained(
-        base_dir)
+    base_dir = tiny_gpt2_dir
     run = tmp_path / "full-run"
     status, out = run_cli(["pretrain", "--text", str(short_text), "--model", str(base_dir), "--context-length", "32",
                            "--epochs", "1", "--eval-freq", "5", "--eval-iter", "1", "--lr", "1e-3",
