@@ -20,8 +20,8 @@ from common import SHARED, PeakRSS
 
 from gptlora.classifier import prepare_for_classification, train_classifier
 from gptlora.generation import get_tokenizer
-from gptlora.prefix_cache import cache_frozen_prefix
-from gptlora.method_comparison import first_messages
+from gptlora.recipes.prefix_cache import cache_frozen_prefix
+from gptlora.recipes.method_comparison import first_messages
 from gptlora.spam import create_dataloaders, prepare_spam_data
 
 VARIANTS = {  # name: (dynamic padding with length bucketing, frozen-prefix cache)

@@ -20,7 +20,7 @@ import torch
 from common import best_seconds, matmul_task
 
 from gptlora.generation import generate
-from gptlora.hf_layout import config_to_hf, gptlora_to_hf
+from gptlora.formats.hf_layout import config_to_hf, gptlora_to_hf
 from gptlora.lora import apply_lora
 from gptlora.model import GPTConfig, GPTModel
 from gptlora.pretrained import save_hf

@@ -1,6 +1,6 @@
 """Full fine-tuning, last-block, LoRA, prompt tuning and prefix tuning on the spam task, side by side.
 
-Runs ``gptlora.method_comparison.compare_methods`` on an offline tiny GPT (2 layers,
+Runs ``gptlora.recipes.method_comparison.compare_methods`` on an offline tiny GPT (2 layers,
 64 wide, random weights drawn under seed 123, as the README's tiny runs, but with a
 context of 256 rather than 128, so that 20 virtual tokens fit before the 120-token
 messages) and prints one Markdown
@@ -29,10 +29,10 @@ from bench_finetune import spam_splits
 from common import SHARED, machine_line, print_table
 
 from gptlora.classifier import METHODS
-from gptlora.finetune import base_source, load_base
+from gptlora.recipes.finetune import base_source, load_base
 from gptlora.generation import get_tokenizer
-from gptlora.hf_layout import config_to_hf
-from gptlora.method_comparison import compare_methods, trainable_on_meta
+from gptlora.formats.hf_layout import config_to_hf
+from gptlora.recipes.method_comparison import compare_methods, trainable_on_meta
 from gptlora.model import GPTConfig
 
 TINY = GPTConfig(vocab_size=50257, context_length=256, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,

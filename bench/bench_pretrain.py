@@ -66,7 +66,7 @@ def pretrain_section(repeats: int, epochs: int):
     """The step, ours vs transformers, and the book's run of ``epochs`` epochs (0: skip it)."""
     import transformers
 
-    from gptlora.hf_layout import config_to_hf
+    from gptlora.formats.hf_layout import config_to_hf
 
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randint(0, 50257, (ROWS, TOKENS), generator=generator)

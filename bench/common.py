@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from gptlora.memory import PeakRSS, release_free_memory, rss_bytes  # noqa: F401 (the benchmarks' names for them)
+from gptlora.infra.memory import PeakRSS, release_free_memory, rss_bytes  # noqa: F401 (the benchmarks' names for them)
 
 
 # What a user would have downloaded, beside the checkout (see ../shared/README.md).

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gptlora.atomic import replace_atomically
+from gptlora.infra.atomic import replace_atomically
 
 EXERCISES_DIR = Path(__file__).resolve().parent
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import replace_atomically
-from .checkpoint import NoCheckpoints
-from .distributed import sum_over_processes
+from .infra.atomic import replace_atomically
+from .infra.checkpoint import NoCheckpoints
+from .infra.distributed import sum_over_processes
 from .generation import END_OF_TEXT_ID
 from .lora import apply_lora, check_lora_hyperparameters
 from .model import GPTModel, evaluating

@@ -1,10 +1,10 @@
 """GPT-2 weights: download, load and export in Hugging Face's file layout.
 
 :func:`download_gpt2` fetches a checkpoint (verified and resumable, see
-:mod:`gptlora.download`), :func:`load_pretrained` turns one into a ``GPTModel``
+:mod:`gptlora.infra.download`), :func:`load_pretrained` turns one into a ``GPTModel``
 with strict accounting of every tensor, and :func:`save_hf` writes a model back in
 the layout ``transformers`` reads. The renaming between Hugging Face's names and
-ours (and the three quirks it undoes) lives in :mod:`gptlora.hf_layout`. Only
+ours (and the three quirks it undoes) lives in :mod:`gptlora.formats.hf_layout`. Only
 safetensors files are read: never a pickle from the internet.
 """
 
@@ -20,9 +20,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import read_json_object, replace_atomically, write_json
-from .download import DownloadError, OfflineError, download_file, offline_mode, place_by_hand_hint
-from .hf_layout import config_from_hf, config_to_hf, gptlora_to_hf, hf_shapes, hf_to_gptlora
+from .infra.atomic import read_json_object, replace_atomically, write_json
+from .infra.download import DownloadError, OfflineError, download_file, offline_mode, place_by_hand_hint
+from .formats.hf_layout import config_from_hf, config_to_hf, gptlora_to_hf, hf_shapes, hf_to_gptlora
 from .model import GPTConfig, GPTModel, canonical_preset
 
 # The Hub repository of each GPT-2 size, and where its files can be fetched from, in order.
@@ -66,7 +66,7 @@ def download_gpt2(name: str, models_dir: str | Path = "weights", base_url: str |
     ``774M``/``1558M``; files land in ``<models_dir>/<canonical name>/``. Files already
     there are used without touching the network (they were verified when they were
     downloaded, or placed there by hand). With ``GPTLORA_OFFLINE=1`` a missing file
-    raises :class:`~gptlora.download.OfflineError` naming the directory and the files.
+    raises :class:`~gptlora.infra.download.OfflineError` naming the directory and the files.
     """
     canonical = canonical_preset(name)
     directory = Path(models_dir) / canonical

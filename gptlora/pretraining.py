@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import (NoCheckpoints, load_optimizer_state, load_trainable_state, optimizer_state,
-                         read_checkpoint, save_checkpoint)
+from .infra.checkpoint import (NoCheckpoints, load_optimizer_state, load_trainable_state, optimizer_state,
+                               read_checkpoint, save_checkpoint)
 from .classifier import plot_values
 from .generation import generate, text_to_token_ids, token_ids_to_text
 from .model import evaluating

@@ -22,14 +22,14 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .atomic import replace_atomically
+from .infra.atomic import replace_atomically
 from .generation import END_OF_TEXT_ID
-from .locks import exclusive_lock, lock_path_for
-from .manifest import file_fingerprint, read_manifest, write_manifest
+from .infra.locks import exclusive_lock, lock_path_for
+from .infra.manifest import file_fingerprint, read_manifest, write_manifest
 # The file's part of the chapter, importable from here too (``spam`` is the chapter's module):
-from .spam_file import (LABELS, SPAM_FILE_NAME, SPAM_FILE_SHA256, SPAM_FILE_SIZE, SPAM_URLS,  # noqa: F401
-                        checked_uci_file, download_spam_file, extract_member, find_spam_file, is_uci_file,
-                        read_sms_spam, spam_urls)
+from .formats.spam_file import (LABELS, SPAM_FILE_NAME, SPAM_FILE_SHA256, SPAM_FILE_SIZE, SPAM_URLS,  # noqa: F401
+                                checked_uci_file, download_spam_file, extract_member, find_spam_file, is_uci_file,
+                                read_sms_spam, spam_urls)
 
 SPLITS = ("train", "validation", "test")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .download import download_file
+from .infra.download import download_file
 from .generation import END_OF_TEXT, get_tokenizer
 
 # "The Verdict" by Edith Wharton (1908, public domain), the text of the book's chapters 2 and 5.

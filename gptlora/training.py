@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import NoCheckpoints
-from .distributed import set_sampler_epoch, sum_over_processes, world_size
+from .infra.checkpoint import NoCheckpoints
+from .infra.distributed import set_sampler_epoch, sum_over_processes, world_size
 from .model import evaluating
 
 

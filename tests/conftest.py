@@ -45,7 +45,7 @@ def small_spam_data_dir(tmp_path_factory, spam_data_dir) -> Path:
     """The first 120 / 44 / 40 rows of the real splits: 15 training batches of 8, for seconds-long runs."""
     import pandas as pd
 
-    from gptlora.manifest import write_manifest
+    from gptlora.infra.manifest import write_manifest
     from gptlora.spam import MANIFEST_NAME, SPLIT_SEED, split_paths
 
     small = tmp_path_factory.mktemp("small-spam")
@@ -68,7 +68,7 @@ def run_cli_on_one_thread(argv: list[str]) -> tuple[int, str]:
 
     import torch
 
-    from gptlora import cli
+    from gptlora.cli import app as cli
 
     threads, stdout = torch.get_num_threads(), io.StringIO()
     torch.set_num_threads(1)
@@ -98,7 +98,7 @@ def tiny_spam_run(tmp_path_factory, spam_data_dir):
     import json
     from types import SimpleNamespace
 
-    from gptlora.hf_layout import config_to_hf
+    from gptlora.formats.hf_layout import config_to_hf
     from gptlora.model import GPTConfig
 
     config = GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from gptlora import cli, download
+from gptlora.cli import app as cli
+from gptlora.infra import download
 
 
 @dataclass(frozen=True)
@@ -260,9 +261,9 @@ def made(tmp_path_factory, small_spam_data_dir):
     import torch
 
     from gptlora.model import GPTModel
-    from gptlora.hf_layout import config_from_hf
+    from gptlora.formats.hf_layout import config_from_hf
     from gptlora.lora import apply_lora
-    from gptlora.lora_io import save_adapter
+    from gptlora.formats.lora_io import save_adapter
     from gptlora.pretrained import save_hf
     from test_download import LoopbackServer
 
@@ -404,7 +405,7 @@ def test_the_table_covers_every_subcommand_with_at_least_60_cases():
 
 
 def test_debug_shows_the_traceback(capsys, monkeypatch):
-    from gptlora.cli_checks import DEBUG_ENV
+    from gptlora.cli.checks import DEBUG_ENV
 
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     with pytest.raises(ValueError, match="unknown GPT-2 preset"):
@@ -419,7 +420,7 @@ def test_debug_shows_the_traceback(capsys, monkeypatch):
 def test_warnings_are_one_line(tmp_path, capsys, monkeypatch):
     import warnings
 
-    from gptlora import cli as cli_module
+    from gptlora.cli import app as cli_module
 
     def warn_then_fail(args):
         warnings.warn("something to know", UserWarning)
@@ -435,7 +436,7 @@ def test_warnings_are_one_line(tmp_path, capsys, monkeypatch):
 def test_range_helpers_accept_the_range_and_name_it_otherwise():
     import argparse
 
-    from gptlora.cli_checks import positive_float, probability, real_number, whole_number
+    from gptlora.cli.checks import positive_float, probability, real_number, whole_number
 
     assert whole_number(2, 5)("5") == 5 and real_number(maximum=2.5)("-7") == -7.0 and probability()("0") == 0.0
     for check, text, message in [
@@ -455,7 +456,7 @@ def test_range_helpers_accept_the_range_and_name_it_otherwise():
 
 
 def test_a_message_of_several_lines_is_reported_by_its_first_line():
-    from gptlora.cli_checks import error_line
+    from gptlora.cli.checks import error_line
 
     report = "could not do X: found Y, expected Z; do W"
     assert error_line(ValueError(f"{report}\n  detail 1\n  detail 2\n"), (ValueError,)) == \

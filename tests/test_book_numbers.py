@@ -36,7 +36,7 @@ def book_accuracy_before_training(gpt2_small_dir, spam_data_dir, tokenizer):
 @pytest.fixture
 def book_finetune(gpt2_small_dir, spam_data_dir, tokenizer, tmp_path):
     """``(method, lr) -> {"train", "validation", "test"}`` accuracies after the book's 5 epochs on the real gpt2-small."""
-    from gptlora.finetune import finetune_spam
+    from gptlora.recipes.finetune import finetune_spam
     from gptlora.pretrained import load_pretrained
 
     def accuracies(method: str, lr: float) -> dict[str, float]:

@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gptlora import checkpoint, cli
-from gptlora.checkpoint import CHECKPOINT_NAME, Checkpointer, CheckpointError, read_checkpoint, read_checkpoint_values
+from gptlora.infra import checkpoint
+from gptlora.cli import app as cli
+from gptlora.infra.checkpoint import CHECKPOINT_NAME, Checkpointer, CheckpointError, read_checkpoint, read_checkpoint_values
 from gptlora.classifier import calc_accuracy_loader, calc_loss_loader, train_classifier
-from gptlora.finetune import RUN_FILES, finetune_spam, load_classifier, open_run_dir
+from gptlora.recipes.finetune import RUN_FILES, finetune_spam, load_classifier, open_run_dir
 from gptlora.model import GPTConfig, GPTModel
 
 TINY_HF_CONFIG = {"vocab_size": 50257, "n_positions": 128, "n_embd": 64, "n_head": 4, "n_layer": 2}
@@ -204,7 +205,7 @@ def test_overwrite_leaves_nothing_of_the_old_run_to_load(uninterrupted, small_sp
     def training_fails(*args, **kwargs):
         raise ValueError("training stopped")
 
-    monkeypatch.setattr("gptlora.finetune.train_classifier", training_fails)
+    monkeypatch.setattr("gptlora.recipes.finetune.train_classifier", training_fails)
     (short / "config.json").write_text(json.dumps(TINY_HF_CONFIG))
     assert cli.main(arguments) == 1
     assert "training stopped" in capsys.readouterr().err  # stopped after the directory was opened

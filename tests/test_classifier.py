@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from gptlora import cli
+from gptlora.cli import app as cli
 from gptlora.classifier import (
     calc_accuracy_loader,
     calc_loss_loader,
@@ -20,7 +20,7 @@ from gptlora.classifier import (
     prepare_for_classification,
     train_classifier,
 )
-from gptlora.finetune import load_classifier
+from gptlora.recipes.finetune import load_classifier
 from gptlora.model import GPTConfig, GPTModel
 from gptlora.spam import create_dataloaders, pad_batch
 

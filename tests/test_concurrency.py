@@ -16,11 +16,11 @@ import pytest
 from test_download import PAYLOAD, LoopbackServer
 from test_spam import uci_zip
 
-from gptlora.download import OFFLINE_ENV
-from gptlora.locks import exclusive_lock, lock_path_for
-from gptlora.manifest import file_fingerprint
+from gptlora.infra.download import OFFLINE_ENV
+from gptlora.infra.locks import exclusive_lock, lock_path_for
+from gptlora.infra.manifest import file_fingerprint
 
-DOWNLOAD_ONE_FILE = ("import sys; from gptlora.download import download_file; "
+DOWNLOAD_ONE_FILE = ("import sys; from gptlora.infra.download import download_file; "
                      "print(download_file([sys.argv[1]], sys.argv[2]))")
 
 
@@ -70,7 +70,7 @@ def test_two_processes_downloading_one_file_fetch_it_once(tmp_path, monkeypatch)
     assert sorted(path.name for path in dest.parent.iterdir()) == ["data.bin"]  # no .part, no .lock left
 
 
-HOLD_THE_LOCK = ("import sys, time; from gptlora.locks import exclusive_lock\n"
+HOLD_THE_LOCK = ("import sys, time; from gptlora.infra.locks import exclusive_lock\n"
                  "with exclusive_lock(sys.argv[1], 'holding'):\n    print('held', flush=True); time.sleep(120)")
 
 
@@ -202,7 +202,8 @@ def test_a_lock_file_another_user_left_behind_does_not_lock_others_out():
 
 
 def test_without_fcntl_a_download_into_a_new_folder_still_works(tmp_path, monkeypatch):
-    from gptlora import download, locks
+    from gptlora.infra import download
+    from gptlora.infra import locks
 
     monkeypatch.setattr(locks, "fcntl", None)  # as on Windows
     monkeypatch.setattr(download, "DEFAULT_BACKOFF_S", 0.0)
@@ -213,7 +214,7 @@ def test_without_fcntl_a_download_into_a_new_folder_still_works(tmp_path, monkey
 
 
 def test_a_failed_download_leaves_no_folder_it_made(tmp_path, monkeypatch):
-    from gptlora import download
+    from gptlora.infra import download
 
     monkeypatch.setattr(download, "DEFAULT_BACKOFF_S", 0.0)
     monkeypatch.delenv(OFFLINE_ENV, raising=False)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from gptlora.distributed import Processes, set_sampler_epoch, shard_loaders
+from gptlora.infra.distributed import Processes, set_sampler_epoch, shard_loaders
 
 TINY_HF_CONFIG = {"vocab_size": 50257, "n_positions": 128, "n_embd": 64, "n_head": 4, "n_layer": 2}
 
@@ -196,7 +196,7 @@ def test_a_check_failing_before_training_stops_every_process_with_its_message(tm
 PREPARE_LONGER_THAN_THE_TIMEOUT = """
 import datetime, pathlib, sys, time
 import torch.distributed as dist
-from gptlora.distributed import local_main_first, local_rank
+from gptlora.infra.distributed import local_main_first, local_rank
 meeting = pathlib.Path(sys.argv[1])
 (meeting / str(local_rank())).touch()
 while len(list(meeting.iterdir())) < 2:

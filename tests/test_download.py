@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gptlora import atomic, download
-from gptlora.download import DownloadError, OfflineError, download_file
+from gptlora.infra import atomic
+from gptlora.infra import download
+from gptlora.infra.download import DownloadError, OfflineError, download_file
 
 PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()

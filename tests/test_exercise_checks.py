@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gptlora.exercise_checks import (ExerciseCheckFailed, answered, batch_read_at_one_position, call, expect,
+from gptlora.teaching.exercise_checks import (ExerciseCheckFailed, answered, batch_read_at_one_position, call, expect,
                                      random_gpt_config, reference_attention_weights, sampling_probabilities)
 
 

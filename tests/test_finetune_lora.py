@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from gptlora import cli
+from gptlora.cli import app as cli
 from gptlora.classifier import LORA_DEFAULTS, calc_accuracy_loader, classify, prepare_for_classification
-from gptlora.finetune import ADAPTER_DIR, load_classifier
+from gptlora.recipes.finetune import ADAPTER_DIR, load_classifier
 from gptlora.lora import lora_disabled, lora_layers
-from gptlora.lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_fingerprint, read_adapter_config
+from gptlora.formats.lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_fingerprint, read_adapter_config
 from gptlora.lora_layer import SCALINGS
 from gptlora.model import GPTConfig, GPTModel, count_parameters
 from gptlora.pretrained import load_pretrained, save_hf

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gptlora.classifier import calc_accuracy_loader, classify
-from gptlora.finetune import ADAPTER_DIR, load_classifier
-from gptlora.hf_layout import config_to_hf
-from gptlora.lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from gptlora.recipes.finetune import ADAPTER_DIR, load_classifier
+from gptlora.formats.hf_layout import config_to_hf
+from gptlora.formats.lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from gptlora.model import GPTConfig
 from gptlora.prompt_tuning import PrefixTunedGPT, PromptTunedGPT
 from gptlora.spam import create_dataloaders
@@ -88,7 +88,7 @@ def test_export_peft_of_a_prompt_run_reproduces_it(runs, tokenizer, tmp_path, ru
 
 
 def test_export_peft_of_a_prefix_classifier_warns_that_peft_may_not_run_it(runs, tmp_path):
-    from gptlora.finetune import export_run_to_peft
+    from gptlora.recipes.finetune import export_run_to_peft
 
     with pytest.warns(UserWarning, match="prefix-tuned classifier's export may not run in peft"):
         export_run_to_peft(runs["prefix"].run, tmp_path / "peft")
@@ -104,7 +104,7 @@ def test_several_lora_runs_classify_in_one_batch(runs, run_cli, capsys):
     assert printed.splitlines() == [f"{runs['lora2'].run}: {singles[0]}", f"{runs['lora4'].run}: {singles[1]}"]
 
     # The labels alone could agree whatever the routing: the logits of each row must be its run's own.
-    from gptlora.finetune import load_runs_sharing_a_base
+    from gptlora.recipes.finetune import load_runs_sharing_a_base
     from gptlora.generation import get_tokenizer
 
     ids = torch.tensor([get_tokenizer().encode(MESSAGE)[:20]] * 3)
@@ -137,7 +137,7 @@ def test_several_lora_runs_classify_in_one_batch(runs, run_cli, capsys):
 ])
 def test_bad_prompt_options_are_one_line_and_leave_nothing(options, message, tiny_dir, small_spam_data_dir,
                                                            tmp_path, capsys):
-    from gptlora import cli
+    from gptlora.cli import app as cli
 
     try:
         status = cli.main(["finetune", "--model", str(tiny_dir), "--random-init", "--method", "prompt-tuning",
@@ -153,7 +153,7 @@ def test_too_many_virtual_tokens_leave_an_earlier_run_as_it_was(runs, tiny_dir, 
                                                                capsys):
     import shutil
 
-    from gptlora import cli
+    from gptlora.cli import app as cli
 
     run = shutil.copytree(runs["prompt"].run, tmp_path / "run")
     before = {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()}

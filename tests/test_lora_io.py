@@ -9,10 +9,10 @@ from test_lora import TINY, ids, randomize_adapters, tiny_gpt
 from torch import nn
 
 from gptlora.lora import apply_lora, lora_layers, set_adapter
-from gptlora.lora_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseMismatchError, base_fingerprint, base_state_dict,
+from gptlora.formats.lora_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseMismatchError, base_fingerprint, base_state_dict,
                              load_adapter, save_adapter)
-from gptlora.lora_peft_export import export_peft
-from gptlora.tensor_hash import tensors_sha256
+from gptlora.formats.lora_peft_export import export_peft
+from gptlora.infra.tensor_hash import tensors_sha256
 from gptlora.model import GPTModel
 from gptlora.pretrained import save_hf
 

@@ -55,7 +55,7 @@ def test_bad_adapter_names_are_explained_before_anything_runs(names, message):
 
 
 def test_the_base_rows_name_cannot_name_an_adapter(tmp_path):
-    from gptlora.lora_io import load_adapter, save_adapter
+    from gptlora.formats.lora_io import load_adapter, save_adapter
 
     model = two_adapter_classifier()
     with pytest.raises(ValueError, match="'__base__' cannot name an adapter"):

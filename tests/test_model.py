@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptlora.generation import generate, text_to_token_ids
-from gptlora.hf_layout import config_from_hf, hf_to_gptlora
+from gptlora.formats.hf_layout import config_from_hf, hf_to_gptlora
 from gptlora.model import GPTConfig, GPTModel, MultiHeadAttention, count_parameters
 
 

@@ -1,7 +1,7 @@
 """Execute every notebook in notebooks/, in numeric order, the way a class would.
 
 All notebooks share one temporary workspace (data, weights, runs and figure folders
-passed through the ``GPTLORA_*`` variables of ``gptlora.notebook_params``), so later
+passed through the ``GPTLORA_*`` variables of ``gptlora.teaching.notebook_params``), so later
 notebooks read what earlier ones wrote (05's parquet files, 06's run) and the repository
 itself stays clean. From notebook 03 on, ``GPTLORA_MODEL`` is a small GPT-2-shaped
 checkpoint written here (03 pretrains a model of its shape from random weights), and ``GPTLORA_EPOCHS=1`` keeps the fine-tuning of 06 and 07 short.
@@ -19,7 +19,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
-from gptlora.notebook_params import env_name, notebook_params
+from gptlora.teaching.notebook_params import env_name, notebook_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptlora.lora import apply_lora, lora_disabled, lora_layers, merge_lora
-from gptlora.lora_io import save_adapter
+from gptlora.formats.lora_io import save_adapter
 from gptlora.model import count_parameters
 from gptlora.peft_tutorials import (DigitsMLP, TutorialMLP, digits_data, sine_data, train_mlp, wrong_per_class)
 

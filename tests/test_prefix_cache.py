@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptlora import cli
+from gptlora.cli import app as cli
 from gptlora.classifier import prepare_for_classification
-from gptlora.distributed import Processes, set_sampler_epoch, shard_loaders
-from gptlora.finetune import finetune_spam
+from gptlora.infra.distributed import Processes, set_sampler_epoch, shard_loaders
+from gptlora.recipes.finetune import finetune_spam
 from gptlora.lora import apply_lora
 from gptlora.model import GPTConfig, GPTModel
-from gptlora.prefix_cache import cache_frozen_prefix, prefix_hidden_states
+from gptlora.recipes.prefix_cache import cache_frozen_prefix, prefix_hidden_states
 from gptlora.spam import LengthBucketBatchSampler, SpamDataset, create_dataloaders, prepare_spam_data
 
 SMALL = GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=3, drop_rate=0.0, qkv_bias=True)

@@ -15,11 +15,12 @@ import torch
 from safetensors.torch import save_file
 from test_download import LoopbackServer
 
-from gptlora import download, pretrained
-from gptlora.cli import main
-from gptlora.download import OfflineError
+from gptlora.infra import download
+from gptlora import pretrained
+from gptlora.cli.app import main
+from gptlora.infra.download import OfflineError
 from gptlora.generation import generate_text
-from gptlora.hf_layout import config_from_hf, config_to_hf, gptlora_to_hf, hf_shapes
+from gptlora.formats.hf_layout import config_from_hf, config_to_hf, gptlora_to_hf, hf_shapes
 from gptlora.model import GPTConfig, GPTModel, count_parameters
 from gptlora.pretrained import BASE_URL_ENV, HUB_MIRRORS, hub_urls, load_pretrained, save_hf
 

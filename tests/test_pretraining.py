@@ -85,7 +85,7 @@ def test_the_verdict_is_downloaded_once_and_verified(tmp_path, verdict):
         assert path.read_text(encoding="utf-8") == verdict and path == tmp_path / "the-verdict" / "the-verdict.txt"
         assert the_verdict(tmp_path, base_url=server.url) == path  # present and valid: no second request
         assert len(server.requests) == 1
-        from gptlora.download import DownloadError
+        from gptlora.infra.download import DownloadError
 
         with pytest.raises(DownloadError, match="SHA-256"):
             the_verdict(tmp_path / "other", base_url=server.url + "/bad")
@@ -237,7 +237,7 @@ def test_loss_over_loaders_restores_the_mode_and_the_plot_is_a_png(tokenizer, ve
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A directory with a Hugging Face config.json of TINY's shape (context 64), for --model DIR --random-init."""
-    from gptlora.hf_layout import config_to_hf
+    from gptlora.formats.hf_layout import config_to_hf
 
     directory = tmp_path_factory.mktemp("tiny-shape")
     (directory / "config.json").write_text(json.dumps(config_to_hf(GPTConfig(**{**TINY.to_dict(),
@@ -271,7 +271,7 @@ def test_pretrain_command_writes_a_run_that_generate_reads(run_cli, short_text, 
     assert metrics["history"]["samples"][-1] in out
 
     # The command is the book's recipe: the same numbers as train_model_simple's loop seeded as in the book.
-    from gptlora.pretrain_run import book_config, load_language_model
+    from gptlora.recipes.pretrain_run import book_config, load_language_model
 
     torch.manual_seed(123)
     train_text, val_text = split_text(short_text.read_text(encoding="utf-8"))
@@ -326,7 +326,7 @@ def test_lora_run_on_a_pretrained_gpt2_exports_to_peft(run_cli, short_text, tiny
                            "--device", "cpu"])
     assert status == 0, out
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "model.safetensors").exists()
-    from gptlora.pretrain_run import load_language_model
+    from gptlora.recipes.pretrain_run import load_language_model
 
     ours, info = load_language_model(run)
     assert info["method_options"]["rank"] == 4
@@ -346,7 +346,7 @@ def test_lora_run_on_a_pretrained_gpt2_exports_to_peft(run_cli, short_text, tiny
 def test_full_run_on_a_tied_gpt2_base_loads_back_and_generates(run_cli, short_text, tiny_gpt2_dir, tmp_path,
                                                                one_thread):
     """GPT-2's head is its token embedding; the saved run stores that tensor once and must load tied."""
-    from gptlora.pretrain_run import load_language_model
+    from gptlora.recipes.pretrain_run import load_language_model
 
     base_dir = tiny_gpt2_dir
     run = tmp_path / "full-run"
@@ -362,8 +362,8 @@ def test_full_run_on_a_tied_gpt2_base_loads_back_and_generates(run_cli, short_te
 
 
 def test_finetune_overwrite_removes_a_pretraining_runs_marker(tmp_path):
-    from gptlora.finetune import open_run_dir
-    from gptlora.pretrain_run import RUN_INFO, WEIGHTS, is_pretraining_run
+    from gptlora.recipes.finetune import open_run_dir
+    from gptlora.recipes.pretrain_run import RUN_INFO, WEIGHTS, is_pretraining_run
 
     run = tmp_path / "run"
     run.mkdir()

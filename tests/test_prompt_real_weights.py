@@ -12,7 +12,7 @@ import torch
 def test_prompt_methods_on_real_weights_beat_the_untrained_classifier(method, gpt2_small_dir, spam_data_dir,
                                                                       tokenizer, tmp_path):
     from gptlora.classifier import calc_accuracy_loader, prepare_for_classification
-    from gptlora.finetune import finetune_spam
+    from gptlora.recipes.finetune import finetune_spam
     from gptlora.pretrained import load_pretrained
     from gptlora.spam import create_dataloaders
 

@@ -10,11 +10,11 @@ from test_lora_io import classifier_base, hf_reference
 from torch import nn
 
 from gptlora.classifier import classification_logits
-from gptlora.lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseMismatchError
+from gptlora.formats.lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseMismatchError
 from gptlora.model import GPTConfig, GPTModel, count_parameters
 from gptlora.prompt_tuning import (PrefixTunedGPT, PromptTunedGPT, activations_as_prefix, apply_prefix_tuning,
                                    apply_prompt_tuning, check_virtual_tokens, init_token_ids)
-from gptlora.prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
+from gptlora.formats.prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
 
 
 def tuned(method, base=None, n=3, hidden=None, head=False, seed=5):
@@ -201,7 +201,7 @@ def test_prompt_tuning_for_language_modelling_lowers_the_loss():
 
 def test_documented_gpt2_small_counts_with_the_head():
     """20 virtual tokens on gpt2-small, the 2-class head training too (counted on the meta device)."""
-    from gptlora.method_comparison import trainable_on_meta
+    from gptlora.recipes.method_comparison import trainable_on_meta
 
     head = 768 * 2 + 2
     assert trainable_on_meta("prompt-tuning") == 20 * 768 + head == 16_898

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gptlora import cli
+from gptlora.cli import app as cli
 from gptlora.classifier import calc_accuracy_loader, classify
-from gptlora.finetune import ADAPTER_DIR, load_classifier
+from gptlora.recipes.finetune import ADAPTER_DIR, load_classifier
 from gptlora.lora import lora_layers
 from gptlora.generation import generate_text
-from gptlora.lora_io import read_adapter_config
+from gptlora.formats.lora_io import read_adapter_config
 from gptlora.model import GPTConfig, GPTModel
 from gptlora.pretrained import load_pretrained, save_hf
 from gptlora.qlora import quantize_base

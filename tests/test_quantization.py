@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gptlora.lora import apply_lora, lora_layers, merge_lora
-from gptlora.lora_io import base_fingerprint, describe_base, load_adapter, save_adapter
+from gptlora.formats.lora_io import base_fingerprint, describe_base, load_adapter, save_adapter
 from gptlora.model import GPTConfig, GPTModel
 from gptlora.qlora import dequantize_base, quantize_base, quantized_layers, weight_bytes
 from gptlora.quantization import (NF4_LEVELS, Int8Linear, NF4Linear, dequantize_int8, dequantize_nf4,
@@ -316,7 +316,7 @@ def test_gptlora_never_imports_bitsandbytes():
     import subprocess
     import sys
 
-    code = ("import sys, gptlora.qlora, gptlora.finetune, gptlora.cli; "
+    code = ("import sys, gptlora.qlora, gptlora.recipes.finetune, gptlora.cli.app; "
             "assert 'bitsandbytes' not in sys.modules, 'gptlora imported bitsandbytes'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

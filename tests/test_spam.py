@@ -11,8 +11,8 @@ import torch
 from test_download import LoopbackServer  # the loopback HTTP server of the downloader's tests
 
 from gptlora import spam
-from gptlora import spam_file as raw_file  # the module; `spam_file` is the fixture (the UCI file)
-from gptlora.download import OfflineError
+from gptlora.formats import spam_file as raw_file  # the module; `spam_file` is the fixture (the UCI file)
+from gptlora.infra.download import OfflineError
 from gptlora.spam import SpamDataset, create_dataloaders, prepare_spam_data, read_sms_spam
 
 
@@ -201,7 +201,7 @@ def test_a_different_source_rebuilds_the_splits_and_the_manifest_records_it(tmp_
     import json
     import warnings
 
-    from gptlora.manifest import file_fingerprint
+    from gptlora.infra.manifest import file_fingerprint
 
     data = tmp_path / "data"
     monkeypatch.delenv("GPTLORA_SPAM_SOURCE", raising=False)
@@ -282,7 +282,7 @@ def test_the_smallest_file_the_split_takes_and_one_message_fewer(tmp_path):
 def test_training_on_the_smallest_split_reports_no_nan(tmp_path, run_cli):
     import json
 
-    from gptlora.hf_layout import config_to_hf
+    from gptlora.formats.hf_layout import config_to_hf
     from gptlora.model import GPTConfig
 
     model = tmp_path / "tiny"
@@ -302,7 +302,7 @@ def test_training_on_the_smallest_split_reports_no_nan(tmp_path, run_cli):
 def test_reusing_prepared_splits_takes_no_lock_so_a_read_only_folder_works(tmp_path, spam_file, monkeypatch, kind):
     import json
 
-    from gptlora.manifest import file_fingerprint
+    from gptlora.infra.manifest import file_fingerprint
 
     data, source = tmp_path / "data", spam_file
     if kind == "UCI zip":

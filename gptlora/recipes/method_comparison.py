@@ -19,12 +19,12 @@ from typing import Callable
 
 import torch
 
-from .classifier import METHODS, calc_loss_batch, prepare_for_classification, split_batch
+from ..classifier import METHODS, calc_loss_batch, prepare_for_classification, split_batch
 from .finetune import ADAPTER_DIR, finetune_spam
-from .memory import PeakRSS
-from .model import GPTConfig, GPTModel, count_parameters
-from .prompt_tuning import PROMPT_METHODS
-from .spam import create_dataloaders, split_paths
+from ..infra.memory import PeakRSS
+from ..model import GPTConfig, GPTModel, count_parameters
+from ..prompt_tuning import PROMPT_METHODS
+from ..spam import create_dataloaders, split_paths
 
 # Learning rates of the comparison: the method defaults, except full and last-block, whose 5e-5 suits
 # pretrained weights; from random weights they need 1e-3 (the README's tiny runs).

@@ -139,7 +139,7 @@ def expect(what: str, found, expected, mistakes: dict | None = None, hint: str =
 def random_gpt_config(seed: int, **overrides):
     """A small random ``GPTConfig`` (width, heads, layers, vocabulary, bias drawn from ``seed``), so that
     a hidden test checks a formula on shapes a student cannot have hard-coded."""
-    from .model import GPTConfig
+    from ..model import GPTConfig
 
     generator = torch.Generator().manual_seed(seed)
 
@@ -161,7 +161,7 @@ def sampling_probabilities(logits: torch.Tensor, temperature: float, top_k: int 
     """
     from unittest import mock
 
-    from .generation import next_token
+    from ..generation import next_token
 
     if temperature <= 0:
         raise ValueError(f"temperature {temperature} is greedy: next_token samples only above 0")
@@ -184,7 +184,7 @@ def reference_attention_weights(scores: torch.Tensor) -> torch.Tensor:
     are then the scores themselves (times sqrt(T), which the head divides out again) and its output is
     its attention weights. Checks compare a student's mask with the model's own code this way.
     """
-    from .model import MultiHeadAttention
+    from ..model import MultiHeadAttention
 
     t = scores.shape[-1]
     eye = torch.eye(t, dtype=torch.float64)

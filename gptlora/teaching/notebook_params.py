@@ -33,8 +33,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import replace_atomically
-from .model import PRESET_ALIASES, PRESETS
+from ..infra.atomic import replace_atomically
+from ..model import PRESET_ALIASES, PRESETS
 
 ENV_PREFIX = "GPTLORA_"
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import replace_atomically, write_json
-from .lora import (LinearWithLoRA, ModuleToSave, active_adapter, adapter_names, check_adapter_name, inject_adapter,
-                   linear_layer_names, lora_layers, lora_wrappers, mark_trainable, saved_modules, set_adapter)
-from .quantization import QuantizedLinear
-from .tensor_hash import tensors_sha256
+from ..infra.atomic import replace_atomically, write_json
+from ..lora import (LinearWithLoRA, ModuleToSave, active_adapter, adapter_names, check_adapter_name, inject_adapter,
+                    linear_layer_names, lora_layers, lora_wrappers, mark_trainable, saved_modules, set_adapter)
+from ..quantization import QuantizedLinear
+from ..infra.tensor_hash import tensors_sha256
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

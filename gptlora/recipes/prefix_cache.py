@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .lora import lora_wrappers
-from .model import GPTModel, MultiHeadAttention, evaluating
+from ..lora import lora_wrappers
+from ..model import GPTModel, MultiHeadAttention, evaluating
 
 
 def default_prefix_blocks(model: GPTModel) -> int:

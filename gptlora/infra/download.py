@@ -88,7 +88,7 @@ def download_file(
     and the file is missing, :class:`DownloadError` when every URL failed.
 
     Safe under concurrency: processes asking for the same ``dest`` at once take turns
-    on the lock ``<dest>.lock`` (see :mod:`gptlora.locks`); the first downloads, the
+    on the lock ``<dest>.lock`` (see :mod:`gptlora.infra.locks`); the first downloads, the
     others then find the verified file and return it without downloading.
     """
     dest = Path(dest)

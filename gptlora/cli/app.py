@@ -10,9 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_checks import (SEED, CommandParser, add_debug_option, debug_requested, device_name, error_line,
-                         one_line_warnings, positive_float, probability, real_number, whole_number)
-from .download import DownloadError  # light: the standard library and tqdm
+from .checks import (SEED, CommandParser, add_debug_option, debug_requested, device_name, error_line,
+                     one_line_warnings, positive_float, probability, real_number, whole_number)
+from ..infra.download import DownloadError  # light: the standard library and tqdm
 
 # What a user can cause and fix (a bad option, a missing or existing file, no network): main() prints
 # these as one line, "error: ...", and exits with 1. Anything else is a bug and keeps its traceback.
@@ -20,7 +20,7 @@ USER_ERRORS = (DownloadError, OSError, ValueError, NotImplementedError)
 
 
 def cmd_download(args) -> int:
-    from .pretrained import download_gpt2
+    from ..pretrained import download_gpt2
 
     print(download_gpt2(args.name, args.models_dir, base_url=args.base_url))
     return 0
@@ -29,22 +29,22 @@ def cmd_download(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from .generation import generate_text, get_tokenizer
-    from .pretrained import pretrained_or_random
+    from ..generation import generate_text, get_tokenizer
+    from ..pretrained import pretrained_or_random
 
     if not args.prompt:
         raise ValueError("--prompt is empty: give some text to continue (or '<|endoftext|>' to start from nothing, "
                          "as GPT-2 was trained to)")
     torch.manual_seed(args.seed)
     if Path(args.model).is_dir() and pretraining_run(args.model):  # the --out directory of `gptlora pretrain`
-        from .pretrain_run import load_language_model
+        from ..recipes.pretrain_run import load_language_model
 
         model = load_language_model(args.model)[0]
     else:
         model = pretrained_or_random(args.model, args.models_dir, args.random_init).eval()
     if args.int8:  # weight-only int8, the head included: fewer bytes to read per generated token
-        from .lora import lora_wrappers, merge_lora
-        from .qlora import quantize_base
+        from ..lora import lora_wrappers, merge_lora
+        from ..qlora import quantize_base
 
         if lora_wrappers(model):  # a LoRA run: fold its adapters into the weights first, then quantize those
             model = merge_lora(model, unload=True)
@@ -112,7 +112,7 @@ def resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with the options of the run in ``args.resume``, read from its checkpoint. ``--epochs``,
     ``--device`` and ``--save-every`` may be given anew; any other option given with a value other than
     the run's is a ValueError: resuming cannot change the run."""
-    from .checkpoint import CHECKPOINT_NAME, read_checkpoint_values
+    from ..infra.checkpoint import CHECKPOINT_NAME, read_checkpoint_values
 
     saved = read_checkpoint_values(Path(args.resume) / CHECKPOINT_NAME).get("extra")
     if not saved:
@@ -133,8 +133,8 @@ def resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
 def prepare_files(data_dir, spam_source, source: dict) -> None:
     """Put the spam splits and, for a GPT-2 name, its weights on disk (downloading what is missing)."""
-    from .pretrained import download_gpt2, preset_named
-    from .spam import prepare_spam_data
+    from ..pretrained import download_gpt2, preset_named
+    from ..spam import prepare_spam_data
 
     named = not source["random_init"] and not Path(source["model"]).is_dir()
     if named:
@@ -145,10 +145,10 @@ def prepare_files(data_dir, spam_source, source: dict) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from .classifier import method_settings
-    from .distributed import is_main_process, local_main_first, start_processes, stop_processes
-    from .finetune import base_source, finetune_spam, load_base
-    from .generation import get_tokenizer
+    from ..classifier import method_settings
+    from ..infra.distributed import is_main_process, local_main_first, start_processes, stop_processes
+    from ..recipes.finetune import base_source, finetune_spam, load_base
+    from ..generation import get_tokenizer
 
     try:
         args = resumed_arguments(args) if args.resume else args
@@ -182,7 +182,7 @@ def cmd_finetune(args) -> int:
 
 def quantize_options(args) -> dict | None:
     """``--quantize-base`` and ``--double-quant`` as ``qlora.quantize_base`` keywords (None: full precision)."""
-    from .qlora import check_quantize_method
+    from ..qlora import check_quantize_method
 
     check_quantize_method(args.quantize_base, args.method)
     if args.double_quant and args.quantize_base != "nf4":
@@ -194,13 +194,13 @@ def quantize_options(args) -> dict | None:
 
 
 def cmd_classify(args) -> int:
-    from .classifier import classify
-    from .finetune import load_classifier
-    from .generation import get_tokenizer
+    from ..classifier import classify
+    from ..recipes.finetune import load_classifier
+    from ..generation import get_tokenizer
 
     device = pick_device(args.device)
     if len(args.run) > 1:  # LoRA runs on one base: one batch, a row per run
-        from .finetune import load_runs_sharing_a_base
+        from ..recipes.finetune import load_runs_sharing_a_base
 
         model, names, info = load_runs_sharing_a_base(args.run, device)
         labels = classify(args.text, model, get_tokenizer(), device, info["max_length"],
@@ -216,14 +216,14 @@ def cmd_classify(args) -> int:
 
 def pretraining_run(path) -> bool:
     """Whether ``path`` is the directory of a `gptlora pretrain` run (``pretrain_run.is_pretraining_run``)."""
-    from .pretrain_run import is_pretraining_run
+    from ..recipes.pretrain_run import is_pretraining_run
 
     return is_pretraining_run(path)
 
 
 def cmd_export_peft(args) -> int:
-    from .finetune import export_run_to_peft
-    from .pretrain_run import export_pretraining_run_to_peft
+    from ..recipes.finetune import export_run_to_peft
+    from ..recipes.pretrain_run import export_pretraining_run_to_peft
 
     existing = sorted(entry.name for entry in Path(args.out).iterdir()) if Path(args.out).is_dir() else []
     if existing:
@@ -254,9 +254,9 @@ def check_pretrain_options(args) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    from .distributed import is_main_process, stop_processes
-    from .pretrain_run import base_source, pretrain_on_text
-    from .text_data import load_text
+    from ..infra.distributed import is_main_process, stop_processes
+    from ..recipes.pretrain_run import base_source, pretrain_on_text
+    from ..text_data import load_text
 
     check_pretrain_options(args)
     args = resumed_arguments(args) if args.resume else args  # the run's own options, as finetune does

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .lora import saved_modules
+from ..lora import saved_modules
 from .lora_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_fingerprint, base_state_dict, check_base_fingerprint,
                       describe_base, write_adapter_files)
 from .lora_peft_export import effective_head, fold_head_bias
-from .model import GPTModel
-from .prompt_tuning import (PrefixTunedGPT, PromptTunedGPT, VirtualTokenModel, apply_prefix_tuning,
-                            apply_prompt_tuning)
+from ..model import GPTModel
+from ..prompt_tuning import (PrefixTunedGPT, PromptTunedGPT, VirtualTokenModel, apply_prefix_tuning,
+                             apply_prompt_tuning)
 
 FORMAT = "gptlora-prompt"
 VERSION = 1

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_json
+from ..infra.atomic import write_json
 from .hf_layout import BLOCK_RENAMES, QKV, TOP_RENAMES
-from .lora import LinearWithLoRA, ModuleToSave, active_adapter, adapter_names, lora_layers, saved_modules
+from ..lora import LinearWithLoRA, ModuleToSave, active_adapter, adapter_names, lora_layers, saved_modules
 from .lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _write_safetensors, base_state_dict
-from .model import GPTConfig
-from .quantization import QuantizedLinear
+from ..model import GPTConfig
+from ..quantization import QuantizedLinear
 
 
 def _hf_param(our_name: str, head: str) -> tuple[str, bool] | None:

@@ -12,7 +12,7 @@ loader must undo, each of which fails silently if missed:
 
 This module holds the mapping alone (pure renames and reshapes, no files),
 described once in :func:`hf_sources`: :mod:`gptlora.pretrained` reads and writes
-checkpoints with it, and :mod:`gptlora.lora_io` names LoRA adapters the way
+checkpoints with it, and :mod:`gptlora.formats.lora_io` names LoRA adapters the way
 ``peft`` does with its tables.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import GPTConfig, GPTModel
+from ..model import GPTConfig, GPTModel
 
 # Per-block names: ours -> (Hugging Face's name inside "h.<i>.", whether it is a Conv1D
 # weight to transpose), for the tensors that map one to one. q/k/v are not here: see QKV.

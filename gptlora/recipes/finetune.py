@@ -16,23 +16,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import read_json_object, replace_atomically, write_json
-from .checkpoint import CHECKPOINT_NAME, Checkpointer, read_checkpoint_values
-from .classifier import (LABEL_NAMES, add_classification_head, calc_accuracy_loader, method_settings,
-                         plot_history, prepare_for_classification, train_classifier, TrainingHistory)
-from .distributed import fail_together, shard_loaders, start_processes, wrap_for_training
-from .download import sha256_of
-from .lora_io import BaseMismatchError, load_adapter, save_adapter
-from .lora_peft_export import export_peft
-from .model import GPTConfig, GPTModel, canonical_preset, count_parameters
+from ..infra.atomic import read_json_object, replace_atomically, write_json
+from ..infra.checkpoint import CHECKPOINT_NAME, Checkpointer, read_checkpoint_values
+from ..classifier import (LABEL_NAMES, add_classification_head, calc_accuracy_loader, method_settings,
+                          plot_history, prepare_for_classification, train_classifier, TrainingHistory)
+from ..infra.distributed import fail_together, shard_loaders, start_processes, wrap_for_training
+from ..infra.download import sha256_of
+from ..formats.lora_io import BaseMismatchError, load_adapter, save_adapter
+from ..formats.lora_peft_export import export_peft
+from ..model import GPTConfig, GPTModel, canonical_preset, count_parameters
 from .prefix_cache import cache_frozen_prefix
-from .pretrained import HUB_REPOS, pretrained_or_random, safetensors_shapes, save_hf
-from .prompt_tuning import PROMPT_METHODS, VirtualTokenModel, check_virtual_tokens
-from .prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
-from .qlora import check_quantize_method, quantize_base, quantized_layers
-from .tensor_hash import tensors_sha256
-from .training import trainable_adamw
-from .spam import create_dataloaders, split_paths
+from ..pretrained import HUB_REPOS, pretrained_or_random, safetensors_shapes, save_hf
+from ..prompt_tuning import PROMPT_METHODS, VirtualTokenModel, check_virtual_tokens
+from ..formats.prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
+from ..qlora import check_quantize_method, quantize_base, quantized_layers
+from ..infra.tensor_hash import tensors_sha256
+from ..training import trainable_adamw
+from ..spam import create_dataloaders, split_paths
 
 # AdamW learning rates per method. LoRA's is the book's appendix E rate with its original scaling
 # (alpha, 5e-5) carried over to alpha/rank: at rank 16, alpha 16 the update is 16 times smaller per

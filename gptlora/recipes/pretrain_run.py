@@ -26,21 +26,21 @@ from pathlib import Path
 
 import torch
 
-from .atomic import replace_atomically, write_json
-from .checkpoint import Checkpointer
-from .classifier import lora_options
-from .distributed import fail_together, shard_loaders, start_processes, wrap_for_training
+from ..infra.atomic import replace_atomically, write_json
+from ..infra.checkpoint import Checkpointer
+from ..classifier import lora_options
+from ..infra.distributed import fail_together, shard_loaders, start_processes, wrap_for_training
 from .finetune import ADAPTER_DIR, RUN_FILES as FINETUNE_RUN_FILES, frozen_weights_sha256, open_run_dir, peft_base_name
-from .generation import get_tokenizer
-from .hf_layout import config_from_hf
-from .lora import apply_lora
-from .lora_io import load_adapter, save_adapter
-from .lora_peft_export import export_peft
-from .model import GPTConfig, GPTModel, count_parameters
-from .pretrained import load_pretrained
-from .pretraining import PretrainingHistory, perplexity, plot_history, train_language_model
-from .text_data import create_dataloader, split_text
-from .training import trainable_adamw
+from ..generation import get_tokenizer
+from ..formats.hf_layout import config_from_hf
+from ..lora import apply_lora
+from ..formats.lora_io import load_adapter, save_adapter
+from ..formats.lora_peft_export import export_peft
+from ..model import GPTConfig, GPTModel, count_parameters
+from ..pretrained import load_pretrained
+from ..pretraining import PretrainingHistory, perplexity, plot_history, train_language_model
+from ..text_data import create_dataloader, split_text
+from ..training import trainable_adamw
 
 METHODS = ("full", "lora")
 RUN_INFO = "language_model.json"  # marks a pretraining run directory

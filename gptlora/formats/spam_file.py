@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import replace_atomically
-from .download import DownloadError, download_file, sha256_of
+from ..infra.atomic import replace_atomically
+from ..infra.download import DownloadError, download_file, sha256_of
 
 # UCI first, then the mirror the book falls back to. GPTLORA_SPAM_URL (comma-separated) replaces both.
 SPAM_URLS = [

@@ -1,0 +1,5 @@
+"""The ``gptlora`` command: ``app`` builds the parser and runs the subcommands, ``checks`` holds every
+check of an option's value (run while parsing) and the one-line error and warning format.
+
+``python -m gptlora.cli`` runs it as the ``gptlora`` script does.
+"""
