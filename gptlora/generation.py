@@ -25,7 +25,8 @@ def get_tokenizer():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as error:  # tiktoken raises requests/URL errors when offline
-        raise RuntimeError(
+        # An OSError: the user's to fix (a cache folder or network access), so the command says it in one line.
+        raise OSError(
             "could not load tiktoken's 'gpt2' encoding; it is fetched from the internet on first use. "
             "Offline, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files "
             f"(in this project: ../shared/tiktoken-cache). Cause: {error}"
