@@ -1,7 +1,8 @@
 """The documentation points at things that exist: every relative link of the README and the pages
-beside it reaches a file (and its #anchor a heading of that file), and every module path written as
+beside it reaches a file (and its #anchor a heading of that file), every module path written as
 ``gptlora/...py`` or ``gptlora.xxx`` names a module of the package (and, when it goes on past the
-module, a name that module defines). Reads files only; imports nothing of gptlora.
+module, a name that module defines), and every test named (``test_x.py::test_y``) is in tests/.
+Reads files only; imports nothing of gptlora.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ IDS = [str(path.relative_to(REPO_ROOT)) for path in DOCS]
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FILE_PATH = re.compile(r"(?<![\w./-])gptlora/[\w/]+\.py\b")
 DOTTED_PATH = re.compile(r"(?<![\w./-])gptlora(?:\.\w+)+")
+TEST_NAME = re.compile(r"(?<![\w.-])(?:tests/)?(test_\w+\.py)(?:::(\w+))?")
 
 
 def prose_lines(text: str) -> list[str]:
@@ -115,6 +117,19 @@ def missing_modules(path: Path) -> list[str]:
     return problems
 
 
+def missing_tests(path: Path) -> list[str]:
+    """``test_file.py`` and ``test_file.py::test_function`` named in a page that tests/ does not hold."""
+    problems = []
+    text = "\n".join(prose_lines(path.read_text(encoding="utf-8")))
+    for file_name, function in sorted(set(TEST_NAME.findall(text))):
+        test_file = REPO_ROOT / "tests" / file_name
+        if not test_file.is_file():
+            problems.append(f"{file_name}: no such file in tests/")
+        elif function and function not in top_level_names(test_file):
+            problems.append(f"{file_name}::{function}: no such test function")
+    return problems
+
+
 @pytest.mark.parametrize("path", DOCS, ids=IDS)
 def test_relative_links_reach_a_file_and_a_heading(path):
     problems = broken_links(path)
@@ -128,6 +143,13 @@ def test_module_paths_name_modules_that_exist(path):
         "\n  ".join(problems)
 
 
+@pytest.mark.parametrize("path", DOCS, ids=IDS)
+def test_named_tests_exist(path):
+    """docs/numbers.md names the test of every number; a renamed test must not leave a dead name there."""
+    problems = missing_tests(path)
+    assert not problems, f"{path.relative_to(REPO_ROOT)}: tests that do not exist:\n  " + "\n  ".join(problems)
+
+
 def test_the_checks_catch_what_they_look_for(tmp_path):
     """A page with a dead link, a dead anchor, a moved module and a renamed function is caught on each."""
     (tmp_path / "other.md").write_text("# A heading, with `code`\n\ntext\n", encoding="utf-8")
@@ -135,12 +157,15 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     page.write_text("[ok](other.md#a-heading-with-code) [gone](missing.md) [bad](other.md#nope) [self](#top)\n"
                     "# Top\n`gptlora/cli.py`, `gptlora/cli/app.py`, `gptlora.classifier.finetune_spam`, "
                     "`gptlora.recipes.finetune.finetune_spam`, `gptlora.nothing`\n"
+                    "`test_docs.py::test_named_tests_exist`, `tests/test_docs.py::test_gone`, `test_gone.py`\n"
                     "```\n[fenced](nowhere.md) gptlora/fenced_only.py\n```\n", encoding="utf-8")
     links = broken_links(page)
     assert [problem.split(":")[0] for problem in links] == ["missing.md", "other.md#nope"], links
     modules = missing_modules(page)
     assert [problem.split(":")[0] for problem in modules] == \
         ["gptlora/cli.py", "gptlora.classifier.finetune_spam", "gptlora.nothing"], modules
+    tests = missing_tests(page)
+    assert [problem.split(":")[0] for problem in tests] == ["test_docs.py", "test_gone.py"], tests
 
 
 def test_every_page_is_reachable_from_the_readme():
