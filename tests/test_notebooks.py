@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import nbformat
@@ -47,7 +46,7 @@ def load_colab_script():
 
 
 colab = load_colab_script()
-REPOSITORY = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["urls"]["Repository"]
+REPOSITORY = colab.repository_url()  # pyproject.toml's [project.urls] Repository
 
 
 def is_install_cell(cell) -> bool:
@@ -193,6 +192,13 @@ def test_notebook_opens_in_colab(path):
     assert '"google.colab" in sys.modules' in install.source and f'"gptlora @ git+{REPOSITORY}"' in install.source, \
         f"{path.name}: the install cell does not install {REPOSITORY} in Colab only; {remedy}"
     assert not colab.update(path, REPOSITORY, check_only=True), f"{path.name} differs from what the script writes; {remedy}"
+
+
+def test_the_repository_url_is_pyprojects_with_or_without_tomllib(monkeypatch):
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'Repository = "{REPOSITORY}"' in pyproject
+    monkeypatch.setattr(colab, "tomllib", None)  # Python 3.10 reads the line itself
+    assert colab.repository_url() == REPOSITORY
 
 
 def test_the_install_cell_does_nothing_outside_colab(monkeypatch):
