@@ -1,7 +1,7 @@
 """Full fine-tuning, last-block, LoRA, prompt tuning and prefix tuning on the spam task, side by side.
 
 Runs ``gptlora.recipes.method_comparison.compare_methods`` on an offline tiny GPT (2 layers,
-64 wide, random weights drawn under seed 123, as the README's tiny runs, but with a
+64 wide, random weights drawn under seed 123, as the tiny runs of docs/spam-classification.md, but with a
 context of 256 rather than 128, so that 20 virtual tokens fit before the 120-token
 messages) and prints one Markdown
 table, plus the trainable parameters of each method on gpt2-small (counted on the
@@ -11,7 +11,7 @@ in the same run.
     .venv/bin/python bench/bench_peft_methods.py              # 3 epochs, the whole split (a few minutes)
     .venv/bin/python bench/bench_peft_methods.py --quick      # 1 epoch on the first 80 messages of each split
 
-On random weights the accuracies say little about the methods (see the README).
+On random weights the accuracies say little about the methods (see docs/prompt-tuning.md).
 """
 
 from __future__ import annotations

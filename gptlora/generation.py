@@ -18,7 +18,7 @@ def get_tokenizer():
     """GPT-2's byte-pair encoding from tiktoken.
 
     tiktoken downloads its files once; offline, point ``TIKTOKEN_CACHE_DIR`` at a
-    folder that holds them (see the README).
+    folder that holds them (see docs/offline.md).
     """
     import tiktoken
 

@@ -3,8 +3,8 @@
 ``apply_lora(model, rank, alpha)`` swaps the chosen ``nn.Linear`` children for
 ``LinearWithLoRA`` wrappers and freezes everything else; the model definition stays
 untouched. The maths (``LoRALayer``, ``LinearWithLoRA``) lives in ``lora_layer.py`` and
-is re-exported here; saving and loading live in ``lora_io.py``, the export to Hugging
-Face ``peft`` in ``lora_peft_export.py``.
+is re-exported here; saving and loading live in ``formats/lora_io.py``, the export to Hugging
+Face ``peft`` in ``formats/lora_peft_export.py``.
 
 Several adapters can live side by side: every wrapper keeps a dict of named
 ``LoRALayer``s and uses the *active* one, so switching adapters never reloads the base.

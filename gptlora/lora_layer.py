@@ -6,8 +6,8 @@ A frozen linear layer ``y = x W^T + b`` gets a trainable low-rank update::
 
 Only ``A`` and ``B`` train: ``r * (in + out)`` numbers instead of ``in * out``.
 ``B`` starts at zero, so the adapted model starts exactly where the base model is.
-Injection into a model lives in ``lora.py``, files in ``lora_io.py``, the peft export in
-``lora_peft_export.py``.
+Injection into a model lives in ``lora.py``, files in ``formats/lora_io.py``, the peft export in
+``formats/lora_peft_export.py``.
 """
 
 from __future__ import annotations

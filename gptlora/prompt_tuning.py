@@ -15,7 +15,7 @@ Two ways to steer a frozen GPT with a few thousand numbers instead of new weight
 Both wrap a ``GPTModel`` (``PromptTunedGPT(base, SoftPrompt(...))``): the wrapper's
 ``forward(ids)`` gives logits ``[B, T, V]`` for the real tokens only, aligned with
 ``ids`` like the base's, so losses, accuracies and the classifier's last-token choice
-work unchanged. Files and the ``peft`` export live in ``prompt_tuning_io.py``.
+work unchanged. Files and the ``peft`` export live in ``formats/prompt_tuning_io.py``.
 
 Positions, as ``peft`` places them on ``transformers``' GPT-2 (checked in the tests):
 a soft prompt takes positions ``0..n-1`` and the text ``n..n+T-1``; with a prefix the

@@ -122,5 +122,5 @@ def gpt2_small_dir() -> Path:
     value = os.environ.get("GPTLORA_GPT2_DIR")
     if not value:
         pytest.skip("set GPTLORA_GPT2_DIR to a directory holding the real gpt2-small config.json + "
-                    "model.safetensors (see the README)")
+                    "model.safetensors (see docs/pretrained-weights.md)")
     return Path(value)

@@ -1,6 +1,7 @@
 """The parameter cell of every notebook: defaults for a reader's machine, overridable from the environment.
 
-Each notebook's first code cell (tagged ``parameters``) is one call::
+Each notebook's parameter cell (tagged ``parameters``; the first code cell after Colab's install cell)
+is one call::
 
     params = notebook_params(new_tokens=50)   # this notebook's own defaults
 
