@@ -241,6 +241,10 @@ BAD_INPUTS = [
     Bad("pretrain: zero epochs", pretrain("{spam_two}", "--epochs", "0"), "--epochs must be a whole number", RUN),
     Bad("pretrain: --out holds a run", pretrain("{spam_two}", "--context-length", "2", "--train-ratio", "0.5",
                                                 out="{full_run}"), "already holds files"),
+    Bad("finetune: --dora over a quantized base", finetune("--method", "lora", "--dora", "--quantize-base", "nf4"),
+        "--dora needs the base weights themselves", RUN),
+    Bad("finetune: --dora without lora", finetune("--method", "full", "--dora"),
+        "options of another method than --method full: --dora (lora)", RUN),
 ]
 
 

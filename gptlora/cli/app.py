@@ -65,7 +65,7 @@ def pick_device(name: str):
 
 
 # Each method's own options (argparse names); another method's, given, are refused rather than ignored.
-METHOD_OPTIONS = {"lora": ("rank", "alpha", "targets", "scaling", "lora_dropout"),
+METHOD_OPTIONS = {"lora": ("rank", "alpha", "targets", "scaling", "lora_dropout", "dora"),
                   "prompt-tuning/prefix-tuning": ("num_virtual_tokens", "prompt_init_text", "random_prompt",
                                                   "prefix_hidden")}
 
@@ -90,7 +90,7 @@ def lora_method_options(args) -> dict | None:
     if args.method != "lora":
         return None
     return dict(rank=args.rank, alpha=args.alpha, target_modules=args.targets, scaling=args.scaling,
-                dropout=args.lora_dropout)
+                dropout=args.lora_dropout, use_dora=args.dora)
 
 
 # `finetune --resume` takes every option from the run's checkpoint; these few may be changed on the
@@ -185,6 +185,9 @@ def quantize_options(args) -> dict | None:
     from ..qlora import check_quantize_method
 
     check_quantize_method(args.quantize_base, args.method)
+    if args.quantize_base is not None and getattr(args, "dora", False):
+        raise ValueError(f"--dora needs the base weights themselves (their row norms, at every step), found "
+                         f"--quantize-base {args.quantize_base}: leave out one of the two")
     if args.double_quant and args.quantize_base != "nf4":
         raise ValueError(f"--double-quant quantizes NF4's block scales, so it needs --quantize-base nf4, "
                          f"found {args.quantize_base or 'no --quantize-base'}")
@@ -298,6 +301,8 @@ def add_lora_arguments(parser: argparse.ArgumentParser, head_help: str) -> None:
                            "original appendix), alpha/sqrt(rank) (rsLoRA)")
     lora.add_argument("--lora-dropout", type=probability(), default=0.0,
                       help="dropout on the adapters' input (default: 0)")
+    lora.add_argument("--dora", action="store_true",
+                      help="DoRA (weight-decomposed LoRA): also train a magnitude per output unit")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, random_init_help: str) -> None:
