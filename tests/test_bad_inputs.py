@@ -148,7 +148,8 @@ BAD_INPUTS = [
         "--lora-dropout: expected a finite number of at least 0 and below 1, found '1'", RUN),
     Bad("finetune: dropout negative", finetune("--method", "lora", "--lora-dropout", "-0.1"), "found '-0.1'", RUN),
     Bad("finetune: a prompt option with lora", finetune("--method", "lora", "--num-virtual-tokens", "5"),
-        "options of another method than --method lora: --num-virtual-tokens (prompt-tuning/prefix-tuning)", RUN),
+        "options of another method than --method lora: --num-virtual-tokens (prompt-tuning/prefix-tuning/p-tuning)",
+        RUN),
     Bad("finetune: a lora option with prompt tuning", finetune("--method", "prompt-tuning", "--rank", "8"),
         "options of another method than --method prompt-tuning: --rank (lora)", RUN),
     Bad("finetune: lora options with last-block", finetune("--alpha", "8", "--targets", "W_query"),
@@ -245,6 +246,13 @@ BAD_INPUTS = [
         "--dora needs the base weights themselves", RUN),
     Bad("finetune: --dora without lora", finetune("--method", "full", "--dora"),
         "options of another method than --method full: --dora (lora)", RUN),
+    Bad("finetune: a p-tuning option with prompt-tuning", finetune("--method", "prompt-tuning", "--prompt-encoder",
+                                                                   "lstm"),
+        "options of another method than --method prompt-tuning: --prompt-encoder (p-tuning)", RUN),
+    Bad("finetune: --prefix-hidden with p-tuning", finetune("--method", "p-tuning", "--prefix-hidden", "8"),
+        "the prompt encoder's width is --encoder-hidden", RUN),
+    Bad("finetune: unknown prompt encoder", finetune("--method", "p-tuning", "--prompt-encoder", "gru"),
+        "argument --prompt-encoder: invalid choice", RUN),
 ]
 
 

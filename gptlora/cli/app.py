@@ -66,8 +66,9 @@ def pick_device(name: str):
 
 # Each method's own options (argparse names); another method's, given, are refused rather than ignored.
 METHOD_OPTIONS = {"lora": ("rank", "alpha", "targets", "scaling", "lora_dropout", "dora"),
-                  "prompt-tuning/prefix-tuning": ("num_virtual_tokens", "prompt_init_text", "random_prompt",
-                                                  "prefix_hidden")}
+                  "prompt-tuning/prefix-tuning/p-tuning": ("num_virtual_tokens", "prompt_init_text", "random_prompt",
+                                                           "prefix_hidden"),
+                  "p-tuning": ("prompt_encoder", "encoder_hidden")}
 
 
 def lora_method_options(args) -> dict | None:
@@ -80,10 +81,15 @@ def lora_method_options(args) -> dict | None:
     if foreign:
         raise ValueError(f"options of another method than --method {args.method}: {', '.join(foreign)}; "
                          "leave them out or choose their method")
-    if args.method in ("prompt-tuning", "prefix-tuning"):
+    if args.method in ("prompt-tuning", "prefix-tuning", "p-tuning"):
         if args.random_prompt and args.prompt_init_text is not None:
             raise ValueError("--random-prompt and --prompt-init-text both say how the prompt starts: give one")
         options = dict(num_virtual_tokens=args.num_virtual_tokens, hidden=args.prefix_hidden)
+        if args.method == "p-tuning":
+            if args.prefix_hidden is not None:
+                raise ValueError("--prefix-hidden is the width of prefix-tuning's MLP; the prompt encoder's width "
+                                 "is --encoder-hidden")
+            options.update(encoder=args.prompt_encoder, hidden=args.encoder_hidden)
         if args.random_prompt or args.prompt_init_text is not None:  # else: the package's default text
             options["init_text"] = None if args.random_prompt else args.prompt_init_text
         return options
@@ -345,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--method", default="last-block",
                       help="last-block: last block + final norm + head (the book, default); full: everything; "
                            "lora: low-rank adapters; prompt-tuning: a soft prompt + the head; prefix-tuning: "
-                           "learned keys and values at every layer + the head")
+                           "learned keys and values at every layer + the head; p-tuning: a soft prompt made by a "
+                           "small trained encoder + the head")
     fine.add_argument("--epochs", type=whole_number(1), default=5,
                       help="passes over the training split (default: 5)")
     fine.add_argument("--lr", type=positive_float(), default=None,
@@ -380,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "--device and --save-every may change)")
     fine.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
     add_lora_arguments(fine, head_help="the new head included")
-    prompt = fine.add_argument_group("prompt and prefix tuning (--method prompt-tuning / prefix-tuning)")
+    prompt = fine.add_argument_group("prompt, prefix and P-tuning (--method prompt-tuning / prefix-tuning / "
+                                     "p-tuning)")
     prompt.add_argument("--num-virtual-tokens", type=whole_number(1), default=20, metavar="N",
                         help="virtual tokens before every message (default: 20)")
     prompt.add_argument("--prompt-init-text", default=None, metavar="TEXT",
@@ -390,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start from random vocabulary rows (prompt) or random numbers (prefix) instead")
     prompt.add_argument("--prefix-hidden", type=whole_number(1), default=None, metavar="WIDTH",
                         help="prefix-tuning: make the prefix with the paper's MLP of this hidden width (default: off)")
+    prompt.add_argument("--encoder-hidden", type=whole_number(1), default=None, metavar="WIDTH",
+                        help="p-tuning: the prompt encoder's hidden width (default: the model's width, as peft)")
+    prompt.add_argument("--prompt-encoder", choices=("mlp", "lstm"), default=None,
+                        help="p-tuning: the encoder that makes the prompt, as peft's (default: mlp)")
     qlora = fine.add_argument_group("QLoRA (--method lora only)")
     qlora.add_argument("--quantize-base", default=None, metavar="nf4|int8",
                        help="store the frozen base's linear layers quantized (nf4: 4-bit NormalFloat, blocks of 64; "
