@@ -233,3 +233,11 @@ def test_pretrain_dora_run_reloads(run_cli, tiny_gpt2_dir, spam_file, tmp_path):
     model, info = load_language_model(tmp_path / "run")
     assert info["method_options"]["use_dora"] is True
     assert all(layer.lora["default"].use_dora for layer in lora_layers(model).values())
+
+
+def test_gpt2_small_dora_count_adds_one_magnitude_per_output_unit():
+    """LoRA's appendix-E recipe (rank 16 on every linear layer, the 2-class head included) with DoRA."""
+    from gptlora.recipes.method_comparison import trainable_on_meta
+
+    magnitudes = 12 * (3 * 768 + 768 + 4 * 768 + 768) + 2  # per block q, k, v, out_proj, ff.0, ff.2; the head
+    assert trainable_on_meta("dora") == trainable_on_meta("lora") + magnitudes == 2_749_474

@@ -135,3 +135,10 @@ def test_finetune_p_tuning_run_reloads_and_exports(run_cli, small_spam_data_dir,
     assert run_cli(["export-peft", "--run", str(run), "--out", str(tmp_path / "peft")])[0] == 0
     exported = json.loads((tmp_path / "peft" / ADAPTER_CONFIG).read_text())
     assert (exported["peft_type"], exported["encoder_reparameterization_type"]) == ("P_TUNING", "LSTM")
+
+
+def test_gpt2_small_count_with_the_head():
+    """20 virtual tokens, the MLP encoder at peft's default width (the model's, 768), the 2-class head."""
+    from gptlora.recipes.method_comparison import trainable_on_meta
+
+    assert trainable_on_meta("p-tuning") == 20 * 768 + 3 * (768 * 768 + 768) + 768 * 2 + 2 == 1_788_674
