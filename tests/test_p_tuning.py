@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_lora import TINY, ids, tiny_gpt
 from test_lora_io import classifier_base, hf_reference
+from test_prompt_tuning import perturbed
 
 from gptlora.formats.lora_io import ADAPTER_CONFIG, BaseMismatchError
 from gptlora.formats.prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
@@ -17,13 +18,7 @@ from gptlora.prompt_tuning import prompt_method_options
 def p_tuned(encoder="mlp", hidden=None, head=False, n=3, seed=5):
     """A tiny model with a P-tuning encoder of ``n`` virtual tokens, every trainable number perturbed."""
     base = classifier_base() if head else tiny_gpt()
-    model = apply_p_tuning(base, n, encoder, hidden, modules_to_save=["out_head"] if head else None)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.1 * torch.randn_like(parameter))
-    return model.eval()
+    return perturbed(apply_p_tuning(base, n, encoder, hidden, modules_to_save=["out_head"] if head else None), seed)
 
 
 @pytest.mark.parametrize("encoder, hidden", [("mlp", None), ("mlp", 12), ("lstm", 8)])
