@@ -253,6 +253,11 @@ BAD_INPUTS = [
         "the prompt encoder's width is --encoder-hidden", RUN),
     Bad("finetune: unknown prompt encoder", finetune("--method", "p-tuning", "--prompt-encoder", "gru"),
         "argument --prompt-encoder: invalid choice", RUN),
+    Bad("pretrain: virtual tokens fill the context", pretrain("{spam_two}", "--method", "p-tuning",
+                                                              "--num-virtual-tokens", "500"),
+        "500 virtual tokens + 1 token of input exceed the context length", RUN),
+    Bad("pretrain: a LoRA option with p-tuning", pretrain("{spam_two}", "--method", "p-tuning", "--rank", "4"),
+        "options of another method than --method p-tuning: --rank (lora)", RUN),
 ]
 
 

@@ -137,3 +137,63 @@ def test_gpt2_small_count_with_the_head():
     from gptlora.recipes.method_comparison import trainable_on_meta
 
     assert trainable_on_meta("p-tuning") == 20 * 768 + 3 * (768 * 768 + 768) + 768 * 2 + 2 == 1_788_674
+
+
+@pytest.fixture(scope="module")
+def pretraining_setup(tmp_path_factory, spam_file):
+    """A tiny random GPT-2 checkpoint (32 wide, context 64), a 4,000-character text, and the common command."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("p-tuning-pretrain")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                         vocab_size=50257)).save_pretrained(root / "tiny-gpt2")
+    (root / "text.txt").write_text(spam_file.read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    common = ["pretrain", "--text", str(root / "text.txt"), "--model", str(root / "tiny-gpt2"), "--method",
+              "p-tuning", "--num-virtual-tokens", "4", "--epochs", "1", "--eval-freq", "5", "--eval-iter", "1",
+              "--lr", "1e-2", "--sample-tokens", "3", "--device", "cpu"]
+    return root / "tiny-gpt2", common
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_pretrain_p_tuning_run_generates_and_exports_to_peft(run_cli, pretraining_setup, tmp_path, capsys):
+    """Continued pretraining of a (tiny, random) GPT-2 checkpoint with P-tuning: the windows leave room for
+    the prompt, the run reloads, generates (without a KV cache) and exports to peft with the same logits."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    from gptlora.recipes.pretrain_run import load_language_model
+
+    base_dir, common = pretraining_setup
+    status, printed = run_cli(common + ["--out", str(tmp_path / "run")])
+    assert status == 0, printed
+    model, info = load_language_model(tmp_path / "run")
+    assert isinstance(model, PTunedGPT) and info["context_length"] == 64 - 4  # the windows leave room for 4
+    assert model.prompt.encoder_type == "mlp" and info["method_options"]["init_text"] is None
+    for extra in ([], ["--int8"]):
+        status, generated = run_cli(["generate", "--model", str(tmp_path / "run"), "--max-new-tokens", "3", *extra])
+        assert status == 0 and generated.startswith("Every effort moves you"), extra
+
+    assert run_cli(["export-peft", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "peft")])[0] == 0
+    hf = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base_dir),
+                                        str(tmp_path / "peft")).eval()
+    ids = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs, ours = hf(input_ids=ids).logits[:, 4:], model(ids)  # peft gives the virtual positions first
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+    capsys.readouterr()
+    status, _ = run_cli(common + ["--context-length", "62", "--out", str(tmp_path / "long")])
+    assert status == 1 and "4 virtual tokens + 62 tokens of input exceed the context length 64" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "long").exists()
+
+
+def test_pretrain_p_tuning_resumes_as_if_never_stopped(run_cli, pretraining_setup, tmp_path):
+    from gptlora.recipes.pretrain_run import load_language_model
+
+    _, common = pretraining_setup
+    assert run_cli(common + ["--epochs", "2", "--out", str(tmp_path / "whole")])[0] == 0
+    assert run_cli(common + ["--out", str(tmp_path / "half")])[0] == 0
+    assert run_cli(["pretrain", "--resume", str(tmp_path / "half"), "--epochs", "2"])[0] == 0
+    history = [json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("whole", "half")]
+    assert history[0]["val_losses"] == history[1]["val_losses"]
+    whole, half = (load_language_model(tmp_path / run)[0] for run in ("whole", "half"))
+    assert all(torch.equal(a, b) for a, b in zip(whole.prompt.state_dict().values(), half.prompt.state_dict().values()))

@@ -31,6 +31,7 @@ def cmd_generate(args) -> int:
 
     from ..generation import generate_text, get_tokenizer
     from ..pretrained import pretrained_or_random
+    from ..prompt_tuning import VirtualTokenModel
 
     if not args.prompt:
         raise ValueError("--prompt is empty: give some text to continue (or '<|endoftext|>' to start from nothing, "
@@ -42,16 +43,18 @@ def cmd_generate(args) -> int:
         model = load_language_model(args.model)[0]
     else:
         model = pretrained_or_random(args.model, args.models_dir, args.random_init).eval()
+    virtual = isinstance(model, VirtualTokenModel)  # a P-tuning run: its base is what --int8 quantizes
     if args.int8:  # weight-only int8, the head included: fewer bytes to read per generated token
         from ..lora import lora_wrappers, merge_lora
         from ..qlora import quantize_base
 
         if lora_wrappers(model):  # a LoRA run: fold its adapters into the weights first, then quantize those
             model = merge_lora(model, unload=True)
-        quantize_base(model, "int8", include_head=True, fused_int8=True)
+        quantize_base(model.base if virtual else model, "int8", include_head=True, fused_int8=True)
     if args.random_init:
         print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)
-    text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens,
+    # (a P-tuning run's prompt cannot stay in a sliding KV cache: it generates without one)
+    text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens, use_cache=not virtual,
                          temperature=args.temperature, top_k=args.top_k, progress=True)
     print(text)
     return 0
@@ -311,6 +314,25 @@ def add_lora_arguments(parser: argparse.ArgumentParser, head_help: str) -> None:
                       help="DoRA (weight-decomposed LoRA): also train a magnitude per output unit")
 
 
+def add_prompt_arguments(parser: argparse.ArgumentParser, title: str, default_text: str) -> None:
+    """The virtual-token options (``--num-virtual-tokens``, ``--prompt-init-text``, ...), shared by finetune
+    (prompt, prefix and P-tuning) and pretrain (P-tuning)."""
+    prompt = parser.add_argument_group(title)
+    prompt.add_argument("--num-virtual-tokens", type=whole_number(1), default=20, metavar="N",
+                        help="virtual tokens before every input (default: 20)")
+    prompt.add_argument("--prompt-init-text", default=None, metavar="TEXT",
+                        help="text whose tokens (repeated or cut to N) start the prompt; for a prefix, their keys "
+                             f"and values (default: {default_text})")
+    prompt.add_argument("--random-prompt", action="store_true",
+                        help="start from random vocabulary rows (prompt) or random numbers (prefix, P-tuning) instead")
+    prompt.add_argument("--prefix-hidden", type=whole_number(1), default=None, metavar="WIDTH",
+                        help="prefix-tuning: make the prefix with the paper's MLP of this hidden width (default: off)")
+    prompt.add_argument("--encoder-hidden", type=whole_number(1), default=None, metavar="WIDTH",
+                        help="p-tuning: the prompt encoder's hidden width (default: the model's width, as peft)")
+    prompt.add_argument("--prompt-encoder", choices=("mlp", "lstm"), default=None,
+                        help="p-tuning: the encoder that makes the prompt, as peft's (default: mlp)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, random_init_help: str) -> None:
     """``--model``, ``--models-dir`` and ``--random-init``, shared by the commands that load GPT-2."""
     parser.add_argument("--model", default="gpt2-small",
@@ -387,21 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "--device and --save-every may change)")
     fine.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
     add_lora_arguments(fine, head_help="the new head included")
-    prompt = fine.add_argument_group("prompt, prefix and P-tuning (--method prompt-tuning / prefix-tuning / "
-                                     "p-tuning)")
-    prompt.add_argument("--num-virtual-tokens", type=whole_number(1), default=20, metavar="N",
-                        help="virtual tokens before every message (default: 20)")
-    prompt.add_argument("--prompt-init-text", default=None, metavar="TEXT",
-                        help="text whose tokens (repeated or cut to N) start the prompt; for a prefix, their keys "
-                             "and values (default: 'Classify if the message is spam or not spam.\\n')")
-    prompt.add_argument("--random-prompt", action="store_true",
-                        help="start from random vocabulary rows (prompt) or random numbers (prefix) instead")
-    prompt.add_argument("--prefix-hidden", type=whole_number(1), default=None, metavar="WIDTH",
-                        help="prefix-tuning: make the prefix with the paper's MLP of this hidden width (default: off)")
-    prompt.add_argument("--encoder-hidden", type=whole_number(1), default=None, metavar="WIDTH",
-                        help="p-tuning: the prompt encoder's hidden width (default: the model's width, as peft)")
-    prompt.add_argument("--prompt-encoder", choices=("mlp", "lstm"), default=None,
-                        help="p-tuning: the encoder that makes the prompt, as peft's (default: mlp)")
+    add_prompt_arguments(fine, "prompt, prefix and P-tuning (--method prompt-tuning / prefix-tuning / p-tuning)",
+                         default_text="'Classify if the message is spam or not spam.\\n'")
     qlora = fine.add_argument_group("QLoRA (--method lora only)")
     qlora.add_argument("--quantize-base", default=None, metavar="nf4|int8",
                        help="store the frozen base's linear layers quantized (nf4: 4-bit NormalFloat, blocks of 64; "
@@ -421,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="random weights of that shape, configured as the book (dropout 0.1, no qkv bias)")
     pre.add_argument("--context-length", type=int, default=None,
                      help="tokens per training window (default: 256 from random weights, else the model's)")
-    pre.add_argument("--method", default="full", choices=("full", "lora"),
-                     help="full: every weight (the book, default); lora: low-rank adapters only")
+    pre.add_argument("--method", default="full", choices=("full", "lora", "p-tuning"),
+                     help="full: every weight (the book, default); lora: low-rank adapters only; p-tuning: a soft "
+                          "prompt made by a small trained encoder, before every window")
     pre.add_argument("--epochs", type=int, default=10, help="passes over the training text (default: 10)")
     pre.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate (default: 4e-4)")
     pre.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
@@ -443,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the run in RUN_DIR from its checkpoint (give the same options)")
     pre.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
     add_lora_arguments(pre, head_help="the output head included")
+    add_prompt_arguments(pre, "P-tuning (--method p-tuning)", default_text="random numbers, as peft")
     pre.set_defaults(func=cmd_pretrain)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
