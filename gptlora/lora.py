@@ -128,8 +128,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, target_modules=None, e
     names modules trained in full and saved with the adapter (e.g. a new head); they
     are never LoRA targets. ``rank_pattern``/``alpha_pattern`` map names or suffixes to
     another rank/alpha for those layers. ``use_dora=True`` makes the adapter DoRA (weight-decomposed:
-    a trainable magnitude per output unit besides ``A`` and ``B``, see ``lora_layer``). Afterwards only this adapter's ``A``, ``B``
-    and module copies are trainable, and it is the active adapter. Prints
+    a trainable magnitude per output unit besides ``A`` and ``B``, see ``lora_layer``). Afterwards
+    only this adapter's ``A``, ``B`` (and magnitudes) and module copies are trainable, and it is the
+    active adapter. Prints
     ``trainable_summary`` unless ``verbose=False``.
 
     Applying an adapter name a layer already has is an error (never a double wrap);
@@ -222,7 +223,7 @@ def inject_adapter(model: nn.Module, adapter_name: str, targets: dict[str, tuple
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> Iterator[nn.Parameter]:
-    """The parameters of adapter ``adapter_name``: its ``A``, ``B`` and module copies."""
+    """The parameters of adapter ``adapter_name``: its ``A``, ``B`` (DoRA: and magnitudes) and module copies."""
     for layer in lora_layers(model).values():
         if adapter_name in layer.lora:
             yield from layer.lora[adapter_name].parameters()
