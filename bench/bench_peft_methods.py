@@ -1,4 +1,4 @@
-"""Full fine-tuning, last-block, LoRA, prompt tuning and prefix tuning on the spam task, side by side.
+"""Full fine-tuning, last-block, LoRA, prompt, prefix and P-tuning, and DoRA on the spam task, side by side.
 
 Runs ``gptlora.recipes.method_comparison.compare_methods`` on an offline tiny GPT (2 layers,
 64 wide, random weights drawn under seed 123, as the tiny runs of docs/spam-classification.md, but with a
@@ -32,7 +32,7 @@ from gptlora.classifier import METHODS
 from gptlora.recipes.finetune import base_source, load_base
 from gptlora.generation import get_tokenizer
 from gptlora.formats.hf_layout import config_to_hf
-from gptlora.recipes.method_comparison import compare_methods, trainable_on_meta
+from gptlora.recipes.method_comparison import COMPARED, compare_methods, trainable_on_meta
 from gptlora.model import GPTConfig
 
 TINY = GPTConfig(vocab_size=50257, context_length=256, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
@@ -72,5 +72,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    assert tuple(METHODS) == ("last-block", "full", "lora", "prompt-tuning", "prefix-tuning")
+    assert tuple(METHODS) == ("last-block", "full", "lora", "prompt-tuning", "prefix-tuning", "p-tuning")
+    assert tuple(COMPARED) == (*METHODS, "dora")
     main()

@@ -43,7 +43,7 @@ def check_method(method: str) -> None:
 
 # The recipe of the book's appendix E: rank 16, alpha 16 on every linear layer, the new head included.
 LORA_DEFAULTS = dict(rank=16, alpha=16, target_modules=None, exclude_modules=None, modules_to_save=None,
-                     dropout=0.0, scaling="alpha/rank")
+                     dropout=0.0, scaling="alpha/rank", use_dora=False)
 
 
 def lora_options(method_options: dict | None) -> dict:

@@ -29,6 +29,7 @@ from .infra.checkpoint import (NoCheckpoints, load_optimizer_state, load_trainab
                                read_checkpoint, save_checkpoint)
 from .classifier import plot_values
 from .generation import generate, text_to_token_ids, token_ids_to_text
+from .prompt_tuning import VirtualTokenModel
 from .model import evaluating
 from .training import mean_batch_loss, train_epochs, unwrapped
 
@@ -73,12 +74,14 @@ def sample_text(model, tokenizer, start_context: str, max_new_tokens: int = 50) 
 
     The book's ``generate_and_print_sample`` without the print: eval mode, the
     model's whole context, greedy. Uses the KV cache (same tokens as the book's
-    uncached loop, in a fraction of the time). Restores the model's mode.
+    uncached loop, in a fraction of the time), except for a model with virtual tokens
+    (P-tuning), whose prompt would have to stay when the cache slides. Restores the model's mode.
     """
     model = unwrapped(model)
     device = next(model.parameters()).device
     with evaluating(model):
-        ids = generate(model, text_to_token_ids(start_context, tokenizer).to(device), max_new_tokens)
+        ids = generate(model, text_to_token_ids(start_context, tokenizer).to(device), max_new_tokens,
+                       use_cache=not isinstance(model, VirtualTokenModel))
     return token_ids_to_text(ids, tokenizer).replace("\n", " ")
 
 

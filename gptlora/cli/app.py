@@ -31,6 +31,7 @@ def cmd_generate(args) -> int:
 
     from ..generation import generate_text, get_tokenizer
     from ..pretrained import pretrained_or_random
+    from ..prompt_tuning import VirtualTokenModel
 
     if not args.prompt:
         raise ValueError("--prompt is empty: give some text to continue (or '<|endoftext|>' to start from nothing, "
@@ -42,16 +43,18 @@ def cmd_generate(args) -> int:
         model = load_language_model(args.model)[0]
     else:
         model = pretrained_or_random(args.model, args.models_dir, args.random_init).eval()
+    virtual = isinstance(model, VirtualTokenModel)  # a P-tuning run: its base is what --int8 quantizes
     if args.int8:  # weight-only int8, the head included: fewer bytes to read per generated token
         from ..lora import lora_wrappers, merge_lora
         from ..qlora import quantize_base
 
         if lora_wrappers(model):  # a LoRA run: fold its adapters into the weights first, then quantize those
             model = merge_lora(model, unload=True)
-        quantize_base(model, "int8", include_head=True, fused_int8=True)
+        quantize_base(model.base if virtual else model, "int8", include_head=True, fused_int8=True)
     if args.random_init:
         print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)
-    text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens,
+    # (a P-tuning run's prompt cannot stay in a sliding KV cache: it generates without one)
+    text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens, use_cache=not virtual,
                          temperature=args.temperature, top_k=args.top_k, progress=True)
     print(text)
     return 0
@@ -65,9 +68,10 @@ def pick_device(name: str):
 
 
 # Each method's own options (argparse names); another method's, given, are refused rather than ignored.
-METHOD_OPTIONS = {"lora": ("rank", "alpha", "targets", "scaling", "lora_dropout"),
-                  "prompt-tuning/prefix-tuning": ("num_virtual_tokens", "prompt_init_text", "random_prompt",
-                                                  "prefix_hidden")}
+METHOD_OPTIONS = {"lora": ("rank", "alpha", "targets", "scaling", "lora_dropout", "dora"),
+                  "prompt-tuning/prefix-tuning/p-tuning": ("num_virtual_tokens", "prompt_init_text", "random_prompt",
+                                                           "prefix_hidden"),
+                  "p-tuning": ("prompt_encoder", "encoder_hidden")}
 
 
 def lora_method_options(args) -> dict | None:
@@ -80,17 +84,22 @@ def lora_method_options(args) -> dict | None:
     if foreign:
         raise ValueError(f"options of another method than --method {args.method}: {', '.join(foreign)}; "
                          "leave them out or choose their method")
-    if args.method in ("prompt-tuning", "prefix-tuning"):
+    if args.method in ("prompt-tuning", "prefix-tuning", "p-tuning"):
         if args.random_prompt and args.prompt_init_text is not None:
             raise ValueError("--random-prompt and --prompt-init-text both say how the prompt starts: give one")
         options = dict(num_virtual_tokens=args.num_virtual_tokens, hidden=args.prefix_hidden)
+        if args.method == "p-tuning":
+            if args.prefix_hidden is not None:
+                raise ValueError("--prefix-hidden is the width of prefix-tuning's MLP; the prompt encoder's width "
+                                 "is --encoder-hidden")
+            options.update(encoder=args.prompt_encoder, hidden=args.encoder_hidden)
         if args.random_prompt or args.prompt_init_text is not None:  # else: the package's default text
             options["init_text"] = None if args.random_prompt else args.prompt_init_text
         return options
     if args.method != "lora":
         return None
     return dict(rank=args.rank, alpha=args.alpha, target_modules=args.targets, scaling=args.scaling,
-                dropout=args.lora_dropout)
+                dropout=args.lora_dropout, use_dora=args.dora)
 
 
 # `finetune --resume` takes every option from the run's checkpoint; these few may be changed on the
@@ -185,6 +194,9 @@ def quantize_options(args) -> dict | None:
     from ..qlora import check_quantize_method
 
     check_quantize_method(args.quantize_base, args.method)
+    if args.quantize_base is not None and getattr(args, "dora", False):
+        raise ValueError(f"--dora needs the base weights themselves (their row norms, at every step), found "
+                         f"--quantize-base {args.quantize_base}: leave out one of the two")
     if args.double_quant and args.quantize_base != "nf4":
         raise ValueError(f"--double-quant quantizes NF4's block scales, so it needs --quantize-base nf4, "
                          f"found {args.quantize_base or 'no --quantize-base'}")
@@ -298,6 +310,27 @@ def add_lora_arguments(parser: argparse.ArgumentParser, head_help: str) -> None:
                            "original appendix), alpha/sqrt(rank) (rsLoRA)")
     lora.add_argument("--lora-dropout", type=probability(), default=0.0,
                       help="dropout on the adapters' input (default: 0)")
+    lora.add_argument("--dora", action="store_true",
+                      help="DoRA (weight-decomposed LoRA): also train a magnitude per output unit")
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser, title: str, default_text: str) -> None:
+    """The virtual-token options (``--num-virtual-tokens``, ``--prompt-init-text``, ...), shared by finetune
+    (prompt, prefix and P-tuning) and pretrain (P-tuning)."""
+    prompt = parser.add_argument_group(title)
+    prompt.add_argument("--num-virtual-tokens", type=whole_number(1), default=20, metavar="N",
+                        help="virtual tokens before every input (default: 20)")
+    prompt.add_argument("--prompt-init-text", default=None, metavar="TEXT",
+                        help="text whose tokens (repeated or cut to N) start the prompt; for a prefix, their keys "
+                             f"and values (default: {default_text})")
+    prompt.add_argument("--random-prompt", action="store_true",
+                        help="start from random vocabulary rows (prompt) or random numbers (prefix, P-tuning) instead")
+    prompt.add_argument("--prefix-hidden", type=whole_number(1), default=None, metavar="WIDTH",
+                        help="prefix-tuning: make the prefix with the paper's MLP of this hidden width (default: off)")
+    prompt.add_argument("--encoder-hidden", type=whole_number(1), default=None, metavar="WIDTH",
+                        help="p-tuning: the prompt encoder's hidden width (default: the model's width, as peft)")
+    prompt.add_argument("--prompt-encoder", choices=("mlp", "lstm"), default=None,
+                        help="p-tuning: the encoder that makes the prompt, as peft's (default: mlp)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, random_init_help: str) -> None:
@@ -340,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--method", default="last-block",
                       help="last-block: last block + final norm + head (the book, default); full: everything; "
                            "lora: low-rank adapters; prompt-tuning: a soft prompt + the head; prefix-tuning: "
-                           "learned keys and values at every layer + the head")
+                           "learned keys and values at every layer + the head; p-tuning: a soft prompt made by a "
+                           "small trained encoder + the head")
     fine.add_argument("--epochs", type=whole_number(1), default=5,
                       help="passes over the training split (default: 5)")
     fine.add_argument("--lr", type=positive_float(), default=None,
@@ -375,16 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "--device and --save-every may change)")
     fine.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
     add_lora_arguments(fine, head_help="the new head included")
-    prompt = fine.add_argument_group("prompt and prefix tuning (--method prompt-tuning / prefix-tuning)")
-    prompt.add_argument("--num-virtual-tokens", type=whole_number(1), default=20, metavar="N",
-                        help="virtual tokens before every message (default: 20)")
-    prompt.add_argument("--prompt-init-text", default=None, metavar="TEXT",
-                        help="text whose tokens (repeated or cut to N) start the prompt; for a prefix, their keys "
-                             "and values (default: 'Classify if the message is spam or not spam.\\n')")
-    prompt.add_argument("--random-prompt", action="store_true",
-                        help="start from random vocabulary rows (prompt) or random numbers (prefix) instead")
-    prompt.add_argument("--prefix-hidden", type=whole_number(1), default=None, metavar="WIDTH",
-                        help="prefix-tuning: make the prefix with the paper's MLP of this hidden width (default: off)")
+    add_prompt_arguments(fine, "prompt, prefix and P-tuning (--method prompt-tuning / prefix-tuning / p-tuning)",
+                         default_text="'Classify if the message is spam or not spam.\\n'")
     qlora = fine.add_argument_group("QLoRA (--method lora only)")
     qlora.add_argument("--quantize-base", default=None, metavar="nf4|int8",
                        help="store the frozen base's linear layers quantized (nf4: 4-bit NormalFloat, blocks of 64; "
@@ -404,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="random weights of that shape, configured as the book (dropout 0.1, no qkv bias)")
     pre.add_argument("--context-length", type=int, default=None,
                      help="tokens per training window (default: 256 from random weights, else the model's)")
-    pre.add_argument("--method", default="full", choices=("full", "lora"),
-                     help="full: every weight (the book, default); lora: low-rank adapters only")
+    pre.add_argument("--method", default="full", choices=("full", "lora", "p-tuning"),
+                     help="full: every weight (the book, default); lora: low-rank adapters only; p-tuning: a soft "
+                          "prompt made by a small trained encoder, before every window")
     pre.add_argument("--epochs", type=int, default=10, help="passes over the training text (default: 10)")
     pre.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate (default: 4e-4)")
     pre.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
@@ -426,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the run in RUN_DIR from its checkpoint (give the same options)")
     pre.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
     add_lora_arguments(pre, head_help="the output head included")
+    add_prompt_arguments(pre, "P-tuning (--method p-tuning)", default_text="random numbers, as peft")
     pre.set_defaults(func=cmd_pretrain)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")

@@ -40,7 +40,7 @@ from ..spam import create_dataloaders, split_paths
 DEFAULT_LR = {"last-block": 5e-5, "full": 5e-5, "lora": 8e-4}
 # Prompt and prefix tuning move a few vectors far from where they start: Lester et al. use 0.3 (Adafactor);
 # peft's AdamW examples 3e-2 (prompt) and 1e-2 (prefix).
-DEFAULT_LR.update({"prompt-tuning": 3e-2, "prefix-tuning": 1e-2})
+DEFAULT_LR.update({"prompt-tuning": 3e-2, "prefix-tuning": 1e-2, "p-tuning": 1e-3})  # p-tuning: peft's example
 # Inside a LoRA, prompt- or prefix-tuning run directory: adapter_model.safetensors + adapter_config.json.
 ADAPTER_DIR = "adapter"
 # What a run writes in its directory (plot_history's two plots included), the checkpoint and the file

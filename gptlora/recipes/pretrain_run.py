@@ -15,6 +15,9 @@ Two kinds of run:
   adaptation): only low-rank adapters train, and the run saves only them
   (``adapter/``), with a record of how to rebuild the base. ``gptlora export-peft``
   turns such a run into a peft adapter for ``transformers.GPT2LMHeadModel``.
+- ``p-tuning``: the same, with a soft prompt made by a trained prompt encoder
+  (``p_tuning.py``) in front of every window instead of adapters; the windows are
+  ``n`` tokens shorter than the model's context, to leave room for the prompt.
 """
 
 from __future__ import annotations
@@ -36,13 +39,15 @@ from ..formats.hf_layout import config_from_hf
 from ..lora import apply_lora
 from ..formats.lora_io import load_adapter, save_adapter
 from ..formats.lora_peft_export import export_peft
+from ..formats.prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
 from ..model import GPTConfig, GPTModel, count_parameters
 from ..pretrained import load_pretrained
 from ..pretraining import PretrainingHistory, perplexity, plot_history, train_language_model
+from ..prompt_tuning import apply_virtual_tokens, check_virtual_tokens, prompt_method_options
 from ..text_data import create_dataloader, split_text
 from ..training import trainable_adamw
 
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "p-tuning")
 RUN_INFO = "language_model.json"  # marks a pretraining run directory
 WEIGHTS = "model.safetensors"
 # What --overwrite removes: one list for both kinds of run (a spam run's files and ours), so that no
@@ -124,6 +129,8 @@ def save_language_model(model: GPTModel, run_dir: str | Path, info: dict) -> Pat
     run_dir.mkdir(parents=True, exist_ok=True)
     if info["method"] == "lora":
         save_adapter(model, run_dir / ADAPTER_DIR, verbose=False)
+    elif info["method"] == "p-tuning":
+        save_prompt(model, run_dir / ADAPTER_DIR, info["method_options"]["init_text"], verbose=False)
     else:
         with replace_atomically(run_dir / WEIGHTS) as tmp:
             save_model(model, str(tmp))  # copes with a tied head
@@ -150,6 +157,8 @@ def load_language_model(run_dir: str | Path, device="cpu") -> tuple[GPTModel, di
     if info["method"] == "lora":
         model = load_base(info["base_source"])
         load_adapter(model, run_dir / ADAPTER_DIR)
+    elif info["method"] == "p-tuning":
+        model = load_prompt(load_base(info["base_source"]), run_dir / ADAPTER_DIR)
     else:
         model = GPTModel(GPTConfig(**info["config"]))
         if info.get("weights_tied"):
@@ -159,16 +168,27 @@ def load_language_model(run_dir: str | Path, device="cpu") -> tuple[GPTModel, di
 
 
 def export_pretraining_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a LoRA pretraining run's adapter as a peft adapter for ``transformers.GPT2LMHeadModel``."""
+    """Write a LoRA or P-tuning pretraining run's adapter as a peft adapter for ``transformers.GPT2LMHeadModel``."""
     model, info = load_language_model(run_dir)
-    if info["method"] != "lora":
+    if info["method"] == "full":
         raise ValueError(f"{run_dir} is a {info['method']!r} run, which saves a whole model; only a "
-                         "`--method lora` run has an adapter to export")
+                         "`--method lora` (or p-tuning) run has an adapter to export")
     base_name = peft_base_name(info["base_source"], lambda: load_base(info["base_source"]), out_dir)
-    return export_peft(model, out_dir, base_model_name_or_path=base_name)
+    export = export_peft if info["method"] == "lora" else export_prompt_peft
+    return export(model, out_dir, base_model_name_or_path=base_name)
 
 
 # --- the whole recipe ------------------------------------------------------------------
+
+def method_settings(method: str, method_options: dict | None) -> dict | None:
+    """The checked options of a pretraining ``method``: LoRA's, P-tuning's (its soft prompt starts from
+    random numbers, as peft's, unless ``init_text`` is given), None for ``full``."""
+    if method == "lora":
+        return lora_options(method_options)
+    if method == "p-tuning":
+        return prompt_method_options(method, {"init_text": None, **(method_options or {})})
+    return None
+
 
 def text_loaders(text: str, tokenizer, context_length: int, batch_size: int, train_ratio: float = 0.90):
     """The book's ``(train, validation)`` loaders: windows of ``context_length`` tokens, stride the same.
@@ -212,13 +232,16 @@ def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: st
     """
     if method not in METHODS:
         raise ValueError(f"unknown pretraining method {method!r}; choose one of {', '.join(METHODS)}")
-    if method_options and method != "lora":
+    if method_options and method == "full":
         raise ValueError(f"method {method!r} takes no options, found {sorted(method_options)}")
-    method_options = lora_options(method_options) if method == "lora" else None
+    method_options = method_settings(method, method_options)
     tokenizer = tokenizer or get_tokenizer()
     processes = start_processes(device)
     device = processes.device
-    context_length = context_length or base_context_length(source)
+    virtual = method_options["num_virtual_tokens"] if method == "p-tuning" else 0  # room for the prompt
+    if virtual:  # n virtual tokens and a window (of at least one token) must fit in the model's context
+        check_virtual_tokens(virtual, base_context_length(source), context_length or 1)
+    context_length = context_length or base_context_length(source) - virtual
     check_context_length(context_length, base_context_length(source, limit=True), source["model"])
     torch.manual_seed(seed)  # the book seeds before the loaders (their shuffles draw later) ...
     loaders = text_loaders(text, tokenizer, context_length, batch_size, train_ratio)
@@ -230,6 +253,8 @@ def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: st
                                     run_files=RUN_FILES)
     if method == "lora":
         apply_lora(model, **method_options, verbose=False)
+    elif method == "p-tuning":  # the base frozen and wrapped: the prompt goes before every window
+        model = apply_virtual_tokens(model, method, method_options)
     model.to(device)
     optimizer = trainable_adamw(model, lr, weight_decay)
     fingerprint = dict(config=model.cfg.to_dict(), method=method, method_options=method_options, seed=seed, lr=lr,
