@@ -175,6 +175,8 @@ def run_submission(notebook: bytes, tasks: list[dict], mode: str, limits: Limits
             process.wait()
             kill_tagged_processes(token)
             reader.join(timeout=10)
+        if not unsafe and run.returncode is not None and run.returncode > 128:
+            run.returncode = 128 - run.returncode  # bubblewrap reports a child killed by signal N as 128 + N
         run.seconds = time.perf_counter() - start
         results = box / "results.jsonl"
         if results.is_file() and not results.is_symlink():

@@ -72,6 +72,12 @@ def observe(task: dict, namespace: dict) -> dict:
     return {"question": task["question"], "observations": observations}
 
 
+def write_line(results, record: dict):
+    """One record on a line of its own (a newline first: a cell may have left the file without one)."""
+    results.write("\n" + json.dumps(record) + "\n")
+    results.flush()
+
+
 def main(argv: list[str]) -> int:
     notebook_path, mode, results_path = argv
     tasks = json.loads(sys.stdin.read())
@@ -80,12 +86,10 @@ def main(argv: list[str]) -> int:
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     problems = run_cells(cells, mode, namespace)
     with open(results_path, "a", encoding="utf-8") as results:  # opened only now: the cells had no handle to it
-        results.write(json.dumps({"cells": mode, "problems": problems}) + "\n")
-        results.flush()
+        write_line(results, {"cells": mode, "problems": problems})
         for task in tasks:
-            results.write(json.dumps(observe(task, namespace)) + "\n")
-            results.flush()
-        results.write(json.dumps({"finished": True}) + "\n")
+            write_line(results, observe(task, namespace))
+        write_line(results, {"finished": True})
     return 0
 
 
