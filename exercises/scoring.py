@@ -194,10 +194,21 @@ def grade_one(file: str, notebook: bytes, exercise: str, questions: list[Questio
     return Row(file, row.scores, row.status + problems)
 
 
+def check_sandbox(limits: Limits, unsafe: bool) -> None:
+    """Run an empty notebook first: if even that cannot run under these limits, stop before scoring anyone
+    (a grader that cannot start Python must not give every submission 0)."""
+    run = run_submission(json.dumps({"cells": []}).encode(), [], "cells", limits, unsafe)
+    if not _records(run.lines, set())[2]:
+        said = (run.output_tail.strip().splitlines() or ["nothing"])[-1][:200]
+        raise ValueError(f"an empty notebook does not run in the sandbox ({_ending(run, limits)}; it said: {said}); "
+                         f"raise --memory or --timeout, or check the isolation; no submission was scored")
+
+
 def grade_submissions(submissions: dict[str, bytes], exercise: str, master: Path, limits: Limits, unsafe: bool,
                       jobs: int = 2) -> tuple[list[Question], list[Row]]:
     """Every submission's row (sorted by file name); the expected answers are computed first, once."""
     questions, expected = master_questions(master), expected_answers(exercise, master)
+    check_sandbox(limits, unsafe)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         rows = list(pool.map(lambda item: grade_one(item[0], item[1], exercise, questions, expected, limits, unsafe),
                              sorted(submissions.items())))

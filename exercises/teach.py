@@ -37,7 +37,6 @@ EXERCISES_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(EXERCISES_DIR))  # its sibling modules: grading_spec, sandbox, scoring
 
 
-
 def master_notebooks() -> list[Path]:
     """The exercise master notebooks, in chapter order."""
     return sorted(EXERCISES_DIR.glob("[0-9][0-9]_*.ipynb"))

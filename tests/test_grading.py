@@ -266,6 +266,16 @@ def test_expected_answers_refuse_clearly_when_the_grader_lacks_what_they_need(mo
         scoring.expected_answers("01_gpt_model", EXERCISE_DIR / "01_gpt_model.ipynb")
 
 
+def test_grade_refuses_limits_under_which_nothing_runs(tmp_path, capsys):
+    """300 MiB cannot even import torch: one line saying so, rather than a table of zeros."""
+    (tmp_path / "alice.ipynb").write_bytes((EXERCISE_DIR / "01_gpt_model.ipynb").read_bytes())
+    argv = ["grade", str(tmp_path), "--exercise", "01_gpt_model", "--out", str(tmp_path / "s.csv"), "--memory", "300"]
+    assert teach.main(argv + ([] if ISOLATED else ["--unsafe"])) == 2
+    err = capsys.readouterr().err
+    assert "an empty notebook does not run in the sandbox" in err and "raise --memory" in err
+    assert not (tmp_path / "s.csv").exists()
+
+
 def test_observations_from_a_submission_are_only_data():
     """What a sandbox writes is rebuilt as numbers and tensors; a forged tag or size is refused."""
     from gptlora.teaching.grading_probes import from_plain, to_plain
