@@ -7,7 +7,8 @@ by adding its master and one entry in ``exercises/typical_mistakes.yaml``):
   piece of a solution (in its cells or in the public checks otter stores in its metadata);
 - the solution scores 100%, the untouched student notebook 0 on every question, and the
   typical mistakes of ``typical_mistakes.yaml`` score 0 with feedback naming the mistake.
-Grading runs ``otter run`` here, without Docker, in kernels of this environment.
+Grading runs ``otter run`` here, without Docker, in kernels of this environment, with no data folder
+(a grader may have none). ``teach.py grade``, the sandboxed grader, is tested in test_grading.py.
 """
 
 from __future__ import annotations

@@ -121,6 +121,15 @@ with open("results.jsonl", "a") as f:
     f.write(json.dumps({"question": "q1000", "points": 1000, "observations": []}) + "\\n")
 print(json.dumps({"tests": [{"name": "q1000", "score": 1000, "max_score": 1000}]}))
 """, 0),
+    "pickle_payload": ("student", """
+import os, pickle
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/gptlora-grading-unpickled",))
+for name in ("results.jsonl", "results.pkl", "results.pickle"):
+    with open(name, "wb") as file:
+        pickle.dump(Payload(), file)
+""", 0),
     "sys_exit_first": ("solution", "first:import sys\nsys.exit(0)", 4),
     "os_exit_last": ("solution", "import os\nos._exit(0)", 4),
     "killed_kernel": ("solution", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", 4),
@@ -219,6 +228,7 @@ def test_attacks_get_what_their_answers_deserve(built, tmp_path):
     time.sleep(6)  # longer than the background attack waits before writing
     assert snapshot(submissions, teacher) == before, "a submission changed files outside its sandbox"
     assert "FORGED-IN-BACKGROUND" not in out.read_text()
+    assert not Path("/tmp/gptlora-grading-unpickled").exists(), "the grader unpickled what a submission wrote"
     leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _tagged(p)]
     assert not leftover, f"processes of a submission survived grading: {leftover}"
     some = tmp_path / "again"  # graded again (a few, to keep the test short): the same rows
