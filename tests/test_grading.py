@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -206,6 +207,7 @@ def test_attacks_get_what_their_answers_deserve(built, tmp_path):
     (submissions / "bob.ipynb").write_bytes((folder / "student" / "01_gpt_model.ipynb").read_bytes())
     (submissions / "dan.ipynb").write_text("not json")
     before, start = snapshot(submissions, teacher), time.monotonic()
+    sandboxes_before = set(Path(tempfile.gettempdir()).glob("gptlora-grade-*"))
 
     status, rows, printed = grade(submissions, "01_gpt_model", out)
 
@@ -229,6 +231,7 @@ def test_attacks_get_what_their_answers_deserve(built, tmp_path):
     assert snapshot(submissions, teacher) == before, "a submission changed files outside its sandbox"
     assert "FORGED-IN-BACKGROUND" not in out.read_text()
     assert not Path("/tmp/gptlora-grading-unpickled").exists(), "the grader unpickled what a submission wrote"
+    assert set(Path(tempfile.gettempdir()).glob("gptlora-grade-*")) <= sandboxes_before, "a sandbox folder was left"
     leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _tagged(p)]
     assert not leftover, f"processes of a submission survived grading: {leftover}"
     some = tmp_path / "again"  # graded again (a few, to keep the test short): the same rows
