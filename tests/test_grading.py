@@ -249,6 +249,27 @@ def _tagged(process: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
+def test_unsafe_grading_says_so_and_leaves_no_process(built, tmp_path):
+    """Without isolation the limits, the scoring process and the clean-up remain: a daemon that left the
+    session is found by the run's token and killed."""
+    folder = built(EXERCISE_DIR / "01_gpt_model.ipynb")
+    (tmp_path / "submissions").mkdir()
+    notebook_for(("solution", FILESYSTEM_ATTACKS["background_process"][1], 4), folder, "daemon",
+                 submissions=tmp_path / "submissions", teacher=tmp_path, out=tmp_path / "scores.csv")
+    command = [sys.executable, str(EXERCISE_DIR / "teach.py"), "grade", str(tmp_path / "submissions"), "--exercise",
+               "01_gpt_model", "--out", str(tmp_path / "scores.csv"), "--timeout", str(TIMEOUT), "--unsafe"]
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "isolation: NONE (--unsafe)" in done.stderr.splitlines()[0], done.stderr
+    [row] = [r for r in csv.DictReader((tmp_path / "scores.csv").open()) if r["file"] == "daemon.ipynb"]
+    assert row["total"] == "4" and row["status"] == "graded"
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _tagged(p)], "a process survived"
+    time.sleep(5)
+    assert "FORGED-IN-BACKGROUND" not in (tmp_path / "scores.csv").read_text()
+
+
 def test_grade_refuses_to_run_unisolated_without_unsafe(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sandbox, "bwrap_path", lambda: None)
     (tmp_path / "alice.ipynb").write_text("{}")
