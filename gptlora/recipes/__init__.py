@@ -1,4 +1,4 @@
 """Whole runs built from the chapters, each writing a run directory: spam fine-tuning with any method
 (``finetune``), pretraining on a text (``pretrain_run``), the frozen-prefix cache that speeds up
-last-blocks training (``prefix_cache``) and the five-method comparison (``method_comparison``).
+last-blocks training (``prefix_cache``) and the seven-method comparison (``method_comparison``).
 """
