@@ -241,6 +241,14 @@ BAD_INPUTS = [
     Bad("pretrain: zero epochs", pretrain("{spam_two}", "--epochs", "0"), "--epochs must be a whole number", RUN),
     Bad("pretrain: --out holds a run", pretrain("{spam_two}", "--context-length", "2", "--train-ratio", "0.5",
                                                 out="{full_run}"), "already holds files"),
+    # --- the appendix-D options (training.TrainingSchedule), on every training command
+    Bad("pretrain: negative warmup", pretrain("{spam_two}", "--warmup-steps", "-1"),
+        "expected a whole number of at least 0, found -1", RUN),
+    Bad("pretrain: unknown decay", pretrain("{spam_two}", "--decay", "linear"), "invalid choice: 'linear'", RUN),
+    Bad("finetune: zero accumulation steps", finetune("--random-init", "--accumulation-steps", "0"),
+        "expected a whole number of at least 1, found 0", RUN),
+    Bad("finetune: clip norm zero", finetune("--random-init", "--clip-grad-norm", "0"),
+        "expected a finite number above 0, found '0'", RUN),
 ]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from .checks import (SEED, CommandParser, add_debug_option, debug_requested, device_name, error_line,
                      one_line_warnings, positive_float, probability, real_number, whole_number)
 from ..infra.download import DownloadError  # light: the standard library and tqdm
+from .schedule_options import add_schedule_arguments, schedule_from_args
 
 # What a user can cause and fix (a bad option, a missing or existing file, no network): main() prints
 # these as one line, "error: ...", and exits with 1. Anything else is a bug and keeps its traceback.
@@ -166,7 +167,7 @@ def cmd_finetune(args) -> int:
                                 bucket_by_length=args.bucket_by_length, cache_prefix=args.cache_prefix,
                                 base_model=str(args.model), method_options=lora_method_options(args),
                                 base_source=source, save_every=args.save_every, resume=bool(args.resume),
-                                overwrite=args.overwrite,
+                                overwrite=args.overwrite, schedule=schedule_from_args(args),
                                 command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
         if not is_main_process():  # under torchrun, rank 0 reports
             return 0
@@ -273,7 +274,7 @@ def cmd_pretrain(args) -> int:
                                    prompt=args.prompt, sample_tokens=args.sample_tokens,
                                    device=pick_device(args.device), text_name=args.text, save_every=args.save_every,
                                    resume=bool(args.resume), overwrite=args.overwrite,
-                                   command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
+                                   schedule=schedule_from_args(args), command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
         if not is_main_process():
             return 0
     finally:
@@ -391,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "int8: per output channel) under full-precision adapters; the head stays float")
     qlora.add_argument("--double-quant", action="store_true",
                        help="with --quantize-base nf4: quantize the block scales too (8-bit, blocks of 256)")
+    add_schedule_arguments(fine)
     fine.set_defaults(func=cmd_finetune)
 
     pre = sub.add_parser("pretrain", help="train a GPT on a text by next-token prediction (book, chapter 5)")
@@ -426,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the run in RUN_DIR from its checkpoint (give the same options)")
     pre.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
     add_lora_arguments(pre, head_help="the output head included")
+    add_schedule_arguments(pre)
     pre.set_defaults(func=cmd_pretrain)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")

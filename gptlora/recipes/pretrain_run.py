@@ -40,7 +40,7 @@ from ..model import GPTConfig, GPTModel, count_parameters
 from ..pretrained import load_pretrained
 from ..pretraining import PretrainingHistory, perplexity, plot_history, train_language_model
 from ..text_data import create_dataloader, split_text
-from ..training import trainable_adamw
+from ..training import NO_SCHEDULE, TrainingSchedule, schedule_fingerprint, trainable_adamw
 
 METHODS = ("full", "lora")
 RUN_INFO = "language_model.json"  # marks a pretraining run directory
@@ -200,7 +200,7 @@ def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: st
                      prompt: str = "Every effort moves you", sample_tokens: int = 50, device="cpu",
                      tokenizer=None, text_name: str | None = None, progress: bool = True, verbose: bool = True,
                      save_every: int | None = None, resume: bool = False, overwrite: bool = True,
-                     command_options: dict | None = None) -> dict:
+                     command_options: dict | None = None, schedule: TrainingSchedule = NO_SCHEDULE) -> dict:
     """Chapter 5 end to end: train the base described by ``source`` (:func:`base_source`) on ``text``.
 
     Seeds as the book does (``seed`` before the loaders and again before the
@@ -208,7 +208,8 @@ def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: st
     LoRA adapter), ``language_model.json``, ``metrics.json`` and ``loss.png`` to
     ``out_dir``. ``context_length`` (default: the model's) sets the window length.
     Checkpoints, ``resume``, ``overwrite`` and ``torchrun`` work as in
-    ``finetune.finetune_spam``. Returns the metrics dict.
+    ``finetune.finetune_spam``; ``schedule`` adds appendix D (``training.TrainingSchedule``).
+    Returns the metrics dict.
     """
     if method not in METHODS:
         raise ValueError(f"unknown pretraining method {method!r}; choose one of {', '.join(METHODS)}")
@@ -237,7 +238,8 @@ def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: st
                        context_length=context_length, train_ratio=train_ratio, prompt=prompt,
                        sample_tokens=sample_tokens, frozen_weights=frozen_weights_sha256(model),
                        text=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                       data_order="distributed" if processes.distributed else "book")
+                       data_order="distributed" if processes.distributed else "book",
+                       **schedule_fingerprint(schedule))
     checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, save_every,
                                writes_files=processes.is_main, extra=command_options)
     # Tokens per epoch, as the book counts them (batches x rows x tokens), before sharding.
@@ -248,11 +250,12 @@ def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: st
     history = train_language_model(wrap_for_training(model, processes), loaders[0], loaders[1], optimizer, device,
                                    epochs, eval_freq, eval_iter, prompt, tokenizer, sample_tokens=sample_tokens,
                                    progress=progress and processes.is_main, verbose=verbose and processes.is_main,
-                                   history=history, checkpoints=checkpoints)
+                                   history=history, checkpoints=checkpoints, schedule=schedule)
     info = dict(method=method, method_options=method_options, base_source=source, seed=seed,
                 context_length=context_length, text=text_name, prompt=prompt)
     final = dict(train_loss=history.train_losses[-1], val_loss=history.val_losses[-1]) if history.train_losses else {}
     metrics = dict(info, **final, **{f"{k}_perplexity": perplexity(v) for k, v in list(final.items())},
+                   **schedule_fingerprint(schedule),
                    training_seconds=round(checkpoints.training_seconds(), 1), epochs=epochs, lr=lr,
                    weight_decay=weight_decay, batch_size=batch_size, train_ratio=train_ratio,
                    trainable_parameters=count_parameters(model, trainable_only=True),
