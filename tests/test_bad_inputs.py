@@ -249,6 +249,19 @@ BAD_INPUTS = [
         "expected a whole number of at least 1, found 0", RUN),
     Bad("finetune: clip norm zero", finetune("--random-init", "--clip-grad-norm", "0"),
         "expected a finite number above 0, found '0'", RUN),
+    # --- instruct and generate --instruction (book, chapter 7)
+    Bad("instruct: data not JSON", ("instruct", "--data", "{spam_empty}", "--model", "{tiny}", "--random-init",
+                                    "--out", "{tmp}/run"), "is not valid JSON (Expecting value at line 1", RUN),
+    Bad("instruct: no such data", ("instruct", "--data", "{tmp}/missing.json", "--model", "{tiny}", "--random-init",
+                                   "--out", "{tmp}/run"), "no instruction data at", RUN),
+    Bad("instruct: prompt tuning", ("instruct", "--method", "prompt-tuning", "--out", "{tmp}/run"),
+        "invalid choice: 'prompt-tuning'", RUN),
+    Bad("instruct: zero max length", ("instruct", "--max-length", "1", "--out", "{tmp}/run"),
+        "expected a whole number of at least 2, found 1", RUN),
+    Bad("generate: --input without --instruction", ("generate", "--model", "{tiny}", "--input", "x"),
+        "--input is the input of an --instruction"),
+    Bad("generate: empty instruction", ("generate", "--model", "{tiny}", "--instruction", " "),
+        "--instruction is empty"),
 ]
 
 

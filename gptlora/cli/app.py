@@ -13,6 +13,8 @@ from pathlib import Path
 from .checks import (SEED, CommandParser, add_debug_option, debug_requested, device_name, error_line,
                      one_line_warnings, positive_float, probability, real_number, whole_number)
 from ..infra.download import DownloadError  # light: the standard library and tqdm
+from .instruct import (add_instruct_parser, add_instruction_arguments, check_instruction_arguments,
+                       generate_response, note_untuned)
 from .schedule_options import add_schedule_arguments, schedule_from_args
 
 # What a user can cause and fix (a bad option, a missing or existing file, no network): main() prints
@@ -33,14 +35,16 @@ def cmd_generate(args) -> int:
     from ..generation import generate_text, get_tokenizer
     from ..pretrained import pretrained_or_random
 
+    check_instruction_arguments(args)
     if not args.prompt:
         raise ValueError("--prompt is empty: give some text to continue (or '<|endoftext|>' to start from nothing, "
                          "as GPT-2 was trained to)")
     torch.manual_seed(args.seed)
+    info = None
     if Path(args.model).is_dir() and pretraining_run(args.model):  # the --out directory of `gptlora pretrain`
         from ..recipes.pretrain_run import load_language_model
 
-        model = load_language_model(args.model)[0]
+        model, info = load_language_model(args.model)
     else:
         model = pretrained_or_random(args.model, args.models_dir, args.random_init).eval()
     if args.int8:  # weight-only int8, the head included: fewer bytes to read per generated token
@@ -52,6 +56,9 @@ def cmd_generate(args) -> int:
         quantize_base(model, "int8", include_head=True, fused_int8=True)
     if args.random_init:
         print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)
+    if args.instruction is not None:  # an `instruct` run: the Alpaca prompt in, only the response out
+        note_untuned(args.model, info)
+        return generate_response(args, model)
     text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, progress=True)
     print(text)
@@ -333,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--int8", action="store_true",
                      help="store the linear layers and the head as int8 weights (per output channel) and use "
                           "PyTorch's fused int8 kernel where it has one: faster and smaller, slightly different")
+    add_instruction_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     fine = sub.add_parser("finetune", help="fine-tune GPT-2 as an SMS spam classifier (book, chapter 6)")
@@ -430,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_lora_arguments(pre, head_help="the output head included")
     add_schedule_arguments(pre)
     pre.set_defaults(func=cmd_pretrain)
+
+    add_instruct_parser(sub, add_model_arguments, add_lora_arguments)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
     cls.add_argument("--run", required=True, action="append",
