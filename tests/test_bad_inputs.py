@@ -262,6 +262,10 @@ BAD_INPUTS = [
         "--input is the input of an --instruction"),
     Bad("generate: empty instruction", ("generate", "--model", "{tiny}", "--instruction", " "),
         "--instruction is empty"),
+    Bad("score: no such file", ("score", "{tmp}/missing.json"), "no responses file at"),
+    Bad("score: not records", ("score", "{spam_empty}"), "is not a JSON file"),
+    Bad("score: unreachable judge", ("score", "{responses}", "--judge-url", "http://127.0.0.1:9/v1"),
+        "cannot reach the judge at http://127.0.0.1:9/v1/chat/completions"),
 ]
 
 
@@ -369,6 +373,7 @@ def made(tmp_path_factory, small_spam_data_dir):
     spam("spam_mostly_spam", b"".join(b"ham\tmessage %d\n" % i for i in range(6)) +
          b"".join(b"spam\tWIN %d\n" % i for i in range(9)))
     spam("unreadable", b"ham\thello\n")
+    spam("responses", json.dumps([{"instruction": "Say hi.", "output": "Hi.", "model_response": "Hi"}]).encode())
     paths["unreadable"].chmod(0)
     paths["zip_without_member"] = root / "other.zip"
     with zipfile.ZipFile(paths["zip_without_member"], "w") as archive:

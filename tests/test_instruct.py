@@ -63,6 +63,9 @@ def test_instruct_writes_a_run_its_test_responses_and_generate_answers(run_cli, 
     assert [{k: r[k] for k in ("instruction", "input", "output")} for r in responses] == records[34:38]
     tokenizer = get_tokenizer()
     assert [r["model_response"] for r in responses] == [respond(model, r, tokenizer, 6) for r in records[34:38]]
+    from gptlora.instruction_scoring import score_responses
+
+    assert metrics["test_scores"] == score_responses(responses)  # offline scores; no judge unless --judge-url
 
     status, answer = run_cli(["generate", "--model", str(run), "--instruction", records[50 % 40]["instruction"],
                               "--input", records[50 % 40]["input"], "--max-new-tokens", "6"])

@@ -48,6 +48,8 @@ class InstructSettings:
     resume: bool = False
     overwrite: bool = False
     schedule: object = field(default=None)  # training.TrainingSchedule; None: the default one
+    judge_url: str | None = None
+    judge_model: str = "llama3"
 
     def __post_init__(self):
         from ..classifier import lora_options
@@ -98,7 +100,8 @@ class InstructSettings:
                                      mask_prompt=self.mask_prompt, response_tokens=self.response_tokens,
                                      device=device, data_name=self.data, save_every=self.save_every,
                                      resume=self.resume, overwrite=self.overwrite, command_options=command_options,
-                                     schedule=self.schedule)
+                                     schedule=self.schedule, judge_url=self.judge_url,
+                                     judge_model=self.judge_model)
         finally:
             stop_processes()
 
@@ -126,7 +129,8 @@ def settings_from_args(args: argparse.Namespace) -> InstructSettings:
                             eval_freq=args.eval_freq, eval_iter=args.eval_iter, max_length=args.max_length,
                             mask_prompt=args.mask_prompt, response_tokens=args.response_tokens,
                             out=args.out or "runs/instruct", device=args.device, save_every=args.save_every,
-                            resume=bool(args.resume), overwrite=args.overwrite, schedule=schedule_from_args(args))
+                            resume=bool(args.resume), overwrite=args.overwrite, schedule=schedule_from_args(args),
+                            judge_url=args.judge_url, judge_model=args.judge_model)
 
 
 def cmd_instruct(args) -> int:
@@ -141,7 +145,10 @@ def cmd_instruct(args) -> int:
     print(f"trainable parameters: {metrics['trainable_parameters']:,} (method {settings.method}); final training "
           f"loss {metrics['train_loss']:.3f}, validation loss {metrics['val_loss']:.3f}; training took "
           f"{metrics['training_seconds']:.1f} s")
-    responses = f", the test split's responses in {metrics['test_responses']}" if "test_responses" in metrics else ""
+    responses = ""
+    if "test_responses" in metrics:
+        print_scores(metrics["test_scores"])
+        responses = f", the test split's responses in {metrics['test_responses']}"
     print(f"model and metrics.json are in {settings.out}{responses}; try: gptlora generate --model {settings.out} "
           "--instruction '...'")
     return 0
@@ -180,9 +187,54 @@ def add_instruct_parser(sub, add_model_arguments, add_lora_arguments) -> None:
     ins.add_argument("--resume", default=None, metavar="RUN_DIR",
                      help="continue the run in RUN_DIR from its checkpoint, with its own options")
     ins.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
+    add_judge_arguments(ins)
     add_lora_arguments(ins, head_help="the output head included")
     add_schedule_arguments(ins)
     ins.set_defaults(func=cmd_instruct)
+
+    score = sub.add_parser("score", help="score instruction responses against their reference outputs")
+    score.add_argument("responses", help="a JSON list of records with output and model_response (an instruct run's "
+                                         "test-responses.json, or the book's instruction-data-with-response.json)")
+    add_judge_arguments(score)
+    score.set_defaults(func=cmd_score)
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--judge-url`` and ``--judge-model``: the book's larger-model scoring, through a local server."""
+    parser.add_argument("--judge-url", default=None, metavar="URL",
+                        help="also ask a model served at this OpenAI-compatible API base for a 0-100 score, as the "
+                             "book does, e.g. http://localhost:11434/v1 (Ollama); default: offline scores only")
+    parser.add_argument("--judge-model", default="llama3", help="the judge's model name (default: llama3)")
+
+
+def print_scores(scores: dict) -> None:
+    """One line of mean scores."""
+    judge = (f", judge ({scores['judge_model']}) {scores['judge']:.1f}/100"
+             + (f" ({scores['judge_unparsed']} replies without a score)" if scores["judge_unparsed"] else "")
+             if "judge" in scores else "")
+    print(f"test split ({scores['records']} records): exact match {scores['exact_match']:.1%}, token F1 "
+          f"{scores['token_f1']:.3f}{judge}")
+
+
+def cmd_score(args) -> int:
+    import json
+
+    from ..instruction_scoring import score_responses
+
+    path = Path(args.responses)
+    if not path.is_file():
+        raise FileNotFoundError(f"no responses file at {path}; pass an instruct run's test-responses.json")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a JSON file ({error}); expected a list of records") from None
+    if not isinstance(records, list) or not records or not all(
+            isinstance(r, dict) and isinstance(r.get("output"), str) and isinstance(r.get("model_response"), str)
+            for r in records):
+        raise ValueError(f"{path} is not a non-empty JSON list of records with the text fields output and "
+                         "model_response")
+    print_scores(score_responses(records, args.judge_url, args.judge_model))
+    return 0
 
 
 def add_instruction_arguments(gen: argparse.ArgumentParser) -> None:

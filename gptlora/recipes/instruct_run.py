@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..generation import END_OF_TEXT_ID, generate, get_tokenizer, text_to_token_ids, token_ids_to_text
 from ..infra.atomic import write_json
 from ..infra.distributed import is_main_process
+from ..instruction_scoring import score_responses
 from ..instruction_data import extract_response, format_input, instruction_loaders, split_instruction_data
 from ..training import NO_SCHEDULE, TrainingSchedule
 from .pretrain_run import base_context_length, load_language_model, pretrain_on_text
@@ -39,7 +40,8 @@ def instruct_finetune(data: list[dict], out_dir: str | Path, source: dict, *, me
                       response_tokens: int = 256, device="cpu", tokenizer=None, data_name: str | None = None,
                       progress: bool = True, verbose: bool = True, save_every: int | None = None,
                       resume: bool = False, overwrite: bool = True, command_options: dict | None = None,
-                      schedule: TrainingSchedule = NO_SCHEDULE) -> dict:
+                      schedule: TrainingSchedule = NO_SCHEDULE, judge_url: str | None = None,
+                      judge_model: str = "llama3") -> dict:
     """Fine-tune the base of ``source`` (``pretrain_run.base_source``) to follow the ``data`` records.
 
     The book's defaults: batch 8, AdamW lr 5e-5 and weight decay 0.1, 2 epochs,
@@ -49,7 +51,9 @@ def instruct_finetune(data: list[dict], out_dir: str | Path, source: dict, *, me
     the response tokens only. After training, ``response_tokens`` greedy tokens
     answer each test record (stopping at ``<|endoftext|>``); the records with their
     ``model_response`` go to ``test-responses.json`` in ``out_dir``
-    (``response_tokens=0``: none). Returns the metrics dict (``metrics.json``).
+    (``response_tokens=0``: none), and their scores into the metrics: exact match and token F1
+    against the reference outputs, and with ``judge_url`` the judge's 0-100 score
+    (``instruction_scoring``). Returns the metrics dict (``metrics.json``).
     """
     tokenizer = tokenizer or get_tokenizer()
     train, val, test = split_instruction_data(data)
@@ -78,6 +82,7 @@ def instruct_finetune(data: list[dict], out_dir: str | Path, source: dict, *, me
         answered = respond_to_records(model, test, tokenizer, response_tokens, progress=progress)
         write_json(answered, Path(out_dir) / RESPONSES_FILE)
         metrics["test_responses"] = RESPONSES_FILE
+        metrics["test_scores"] = score_responses(answered, judge_url, judge_model)
         write_json(metrics, Path(out_dir) / "metrics.json")
     return metrics
 
