@@ -36,9 +36,9 @@ from gptlora.pretraining import calc_loss_batch  # noqa: E402
 from gptlora.training import trainable_adamw  # noqa: E402
 
 
-def first_batches(count: int):
+def first_batches(count: int, data_file: Path):
     """The book's first ``count`` training batches (batch 8, seed 123)."""
-    data = read_instruction_file(SHARED / "data" / "instruction-data" / "instruction-data.json")
+    data = read_instruction_file(data_file)
     train, val, test = split_instruction_data(data)
     torch.manual_seed(123)
     loader = instruction_loaders(train, val, test, get_tokenizer(), batch_size=8)[0]
@@ -85,10 +85,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round (default: 4)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the best counts (default: 3)")
+    parser.add_argument("--data", type=Path, default=SHARED / "data" / "instruction-data" / "instruction-data.json",
+                        help="the book's instruction-data.json (default: the one in ../shared)")
     args = parser.parse_args()
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
     device = torch.device(args.device)
-    batches = [(x.to(device), y.to(device)) for x, y in first_batches(args.steps)]
+    batches = [(x.to(device), y.to(device)) for x, y in first_batches(args.steps, args.data)]
     results = {}
     for method in ("full", "lora"):  # one model at a time: memory is measured alone
         model, optimizer = build(method, args.model, device)

@@ -161,46 +161,20 @@ def train_epochs(model, train_loader, optimizer, num_epochs: int, history, *, ba
     for ``schedule`` (``global_step`` then counts optimizer steps, not batches).
     """
     checkpoints = checkpoints or NoCheckpoints()
-    if schedule != NO_SCHEDULE:
-        return _train_epochs_scheduled(model, train_loader, optimizer, num_epochs, history, batch_loss, eval_freq,
-                                       evaluate, end_epoch, progress, checkpoints, schedule)
-    for epoch in range(history.epochs_done, num_epochs):
-        model.train()
-        set_sampler_epoch(train_loader, epoch)  # under torchrun: this epoch's shuffle
-        bar = tqdm(checkpoints.epoch_batches(train_loader, epoch), total=len(train_loader),
-                   desc=f"epoch {epoch + 1}/{num_epochs}", unit="batch", disable=not progress)
-        for batch in bar:
-            optimizer.zero_grad()
-            loss, counted = batch_loss(batch)
-            loss.backward()
-            optimizer.step()
-            history.count(counted * world_size())  # each process trains on its share
-            history.global_step += 1
-            if history.global_step % eval_freq == 0:
-                bar.set_postfix(evaluate(history))
-            checkpoints.step_done(history)
-        end_epoch(history, epoch)
-        history.epochs_done = epoch + 1
-        checkpoints.epoch_done(history)
-    return history
-
-
-def _train_epochs_scheduled(model, train_loader, optimizer, num_epochs, history, batch_loss, eval_freq, evaluate,
-                            end_epoch, progress, checkpoints, schedule: TrainingSchedule):
-    """:func:`train_epochs` with a :class:`TrainingSchedule` (kept apart so that the book's loop stays as it is)."""
     step_count = steps_per_epoch(len(train_loader), schedule)
     total_steps = step_count * num_epochs
-    for group in optimizer.param_groups:  # the peak: the lr the optimizer was built with (kept in a checkpoint)
-        group.setdefault("peak_lr", group["lr"])
+    for group in optimizer.param_groups if schedule.sets_lr else ():  # the peak: the lr the optimizer was built
+        group.setdefault("peak_lr", group["lr"])                      # with (kept in a checkpoint's groups)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     for epoch in range(history.epochs_done, num_epochs):
         model.train()
-        set_sampler_epoch(train_loader, epoch)
+        set_sampler_epoch(train_loader, epoch)  # under torchrun: this epoch's shuffle
         # Batches of this epoch already trained (a resumed run restarts after an optimizer step).
         position = (history.global_step + 1 - epoch * step_count) * schedule.accumulation_steps
         bar = tqdm(checkpoints.epoch_batches(train_loader, epoch), total=len(train_loader),
                    desc=f"epoch {epoch + 1}/{num_epochs}", unit="batch", disable=not progress)
         for batch in bar:
+            # Without accumulation every batch is a group of one: zero_grad, loss, backward, step (the book).
             in_group = position % schedule.accumulation_steps  # this batch's place in its group
             group_size = min(schedule.accumulation_steps, len(train_loader) - (position - in_group))
             position += 1
@@ -208,7 +182,7 @@ def _train_epochs_scheduled(model, train_loader, optimizer, num_epochs, history,
                 optimizer.zero_grad()
             loss, counted = batch_loss(batch)
             (loss / group_size if group_size > 1 else loss).backward()  # the group's mean gradient
-            history.count(counted * world_size())
+            history.count(counted * world_size())  # each process trains on its share
             if in_group + 1 < group_size:
                 continue
             step = history.global_step + 1
