@@ -13,22 +13,14 @@ from torch.utils.data import DataLoader
 from gptlora.infra.checkpoint import CHECKPOINT_NAME, Checkpointer
 from gptlora.model import GPTConfig, GPTModel
 from gptlora.pretraining import calc_loss_batch, train_language_model
-from gptlora.text_data import create_dataloader, read_text_file, split_text
+from gptlora.text_data import create_dataloader, split_text
 from gptlora.training import NO_SCHEDULE, TrainingSchedule, steps_per_epoch
 
-from conftest import SHARED
 from test_prefix_cache import one_thread  # noqa: F401 (a fixture)
+from test_pretraining import verdict  # noqa: F401 (a fixture: "The Verdict", skipped without ../shared)
 
-VERDICT = SHARED / "data" / "the-verdict" / "the-verdict.txt"
 TINY = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0,
                  qkv_bias=False)
-
-
-@pytest.fixture(scope="module")
-def verdict() -> str:
-    if not VERDICT.is_file():
-        pytest.skip(f"'The Verdict' is not at {VERDICT}; see ../shared/README.md")
-    return read_text_file(VERDICT)
 
 
 def loaders(text, tokenizer, batch_size=2, context=16, shuffle=True):
