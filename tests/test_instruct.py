@@ -9,6 +9,7 @@ from gptlora.instruction_data import read_instruction_file
 from gptlora.model import GPTConfig
 
 from conftest import SHARED
+from test_distributed import group_of_one  # noqa: F401 (a fixture)
 from test_prefix_cache import one_thread  # noqa: F401 (a fixture)
 
 DATA_FILE = SHARED / "data" / "instruction-data" / "instruction-data.json"
@@ -107,3 +108,21 @@ def test_instruct_settings_are_checked_when_made():
                          (dict(resume=True, overwrite=True), "choose one")]:
         with pytest.raises(ValueError, match=message):
             InstructSettings(**bad)
+
+
+def test_two_processes_instruct_and_rank_0_answers(small_data, tmp_path, group_of_one):  # noqa: F811
+    """Under torchrun each process takes half of every batch; rank 0 reports and answers the test split.
+    (Each process averages over its own unmasked targets, so the numbers are close to, not equal to, one
+    process's: the halves hold different numbers of response tokens.)"""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from test_distributed import run_under_torchrun
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=96, vocab_size=50257, resid_pdrop=0,
+                               embd_pdrop=0, attn_pdrop=0)).save_pretrained(tmp_path / "base")
+    output = run_under_torchrun(2, instruct_args(small_data, tmp_path / "base", tmp_path / "two", "--method", "lora",
+                                                 "--rank", "4", "--response-tokens", "3", "--eval-freq", "2"))
+    assert output.count("trainable parameters") == 1  # rank 0 reports, rank 1 is silent
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["history"]["global_step"] == 34 // 4 - 1 and metrics["test_scores"]["records"] == 4
+    assert len(json.loads((tmp_path / "two" / "test-responses.json").read_text())) == 4

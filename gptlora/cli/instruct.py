@@ -80,8 +80,9 @@ class InstructSettings:
             raise ValueError(f"schedule must be a training.TrainingSchedule, found {type(self.schedule).__name__}")
 
     def run(self, command_options: dict | None = None) -> dict:
-        """Download what is missing (the data, a named model), train, answer the test split; the metrics."""
-        from ..infra.distributed import local_main_first, start_processes, stop_processes
+        """Download what is missing (the data, a named model), train, answer the test split; the metrics
+        (None on the other processes under ``torchrun``: rank 0 reports)."""
+        from ..infra.distributed import is_main_process, local_main_first, start_processes, stop_processes
         from ..instruction_data import load_instruction_data
         from ..recipes.instruct_run import instruct_finetune
         from ..recipes.pretrain_run import base_source
@@ -93,15 +94,17 @@ class InstructSettings:
             start_processes(device)  # under torchrun: join now, so that one process downloads first
             data = local_main_first(load_instruction_data, self.data, self.data_dir)
             local_main_first(download_named_model, source)
-            return instruct_finetune(data, self.out, source, method=self.method, method_options=self.method_options,
-                                     epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
-                                     batch_size=self.batch_size, seed=self.seed, eval_freq=self.eval_freq,
-                                     eval_iter=self.eval_iter, max_length=self.max_length,
-                                     mask_prompt=self.mask_prompt, response_tokens=self.response_tokens,
-                                     device=device, data_name=self.data, save_every=self.save_every,
-                                     resume=self.resume, overwrite=self.overwrite, command_options=command_options,
-                                     schedule=self.schedule, judge_url=self.judge_url,
-                                     judge_model=self.judge_model)
+            metrics = instruct_finetune(data, self.out, source, method=self.method,
+                                        method_options=self.method_options,
+                                        epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                                        batch_size=self.batch_size, seed=self.seed, eval_freq=self.eval_freq,
+                                        eval_iter=self.eval_iter, max_length=self.max_length,
+                                        mask_prompt=self.mask_prompt, response_tokens=self.response_tokens,
+                                        device=device, data_name=self.data, save_every=self.save_every,
+                                        resume=self.resume, overwrite=self.overwrite, command_options=command_options,
+                                        schedule=self.schedule, judge_url=self.judge_url,
+                                        judge_model=self.judge_model)
+            return metrics if is_main_process() else None  # asked before the processes part
         finally:
             stop_processes()
 
@@ -134,13 +137,12 @@ def settings_from_args(args: argparse.Namespace) -> InstructSettings:
 
 
 def cmd_instruct(args) -> int:
-    from ..infra.distributed import is_main_process
     from .app import NOT_RUN_OPTIONS, resumed_arguments
 
     args = resumed_arguments(args) if args.resume else args  # the run's own options
     settings = settings_from_args(args)
     metrics = settings.run(command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
-    if not is_main_process():
+    if metrics is None:  # under torchrun, rank 0 reports
         return 0
     print(f"trainable parameters: {metrics['trainable_parameters']:,} (method {settings.method}); final training "
           f"loss {metrics['train_loss']:.3f}, validation loss {metrics['val_loss']:.3f}; training took "
