@@ -77,6 +77,7 @@ def workspace(tmp_path_factory, spam_file) -> dict:
         env_name("output_dir"): str(root / "figures"),
         env_name("new_tokens"): "4",  # enough to slide notebook 02's 6-token window
         env_name("epochs"): "1",
+        env_name("records"): "60",  # notebook 11 fine-tunes on the first 60 instruction records (51 train)
         env_name("device"): "cpu",
         "GPTLORA_SPAM_SOURCE": str(spam_file),
         "GPTLORA_OFFLINE": "1",  # a notebook that tries to download fails here instead of hanging
@@ -88,6 +89,10 @@ def workspace(tmp_path_factory, spam_file) -> dict:
     verdict = root / "data" / "the-verdict" / "the-verdict.txt"  # as notebook 03 downloads it (offline here)
     verdict.parent.mkdir(parents=True)
     verdict.write_bytes((REPO_ROOT.parent / "shared" / "data" / "the-verdict" / "the-verdict.txt").read_bytes())
+    instructions = root / "data" / "instruction-data" / "instruction-data.json"  # as notebook 11 downloads it
+    instructions.parent.mkdir(parents=True)
+    instructions.write_bytes((REPO_ROOT.parent / "shared" / "data" / "instruction-data" /
+                              "instruction-data.json").read_bytes())
     return {"root": root, "env": env, "checkpoint": None}
 
 

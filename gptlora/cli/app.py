@@ -13,6 +13,9 @@ from pathlib import Path
 from .checks import (SEED, CommandParser, add_debug_option, debug_requested, device_name, error_line,
                      one_line_warnings, positive_float, probability, real_number, whole_number)
 from ..infra.download import DownloadError  # light: the standard library and tqdm
+from .instruct import (add_instruct_parser, add_instruction_arguments, check_instruction_arguments,
+                       generate_response, note_untuned)
+from .schedule_options import add_schedule_arguments, schedule_from_args
 
 # What a user can cause and fix (a bad option, a missing or existing file, no network): main() prints
 # these as one line, "error: ...", and exits with 1. Anything else is a bug and keeps its traceback.
@@ -33,14 +36,16 @@ def cmd_generate(args) -> int:
     from ..pretrained import pretrained_or_random
     from ..prompt_tuning import VirtualTokenModel
 
+    check_instruction_arguments(args)
     if not args.prompt:
         raise ValueError("--prompt is empty: give some text to continue (or '<|endoftext|>' to start from nothing, "
                          "as GPT-2 was trained to)")
     torch.manual_seed(args.seed)
+    info = None
     if Path(args.model).is_dir() and pretraining_run(args.model):  # the --out directory of `gptlora pretrain`
         from ..recipes.pretrain_run import load_language_model
 
-        model = load_language_model(args.model)[0]
+        model, info = load_language_model(args.model)
     else:
         model = pretrained_or_random(args.model, args.models_dir, args.random_init).eval()
     virtual = isinstance(model, VirtualTokenModel)  # a P-tuning run: its base is what --int8 quantizes
@@ -53,6 +58,9 @@ def cmd_generate(args) -> int:
         quantize_base(model.base if virtual else model, "int8", include_head=True, fused_int8=True)
     if args.random_init:
         print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)
+    if args.instruction is not None:  # an `instruct` run: the Alpaca prompt in, only the response out
+        note_untuned(args.model, info)
+        return generate_response(args, model)
     # (a P-tuning run's prompt cannot stay in a sliding KV cache: it generates without one)
     text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens, use_cache=not virtual,
                          temperature=args.temperature, top_k=args.top_k, progress=True)
@@ -175,7 +183,7 @@ def cmd_finetune(args) -> int:
                                 bucket_by_length=args.bucket_by_length, cache_prefix=args.cache_prefix,
                                 base_model=str(args.model), method_options=lora_method_options(args),
                                 base_source=source, save_every=args.save_every, resume=bool(args.resume),
-                                overwrite=args.overwrite,
+                                overwrite=args.overwrite, schedule=schedule_from_args(args),
                                 command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
         if not is_main_process():  # under torchrun, rank 0 reports
             return 0
@@ -285,7 +293,7 @@ def cmd_pretrain(args) -> int:
                                    prompt=args.prompt, sample_tokens=args.sample_tokens,
                                    device=pick_device(args.device), text_name=args.text, save_every=args.save_every,
                                    resume=bool(args.resume), overwrite=args.overwrite,
-                                   command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
+                                   schedule=schedule_from_args(args), command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
         if not is_main_process():
             return 0
     finally:
@@ -365,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--int8", action="store_true",
                      help="store the linear layers and the head as int8 weights (per output channel) and use "
                           "PyTorch's fused int8 kernel where it has one: faster and smaller, slightly different")
+    add_instruction_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     fine = sub.add_parser("finetune", help="fine-tune GPT-2 as an SMS spam classifier (book, chapter 6)")
@@ -417,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "int8: per output channel) under full-precision adapters; the head stays float")
     qlora.add_argument("--double-quant", action="store_true",
                        help="with --quantize-base nf4: quantize the block scales too (8-bit, blocks of 256)")
+    add_schedule_arguments(fine)
     fine.set_defaults(func=cmd_finetune)
 
     pre = sub.add_parser("pretrain", help="train a GPT on a text by next-token prediction (book, chapter 5)")
@@ -454,7 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
     add_lora_arguments(pre, head_help="the output head included")
     add_prompt_arguments(pre, "P-tuning (--method p-tuning)", default_text="random numbers, as peft")
+    add_schedule_arguments(pre)
     pre.set_defaults(func=cmd_pretrain)
+
+    add_instruct_parser(sub, add_model_arguments, add_lora_arguments)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
     cls.add_argument("--run", required=True, action="append",

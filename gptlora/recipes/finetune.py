@@ -31,7 +31,7 @@ from ..prompt_tuning import PROMPT_METHODS, VirtualTokenModel, check_virtual_tok
 from ..formats.prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
 from ..qlora import check_quantize_method, quantize_base, quantized_layers
 from ..infra.tensor_hash import tensors_sha256
-from ..training import trainable_adamw
+from ..training import NO_SCHEDULE, TrainingSchedule, schedule_fingerprint, trainable_adamw
 from ..spam import create_dataloaders, split_paths
 
 # AdamW learning rates per method. LoRA's is the book's appendix E rate with its original scaling
@@ -305,7 +305,7 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
                   base_source: dict | None = None,
                   progress: bool = True, bucket_by_length: bool = False, cache_prefix: bool = False,
                   save_every: int | None = None, resume: bool = False, overwrite: bool = True,
-                  command_options: dict | None = None) -> dict:
+                  command_options: dict | None = None, schedule: TrainingSchedule = NO_SCHEDULE) -> dict:
     """Chapter 6 end to end: fine-tune ``model`` on the spam splits in ``data_dir``, save the run.
 
     Seeds as the book does (before the loaders, the new head and the optimizer),
@@ -334,6 +334,7 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
 
     Under ``torchrun`` every process runs this with its share of each batch
     (``batch_size`` is the global batch; see ``distributed``); only rank 0 writes.
+    ``schedule``: appendix D's warmup, decay, clipping, accumulation (``training.TrainingSchedule``).
     """
     method_options = method_settings(method, method_options)  # complete: recorded in full in the run's files
     if quantized_layers(model) and method != "lora":
@@ -367,7 +368,8 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
                        weight_decay=weight_decay, batch_size=batch_size, eval_freq=eval_freq, eval_iter=eval_iter,
                        dynamic_padding=dynamic_padding, bucket_by_length=bucket_by_length, cache_prefix=cache_prefix,
                        frozen_weights=frozen_weights_sha256(model), data=data_sha256(data_dir),
-                       data_order="distributed" if processes.distributed else "book")
+                       data_order="distributed" if processes.distributed else "book",
+                       **schedule_fingerprint(schedule))
     checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, save_every,
                                writes_files=processes.is_main, extra=command_options)
     # Shard first: the cached loaders keep the samplers they are given (a DistributedSampler under torchrun).
@@ -379,7 +381,7 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
     trained_model = wrap_for_training(trained_model, processes)
     history = train_classifier(trained_model, loaders[0], loaders[1], optimizer, device, epochs, eval_freq,
                                eval_iter, progress=show, history=history,
-                               checkpoints=checkpoints)
+                               checkpoints=checkpoints, schedule=schedule)
     seconds = checkpoints.training_seconds()
     # The final pass over every split takes minutes on a CPU: show it too.
     accuracy = {split: calc_accuracy_loader(tqdm(loader, desc=f"evaluating {split}", unit="batch", disable=not show),
@@ -390,7 +392,8 @@ def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str
                 seed=seed, base_source=base_source)
     if processes.is_main:  # under torchrun, one process writes the run directory
         save_classifier(model, out_dir, info)
-    metrics = dict(info, training_seconds=round(seconds, 1), epochs=epochs, lr=lr, weight_decay=weight_decay,
+    metrics = dict(info, **schedule_fingerprint(schedule), training_seconds=round(seconds, 1), epochs=epochs, lr=lr,
+                   weight_decay=weight_decay,
                    bucket_by_length=bucket_by_length, cache_prefix=cache_prefix,
                    batch_size=batch_size, seed=seed, trainable_parameters=count_parameters(model, trainable_only=True),
                    history=asdict(history))

@@ -45,7 +45,7 @@ from ..pretrained import load_pretrained
 from ..pretraining import PretrainingHistory, perplexity, plot_history, train_language_model
 from ..prompt_tuning import apply_virtual_tokens, check_virtual_tokens, prompt_method_options
 from ..text_data import create_dataloader, split_text
-from ..training import trainable_adamw
+from ..training import NO_SCHEDULE, TrainingSchedule, schedule_fingerprint, trainable_adamw
 
 METHODS = ("full", "lora", "p-tuning")
 RUN_INFO = "language_model.json"  # marks a pretraining run directory
@@ -220,7 +220,8 @@ def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: st
                      prompt: str = "Every effort moves you", sample_tokens: int = 50, device="cpu",
                      tokenizer=None, text_name: str | None = None, progress: bool = True, verbose: bool = True,
                      save_every: int | None = None, resume: bool = False, overwrite: bool = True,
-                     command_options: dict | None = None) -> dict:
+                     command_options: dict | None = None, schedule: TrainingSchedule = NO_SCHEDULE,
+                     loaders: tuple | None = None, info_extra: dict | None = None) -> dict:
     """Chapter 5 end to end: train the base described by ``source`` (:func:`base_source`) on ``text``.
 
     Seeds as the book does (``seed`` before the loaders and again before the
@@ -228,7 +229,12 @@ def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: st
     LoRA adapter), ``language_model.json``, ``metrics.json`` and ``loss.png`` to
     ``out_dir``. ``context_length`` (default: the model's) sets the window length.
     Checkpoints, ``resume``, ``overwrite`` and ``torchrun`` work as in
-    ``finetune.finetune_spam``. Returns the metrics dict.
+    ``finetune.finetune_spam``; ``schedule`` adds appendix D (``training.TrainingSchedule``).
+    Returns the metrics dict.
+
+    ``loaders``, ``(train, validation)`` loaders of ``(inputs, targets)`` batches, replace the
+    windows of ``text`` (instruction fine-tuning brings its own; ``text`` then only identifies
+    the data in the checkpoint's fingerprint); ``info_extra`` adds entries to ``language_model.json``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown pretraining method {method!r}; choose one of {', '.join(METHODS)}")
@@ -244,7 +250,8 @@ def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: st
     context_length = context_length or base_context_length(source) - virtual
     check_context_length(context_length, base_context_length(source, limit=True), source["model"])
     torch.manual_seed(seed)  # the book seeds before the loaders (their shuffles draw later) ...
-    loaders = text_loaders(text, tokenizer, context_length, batch_size, train_ratio)
+    windows = loaders is None
+    loaders = text_loaders(text, tokenizer, context_length, batch_size, train_ratio) if windows else loaders
     model = load_base(source)  # ... and again before the model: load_base seeds with source["seed"]
     # Every process checks (one that failed alone would leave the others waiting); one removes. After the
     # checks of the text and options and after the base is loaded (or failed to download), so that a bad
@@ -262,22 +269,24 @@ def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: st
                        context_length=context_length, train_ratio=train_ratio, prompt=prompt,
                        sample_tokens=sample_tokens, frozen_weights=frozen_weights_sha256(model),
                        text=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                       data_order="distributed" if processes.distributed else "book")
+                       data_order="distributed" if processes.distributed else "book",
+                       **schedule_fingerprint(schedule))
     checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, save_every,
                                writes_files=processes.is_main, extra=command_options)
     # Tokens per epoch, as the book counts them (batches x rows x tokens), before sharding.
-    train_tokens = len(loaders[0]) * batch_size * context_length
-    val_tokens = len(loaders[1].dataset) * context_length
+    train_tokens = len(loaders[0]) * batch_size * context_length if windows else None
+    val_tokens = len(loaders[1].dataset) * context_length if windows else None
     loaders = shard_loaders(loaders, processes, seed)
     history = PretrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
     history = train_language_model(wrap_for_training(model, processes), loaders[0], loaders[1], optimizer, device,
                                    epochs, eval_freq, eval_iter, prompt, tokenizer, sample_tokens=sample_tokens,
                                    progress=progress and processes.is_main, verbose=verbose and processes.is_main,
-                                   history=history, checkpoints=checkpoints)
+                                   history=history, checkpoints=checkpoints, schedule=schedule)
     info = dict(method=method, method_options=method_options, base_source=source, seed=seed,
-                context_length=context_length, text=text_name, prompt=prompt)
+                context_length=context_length, text=text_name, prompt=prompt, **(info_extra or {}))
     final = dict(train_loss=history.train_losses[-1], val_loss=history.val_losses[-1]) if history.train_losses else {}
     metrics = dict(info, **final, **{f"{k}_perplexity": perplexity(v) for k, v in list(final.items())},
+                   **schedule_fingerprint(schedule),
                    training_seconds=round(checkpoints.training_seconds(), 1), epochs=epochs, lr=lr,
                    weight_decay=weight_decay, batch_size=batch_size, train_ratio=train_ratio,
                    trainable_parameters=count_parameters(model, trainable_only=True),

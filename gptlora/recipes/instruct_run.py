@@ -1,0 +1,113 @@
+"""Instruction fine-tuning end to end (``gptlora instruct``) and answering with its run (``generate --instruction``).
+
+Chapter 7 of "Build a Large Language Model (From Scratch)" as one call: split the
+records 85/10/5, batch them with the -100 mask (``instruction_data``), fine-tune a
+GPT-2 (every weight, or ``lora`` adapters only) with AdamW at lr 5e-5 for 2 epochs,
+then write the responses to the test split as the book's
+``instruction-data-with-response.json`` does.
+
+The training is chapter 5's recipe (``pretrain_run.pretrain_on_text``) given the
+instruction loaders instead of text windows: the same loop, checkpoints,
+``--resume``, ``torchrun`` and run directory, so ``gptlora generate --model RUN``
+and ``export-peft`` read an instruction run as they read a pretraining run. Its
+``language_model.json`` carries an ``instruction`` entry, by which ``generate``
+knows to wrap ``--instruction``/``--input`` in the Alpaca prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..generation import END_OF_TEXT_ID, generate, get_tokenizer, text_to_token_ids, token_ids_to_text
+from ..infra.atomic import write_json
+from ..infra.distributed import is_main_process
+from ..instruction_scoring import score_responses
+from ..instruction_data import extract_response, format_input, instruction_loaders, split_instruction_data
+from ..training import NO_SCHEDULE, TrainingSchedule
+from .pretrain_run import base_context_length, load_language_model, pretrain_on_text
+
+RESPONSES_FILE = "test-responses.json"  # the book's instruction-data-with-response.json
+
+
+def instruct_finetune(data: list[dict], out_dir: str | Path, source: dict, *, method: str = "full",
+                      method_options: dict | None = None, epochs: int = 2, lr: float = 5e-5,
+                      weight_decay: float = 0.1, batch_size: int = 8, seed: int = 123, eval_freq: int = 5,
+                      eval_iter: int = 5, max_length: int | None = None, mask_prompt: bool = False,
+                      response_tokens: int = 256, device="cpu", tokenizer=None, data_name: str | None = None,
+                      progress: bool = True, verbose: bool = True, save_every: int | None = None,
+                      resume: bool = False, overwrite: bool = True, command_options: dict | None = None,
+                      schedule: TrainingSchedule = NO_SCHEDULE, judge_url: str | None = None,
+                      judge_model: str = "llama3") -> dict:
+    """Fine-tune the base of ``source`` (``pretrain_run.base_source``) to follow the ``data`` records.
+
+    The book's defaults: batch 8, AdamW lr 5e-5 and weight decay 0.1, 2 epochs,
+    losses every 5 steps over 5 batches, a greedy sample of the first validation
+    prompt after each epoch. ``max_length`` cuts every example (default: the
+    model's context length; the book's 1024). ``mask_prompt`` takes the loss over
+    the response tokens only. After training, ``response_tokens`` greedy tokens
+    answer each test record (stopping at ``<|endoftext|>``); the records with their
+    ``model_response`` go to ``test-responses.json`` in ``out_dir``
+    (``response_tokens=0``: none), and their scores into the metrics: exact match and token F1
+    against the reference outputs, and with ``judge_url`` the judge's 0-100 score
+    (``instruction_scoring``). Returns the metrics dict (``metrics.json``).
+    """
+    tokenizer = tokenizer or get_tokenizer()
+    train, val, test = split_instruction_data(data)
+    if len(train) < batch_size or not val:
+        raise ValueError(f"{len(data)} records give {len(train)} to train on and {len(val)} to validate on; "
+                         f"one training batch needs {batch_size} (85% of the records) and validation at least "
+                         "one: use more records or a smaller --batch-size")
+    limit = base_context_length(source)
+    max_length = max_length or limit
+    if not 1 < max_length <= limit:
+        raise ValueError(f"--max-length {max_length} is not possible for {source['model']}, whose context length "
+                         f"is {limit}; choose a value from 2 to {limit}")
+    loaders = instruction_loaders(train, val, test, tokenizer, batch_size, max_length, mask_prompt)[:2]
+    instruction = dict(mask_prompt=mask_prompt, max_length=max_length, data=data_name,
+                       split=dict(train=len(train), validation=len(val), test=len(test)))
+    data_text = json.dumps(data, sort_keys=True)  # identifies the records in the checkpoint's fingerprint
+    metrics = pretrain_on_text(data_text, out_dir, source, method=method, method_options=method_options,
+                               context_length=limit, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                               batch_size=batch_size, seed=seed, eval_freq=eval_freq, eval_iter=eval_iter,
+                               prompt=format_input(val[0]), device=device, tokenizer=tokenizer,
+                               text_name=data_name, progress=progress, verbose=verbose, save_every=save_every,
+                               resume=resume, overwrite=overwrite, command_options=command_options,
+                               schedule=schedule, loaders=loaders, info_extra=dict(instruction=instruction))
+    if is_main_process() and response_tokens and test:
+        model = load_language_model(out_dir, device=device)[0]
+        answered = respond_to_records(model, test, tokenizer, response_tokens, progress=progress)
+        write_json(answered, Path(out_dir) / RESPONSES_FILE)
+        metrics["test_responses"] = RESPONSES_FILE
+        metrics["test_scores"] = score_responses(answered, judge_url, judge_model)
+        write_json(metrics, Path(out_dir) / "metrics.json")
+    return metrics
+
+
+def respond(model, entry: dict, tokenizer, max_new_tokens: int = 256, temperature: float = 0.0,
+            top_k: int | None = None) -> str:
+    """The model's answer to ``entry`` (``instruction`` and optional ``input``): the text it writes after
+    the Alpaca prompt, stopping at ``<|endoftext|>`` or after ``max_new_tokens`` tokens. Greedy by default
+    (as the book); ``temperature``/``top_k`` sample from PyTorch's global generator."""
+    prompt = format_input(entry)
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        ids = generate(model, text_to_token_ids(prompt, tokenizer).to(device), max_new_tokens,
+                       temperature=temperature, top_k=top_k, eos_id=END_OF_TEXT_ID)
+    return extract_response(token_ids_to_text(ids, tokenizer), prompt)
+
+
+def respond_to_records(model, records: list[dict], tokenizer, max_new_tokens: int = 256,
+                       progress: bool = False) -> list[dict]:
+    """Each record with its ``model_response`` added (the book's ``instruction-data-with-response.json``)."""
+    return [{**entry, "model_response": respond(model, entry, tokenizer, max_new_tokens)}
+            for entry in tqdm(records, desc="answering the test split", unit="record", disable=not progress)]
+
+
+def is_instruction_run(info: dict) -> bool:
+    """Whether a run's ``language_model.json`` is an instruction fine-tuning run's."""
+    return "instruction" in info
