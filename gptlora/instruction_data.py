@@ -77,6 +77,14 @@ def extract_response(generated_text: str, prompt: str) -> str:
 
 # --- the data file ----------------------------------------------------------------------
 
+JSON_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
+def json_name(value) -> str:
+    """What JSON calls the kind of a value ``json.loads`` gave: "object", "string", "array", ..."""
+    return JSON_NAMES.get(type(value), type(value).__name__)
+
 def instruction_data_file(data_dir: str | Path = "data", base_url: str | None = None) -> Path:
     """The path of ``instruction-data.json`` in ``data_dir/instruction-data/``, downloaded (and verified by
     size and SHA-256) on first use. ``base_url`` replaces the book repository's address."""
@@ -91,12 +99,12 @@ def check_records(records, origin: str) -> list[dict]:
     (``input`` may be empty or missing, then ""); else a one-line ValueError naming the first bad record."""
     expected = 'a JSON list of {"instruction": ..., "input": ..., "output": ...} records'
     if not isinstance(records, list) or not records:
-        found = "an empty list" if records == [] else f"a JSON {type(records).__name__}"
+        found = "an empty list" if records == [] else f"a JSON {json_name(records)}"
         raise ValueError(f"{origin} holds {found}; expected {expected}")
     checked = []
     for index, record in enumerate(records):
         if not isinstance(record, dict):
-            raise ValueError(f"record {index} of {origin} is a {type(record).__name__}, not an object; "
+            raise ValueError(f"record {index} of {origin} is a JSON {json_name(record)}, not an object; "
                              f"expected {expected}")
         record = {"input": "", **record}
         missing = [name for name in FIELDS if name not in record]
