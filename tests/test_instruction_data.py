@@ -110,6 +110,29 @@ def test_the_data_file_is_downloaded_once_and_verified(tmp_path, data):
     assert INSTRUCTION_DATA_SHA256 == "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
 
 
+def test_a_prompt_mask_that_leaves_no_target_is_refused_not_a_nan_loss(data, tokenizer):
+    """With the prompt masked and a maximum length the prompts fill, no target is left: cross-entropy over
+    nothing is 0/0, NaN, and one step makes every weight NaN. Refused in one line naming the fix."""
+    batch = [([1, 2, 3, 4, 5, 6], 5), ([7, 8, 9, 10], 4)]
+    with pytest.raises(ValueError, match="every target of this batch is masked.*--max-length.*--mask-prompt"):
+        collate(batch, allowed_max_length=3, mask_prompt=True)
+    assert (collate(batch, allowed_max_length=4, mask_prompt=True)[1] != -100).sum() == 1  # 4: one target kept
+    assert not (collate(batch, allowed_max_length=3)[1] == -100).all()  # without the mask the prompt trains
+    train, val, test = data[:10], data[10:12], data[12:14]
+    prompts = InstructionDataset(data[:14], tokenizer).prompt_lengths
+    with pytest.raises(ValueError, match=r"with --mask-prompt and --max-length 30, 14 of 14 records \(the first: "
+                                         r"record 0 of the training split\) keep no response token.*use --max-length "
+                                         rf"{max(prompts)} or more, leave out --mask-prompt"):
+        instruction_loaders(train, val, test, tokenizer, 2, 30, mask_prompt=True)
+    cut = sum(length - 1 >= 40 for length in prompts)  # prompts of 41 tokens or more lose their response at 40
+    assert 0 < cut < 14
+    with pytest.raises(ValueError, match=f"--max-length 40, {cut} of 14 records"):  # some records: refused too
+        instruction_loaders(train, val, test, tokenizer, 2, 40, mask_prompt=True)
+    instruction_loaders(train, val, test, tokenizer, 2, 30)  # the prompts train: no error
+    loader = instruction_loaders(train, val, test, tokenizer, 2, max(prompts), mask_prompt=True)[0]
+    assert all((targets != -100).any(dim=1).all() for _, targets in loader)  # every record keeps a target
+
+
 @pytest.mark.parametrize("content, message", [
     (b"{not json", r"is not valid JSON \(Expecting property name enclosed in double quotes at line 1, column 2\)"),
     (b"\xff\xfe[]", "is not UTF-8 text"),
