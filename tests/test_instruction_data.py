@@ -179,8 +179,11 @@ def test_the_book_packages_chapter_7_test(data, tokenizer, one_thread, capsys):
     train_losses, val_losses, _ = train_model_simple(model, train_loader, val_loader, optimizer, "cpu", 10, 5, 5,
                                                      format_input(val[0]), tokenizer)
     with capsys.disabled():
-        print(f"\nchapter 7 package test: first losses {train_losses[0]:.4f} / {val_losses[0]:.4f}, "
+        print(f"\nchapter 7 package test: first losses {train_losses[0]:.6f} / {val_losses[0]:.6f}, "
               f"last training loss {train_losses[-1]:.4f}")
     assert round(train_losses[0], 1) == 10.9
     assert round(val_losses[0], 1) == 10.9
+    # The figures docs/instruction-finetuning.md gives (the package asserts only the rounding above); within 1e-5,
+    # some float32 units, for another machine's order of summation (10.925395 sits near 10.9254's rounding edge).
+    assert train_losses[0] == pytest.approx(10.945562, abs=1e-5) and val_losses[0] == pytest.approx(10.925395, abs=1e-5)
     assert train_losses[-1] < train_losses[0]
