@@ -51,9 +51,10 @@ def first_batches(count: int, data_file: Path):
 
 
 def build(method: str, model_name: str, device) -> tuple[GPTModel, torch.optim.Optimizer]:
-    """The model (random weights, no dropout, as the book loads GPT-2) and AdamW over what trains."""
+    """The model as the book loads GPT-2 for chapter 7 (``qkv_bias=True``, ``drop_rate=0.0``: gpt2-small has
+    124,439,808 parameters, the head tied), with random weights, and AdamW over what trains."""
     torch.manual_seed(123)
-    model = GPTModel(GPTConfig.from_preset(model_name))
+    model = GPTModel(GPTConfig.from_preset(model_name, qkv_bias=True, drop_rate=0.0))
     model.tie_weights()  # as GPT-2 and load_pretrained: the head shares the token embedding
     if method == "lora":
         apply_lora(model, rank=16, alpha=16, verbose=False)

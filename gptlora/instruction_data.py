@@ -77,6 +77,14 @@ def extract_response(generated_text: str, prompt: str) -> str:
 
 # --- the data file ----------------------------------------------------------------------
 
+JSON_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
+def json_name(value) -> str:
+    """What JSON calls the kind of a value ``json.loads`` gave: "object", "string", "array", ..."""
+    return JSON_NAMES.get(type(value), type(value).__name__)
+
 def instruction_data_file(data_dir: str | Path = "data", base_url: str | None = None) -> Path:
     """The path of ``instruction-data.json`` in ``data_dir/instruction-data/``, downloaded (and verified by
     size and SHA-256) on first use. ``base_url`` replaces the book repository's address."""
@@ -91,12 +99,12 @@ def check_records(records, origin: str) -> list[dict]:
     (``input`` may be empty or missing, then ""); else a one-line ValueError naming the first bad record."""
     expected = 'a JSON list of {"instruction": ..., "input": ..., "output": ...} records'
     if not isinstance(records, list) or not records:
-        found = "an empty list" if records == [] else f"a JSON {type(records).__name__}"
+        found = "an empty list" if records == [] else f"a JSON {json_name(records)}"
         raise ValueError(f"{origin} holds {found}; expected {expected}")
     checked = []
     for index, record in enumerate(records):
         if not isinstance(record, dict):
-            raise ValueError(f"record {index} of {origin} is a {type(record).__name__}, not an object; "
+            raise ValueError(f"record {index} of {origin} is a JSON {json_name(record)}, not an object; "
                              f"expected {expected}")
         record = {"input": "", **record}
         missing = [name for name in FIELDS if name not in record]
@@ -179,6 +187,9 @@ def collate(batch, pad_token_id: int = END_OF_TEXT_ID, ignore_index: int = IGNOR
     example's end-of-text becomes ``ignore_index``; with ``mask_prompt`` so do the
     targets that are prompt tokens. ``allowed_max_length`` cuts both to that many
     tokens. ``device`` (optional) is where the tensors go.
+
+    A batch left without a single target (``mask_prompt`` and a maximum length that
+    only the prompts fill) is a ValueError: its loss would be NaN, and so the weights.
     """
     examples = [(item, 0) if isinstance(item[0], int) else item for item in batch]
     width = max(len(ids) + 1 for ids, _ in examples)
@@ -194,6 +205,10 @@ def collate(batch, pad_token_id: int = END_OF_TEXT_ID, ignore_index: int = IGNOR
     inputs, targets = torch.stack(inputs), torch.stack(targets)
     if allowed_max_length is not None:
         inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
+    if mask_prompt and bool((targets == ignore_index).all()):  # the loss would be 0/0: NaN, and NaN weights
+        raise ValueError(f"every target of this batch is masked: with mask_prompt, allowed_max_length "
+                         f"{allowed_max_length} keeps only prompt tokens; use a larger maximum length "
+                         "(--max-length) or leave out --mask-prompt")
     if device is not None:
         inputs, targets = inputs.to(device), targets.to(device)
     return inputs, targets
@@ -207,6 +222,26 @@ def instruction_loaders(train_data, val_data, test_data, tokenizer, batch_size: 
     is iterated: ``torch.manual_seed(123)`` first gives the book's batches.
     """
     collate_fn = partial(collate, allowed_max_length=allowed_max_length, mask_prompt=mask_prompt)
-    return tuple(DataLoader(InstructionDataset(data, tokenizer), batch_size=batch_size, collate_fn=collate_fn,
-                            shuffle=training, drop_last=training, num_workers=num_workers)
-                 for data, training in ((train_data, True), (val_data, False), (test_data, False)))
+    datasets = [InstructionDataset(data, tokenizer) for data in (train_data, val_data, test_data)]
+    if mask_prompt and allowed_max_length is not None:
+        check_responses_kept(datasets, allowed_max_length)
+    return tuple(DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, shuffle=training,
+                            drop_last=training, num_workers=num_workers)
+                 for dataset, training in zip(datasets, (True, False, False)))
+
+
+def check_responses_kept(datasets, allowed_max_length: int) -> None:
+    """With the prompt masked, a record whose prompt fills ``allowed_max_length`` tokens keeps no target
+    (its response is cut away): a ValueError saying how many records of ``datasets`` (train, validation,
+    test) lose theirs and what to do, rather than records that teach nothing and batches whose loss is NaN."""
+    # Targets 0 .. prompt_length-2 are masked prompt tokens: one survives the cut if prompt_length - 1 < max.
+    cut = [(name, index, prompt_length) for name, dataset in zip(("training", "validation", "test"), datasets)
+           for index, prompt_length in enumerate(dataset.prompt_lengths) if prompt_length - 1 >= allowed_max_length]
+    if cut:
+        name, index, _ = cut[0]
+        longest = max(prompt_length for *_, prompt_length in cut)
+        total = sum(len(dataset) for dataset in datasets)
+        raise ValueError(f"with --mask-prompt and --max-length {allowed_max_length}, {len(cut)} of {total} records "
+                         f"(the first: record {index} of the {name} split) keep no response token, their prompts "
+                         f"fill the {allowed_max_length} tokens; use --max-length {longest} or more, leave out "
+                         "--mask-prompt, or shorten those records")

@@ -25,14 +25,17 @@ keep their exact numbers):
 
 - a linear *warmup* of the learning rate from ``initial_lr`` to the optimizer's
   ``lr`` (the peak) over the first ``warmup_steps`` optimizer steps;
-- a *cosine decay* from the peak to ``min_lr`` over the remaining steps;
+- a *cosine decay* from the peak towards ``min_lr`` over the remaining steps;
 - *gradient clipping*: before each step after the warmup, the gradients are scaled
   so that their global norm (over all trainable tensors) is at most ``clip_grad_norm``.
 
 Not in the book: *gradient accumulation* (``accumulation_steps``): the gradients of
-that many consecutive batches are averaged before one optimizer step, as if the
-batch were that many times larger (exactly so without dropout; an epoch's last,
-shorter group is averaged over its own batches).
+that many consecutive batches are averaged before one optimizer step (an epoch's
+last, shorter group is averaged over its own batches). That is the gradient of a
+batch that many times larger only when each batch's loss is a mean over the same
+number of counted targets and there is no dropout: with -100 targets (instruction
+data) each batch's loss is the mean over its own counted tokens, and the group
+averages those means, so it is close to, not equal to, the larger batch's.
 """
 
 from __future__ import annotations
@@ -81,9 +84,11 @@ class TrainingSchedule:
     - ``warmup_steps``: optimizer steps whose learning rate rises linearly from
       ``initial_lr`` (step 0) towards the peak, the ``lr`` the optimizer was built with;
     - ``decay``: ``"none"`` keeps the peak after the warmup; ``"cosine"`` lowers it along
-      half a cosine to ``min_lr`` at the last step;
+      half a cosine towards ``min_lr`` (the book's formula: the last step's rate is still a
+      little above ``min_lr``, which the cosine would reach one step later);
     - ``clip_grad_norm``: clip the global gradient norm to this value at every step from
-      ``warmup_steps`` on (as the book's ``train_model``); ``None`` does not clip;
+      ``warmup_steps`` on (as the book package's ``train_model``, ``global_step >= warmup_steps``;
+      the printed book's ``>`` skipped the first step after the warmup); ``None`` does not clip;
     - ``accumulation_steps``: batches whose gradients are averaged per optimizer step.
 
     Checked on creation: a bad value is a ValueError saying what was expected.

@@ -2,12 +2,13 @@
 
 import http.server
 import json
+import socket
 import threading
 
 import pytest
 
-from gptlora.instruction_scoring import (exact_match, judge_prompt, normalize_answer, parse_score, score_responses,
-                                         token_f1)
+from gptlora.instruction_scoring import (check_judge_url, exact_match, judge_prompt, normalize_answer, offline_scores,
+                                         parse_score, score_responses, token_f1, with_judge_scores)
 
 RECORDS = [
     {"instruction": "Name the capital of France.", "input": "", "output": "The capital of France is Paris.",
@@ -31,6 +32,12 @@ class FakeJudge:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 judge.asked.append((self.path, body))
+                if judge.status in (301, 302, 307, 308):  # a redirect to the same server's other path
+                    self.send_response(judge.status)
+                    self.send_header("Location", "/elsewhere/chat/completions")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if judge.status != 200:
                     self.send_error(judge.status)
                     return
@@ -71,7 +78,7 @@ def test_scores_without_a_server():
 
 
 def test_the_judge_is_asked_the_books_question_and_its_numbers_are_averaged():
-    with FakeJudge(["85", "Score: 40 out of 100, because"]) as judge:
+    with FakeJudge(["85", " 40.\n"]) as judge:
         scores = score_responses(RECORDS, judge.url, "llama3")
     assert [s["judge"] for s in scores["per_record"]] == [85, 40] and scores["judge"] == 62.5
     path, body = judge.asked[0]
@@ -83,7 +90,10 @@ def test_the_judge_is_asked_the_books_question_and_its_numbers_are_averaged():
 
 
 def test_replies_without_a_score_are_counted_and_left_out():
-    assert [parse_score(r) for r in ("100", "7.", "I would say 250", "none")] == [100, 7, None, None]
+    assert [parse_score(r) for r in ("100", "7.", " 0 ", "I would say 250", "none")] == [100, 7, 0, None, None]
+    # Only a reply that is the number is read (the book: int(reply)); a number somewhere in it is not the score.
+    for reply in ("On a scale from 0 to 100, I'd give it 85", "-20", "7.5", "101", "85..", "Score: 40 out of 100"):
+        assert parse_score(reply) is None, reply
     with FakeJudge(["no idea", "90"]) as judge:
         scores = score_responses(RECORDS, judge.url)
     assert scores["judge"] == 90 and scores["judge_unparsed"] == 1
@@ -106,3 +116,68 @@ def test_the_score_command(run_cli, tmp_path):
     with FakeJudge(["85", "40"]) as judge:
         status, out = run_cli(["score", str(path), "--judge-url", judge.url])
     assert status == 0 and out.strip().endswith("judge (llama3) 62.5/100")
+
+
+class NotHTTP:
+    """A TCP server on 127.0.0.1 that answers every connection with a line that is not HTTP."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/v1"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.close()
+
+
+def test_a_server_that_does_not_speak_http_or_sends_no_text_is_one_clear_error():
+    with NotHTTP() as server:
+        with pytest.raises(ConnectionError, match="does not answer in HTTP"):
+            score_responses(RECORDS, server.url)
+    with FakeJudge([None]) as judge:  # {"content": null}
+        with pytest.raises(ConnectionError, match="did not answer in the chat-completions format"):
+            score_responses(RECORDS, judge.url)
+
+
+def test_the_judge_url_must_be_http_and_redirects_and_proxies_are_not_followed(monkeypatch):
+    assert check_judge_url("https://judge.example:8443/v1") == "https://judge.example:8443/v1"
+    for bad in ("file:///etc/passwd", "localhost:11434/v1", "http:///v1", "ftp://host/v1", ""):
+        with pytest.raises(ValueError, match="is not an http\\(s\\) address with a host"):
+            check_judge_url(bad)
+        with pytest.raises(ValueError, match="is not an http"):
+            score_responses(RECORDS, bad or "x")
+    with FakeJudge([], status=302) as judge:
+        with pytest.raises(ConnectionError, match="answered HTTP 302 .*not followed"):
+            score_responses(RECORDS, judge.url)
+    assert [path for path, _ in judge.asked] == ["/v1/chat/completions"]  # asked once, not at /elsewhere
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # a proxy that is not there: not used
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with FakeJudge(["70", "30"]) as judge:
+        assert score_responses(RECORDS, judge.url)["judge"] == 50
+
+
+def test_the_offline_scores_are_computed_before_and_kept_without_the_judge():
+    scores = offline_scores(RECORDS)
+    assert scores == score_responses(RECORDS)
+    with FakeJudge([], status=500) as judge:
+        with pytest.raises(ConnectionError):
+            with_judge_scores(scores, RECORDS, judge.url)
+    assert "judge" not in scores and scores["exact_match"] == 0.5  # what a caller wrote first stays as it was
+    with FakeJudge(["85", "no"]) as judge:
+        judged = with_judge_scores(scores, RECORDS, judge.url)
+    assert judged["exact_match"] == 0.5 and judged["judge"] == 85 and judged["judge_unparsed"] == 1
+    assert [s["judge"] for s in judged["per_record"]] == [85, None] and "judge" not in scores["per_record"][0]

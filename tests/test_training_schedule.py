@@ -99,6 +99,27 @@ def test_the_loop_sets_the_scheduled_rates_and_clips_after_the_warmup(tokenizer,
     assert all(norm <= 0.5 * (1 + 1e-4) for _, norm in seen[2:])  # float32 rounding of the norm: 1e-5 relative
 
 
+def test_clipping_starts_at_the_step_the_warmup_ends(tokenizer, verdict, one_thread):
+    """As the book package's train_model (``global_step >= warmup_steps``, its correction of the printed book's
+    ``>``, which skipped the first step after the warmup): step warmup_steps - 1 is not clipped, step
+    warmup_steps is."""
+    seen = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append(torch.sqrt(sum((p.grad ** 2).sum() for g in self.param_groups for p in g["params"])).item())
+            return super().step(closure)
+
+    train, val = loaders(verdict[:1500], tokenizer)
+    torch.manual_seed(123)
+    model = GPTModel(TINY)
+    schedule = TrainingSchedule(warmup_steps=3, initial_lr=0.0, clip_grad_norm=1e-3)
+    train_language_model(model, train, val, Recording(model.parameters(), lr=0.01), "cpu", 1, 100, 1, "Every",
+                         tokenizer, sample_tokens=1, verbose=False, schedule=schedule)
+    assert len(seen) >= 5 and all(norm > 1e-2 for norm in seen[:3])  # steps 0, 1, 2: warmup, unclipped
+    assert seen[3:] == pytest.approx([1e-3] * (len(seen) - 3), rel=1e-4)  # from step 3 on: clipped to 1e-3
+
+
 def test_accumulating_two_batches_is_one_batch_of_twice_the_size(tokenizer, verdict, one_thread):
     """No dropout: the mean gradient of 2 batches of 2 rows is the gradient of 1 batch of 4 (up to rounding)."""
     text = verdict[:2500]
@@ -115,6 +136,31 @@ def test_accumulating_two_batches_is_one_batch_of_twice_the_size(tokenizer, verd
     assert history.tokens_seen == big_history.tokens_seen
     for a, b in zip(small.parameters(), big.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_an_epochs_last_shorter_group_is_the_mean_over_its_own_batches(tokenizer, verdict, one_thread):
+    """5 batches in groups of 3 (mean of 3 gradients) and 2 (mean of 2, not a sum divided by 3), 2 epochs, plain
+    SGD: the weights are those of a hand-written loop, exactly."""
+    train, val = loaders(verdict[:2500], tokenizer, shuffle=False)
+    five = DataLoader(torch.utils.data.Subset(train.dataset, range(10)), batch_size=2, shuffle=False)
+    assert len(five) == 5
+    schedule = TrainingSchedule(accumulation_steps=3)
+    torch.manual_seed(123)
+    ours = GPTModel(TINY)
+    history = train_language_model(ours, five, val, torch.optim.SGD(ours.parameters(), lr=0.5), "cpu", 2, 100, 1,
+                                   "Every", tokenizer, sample_tokens=1, verbose=False, schedule=schedule)
+    assert history.global_step == 2 * 2 - 1  # two steps an epoch
+    torch.manual_seed(123)
+    hand = GPTModel(TINY)
+    optimizer = torch.optim.SGD(hand.parameters(), lr=0.5)
+    batches = list(five)
+    for _ in range(2):
+        for group in (batches[:3], batches[3:]):
+            optimizer.zero_grad()
+            for inputs, targets in group:
+                (calc_loss_batch(inputs, targets, hand, "cpu") / len(group)).backward()
+            optimizer.step()
+    assert same_weights(ours, hand)
 
 
 def test_an_epochs_last_short_group_steps_too():

@@ -22,7 +22,7 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--decay", default="none", choices=("none", "cosine"),
                        help="after the warmup: keep --lr (none, default) or lower it along a cosine to --min-lr")
     group.add_argument("--min-lr", type=real_number(0), default=0.0,
-                       help="learning rate at the last step with --decay cosine (default: 0)")
+                       help="where --decay cosine heads: the rate one step after the last (default: 0)")
     group.add_argument("--clip-grad-norm", type=positive_float(), default=None, metavar="NORM",
                        help="after the warmup, scale the gradients down to this global norm when above it "
                             "(the book: 1.0; default: no clipping)")
