@@ -22,11 +22,13 @@ mid-epoch) and the bookkeeping for several processes (``distributed``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from .infra.atomic import replace_atomically
 from .infra.checkpoint import NoCheckpoints
 from .infra.distributed import set_sampler_epoch, sum_over_processes, world_size
 from .model import evaluating
@@ -105,3 +107,30 @@ def trainable_adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> t
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a ``DistributedDataParallel`` wrapper (the model itself when not wrapped)."""
     return getattr(model, "module", model)
+
+
+def plot_values(epochs_seen, examples_seen, train_values, val_values, label: str, path: str | Path,
+                seen_label: str = "Examples seen") -> Path:
+    """Write a PNG of training and validation ``label`` against epochs (bottom) and examples seen (top).
+
+    ``epochs_seen`` and ``examples_seen`` give the x position of each value; ``seen_label``
+    names the top axis (``"Tokens seen"`` for pretraining). The plot of both chapters' histories
+    (``classifier.plot_history``, ``pretraining.plot_losses``).
+    Uses a bare matplotlib ``Figure``, so no display is needed.
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 3))
+    axes = figure.add_subplot()
+    axes.plot(epochs_seen, train_values, label=f"Training {label}")
+    axes.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
+    axes.set_xlabel("Epochs")
+    axes.set_ylabel(label.capitalize())
+    axes.legend()
+    top = axes.twiny()  # a second x axis, in examples; the invisible line only sets its range
+    top.plot(examples_seen, train_values, alpha=0)
+    top.set_xlabel(seen_label)
+    figure.tight_layout()
+    with replace_atomically(Path(path)) as tmp:
+        figure.savefig(tmp, format="png")
+    return Path(path)

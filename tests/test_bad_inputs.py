@@ -238,9 +238,16 @@ BAD_INPUTS = [
     Bad("pretrain: text too short", pretrain("{spam_two}"), "too few for one training window", RUN),
     Bad("pretrain: context too long", pretrain("{spam_two}", "--context-length", "129"),
         "--context-length 129 is not possible", RUN),
-    Bad("pretrain: zero epochs", pretrain("{spam_two}", "--epochs", "0"), "--epochs must be a whole number", RUN),
+    Bad("pretrain: zero epochs", pretrain("{spam_two}", "--epochs", "0"),
+        "argument --epochs: expected a whole number of at least 1, found 0", RUN),
     Bad("pretrain: --out holds a run", pretrain("{spam_two}", "--context-length", "2", "--train-ratio", "0.5",
                                                 out="{full_run}"), "already holds files"),
+    Bad("pretrain: negative seed", pretrain("{spam_two}", "--seed", "-1"),
+        "argument --seed: expected a whole number from 0 to 4294967295, found -1", RUN),
+    Bad("pretrain: infinite lr", pretrain("{spam_two}", "--lr", "inf"),
+        "argument --lr: expected a finite number above 0, found 'inf'", RUN),
+    Bad("pretrain: bad device", pretrain("{spam_two}", "--device", "gpu"),
+        "argument --device: expected auto, cpu, cuda, cuda:N or another torch device, found 'gpu'", RUN),
 ]
 
 

@@ -144,30 +144,39 @@ def prepare_files(data_dir, spam_source, source: dict) -> None:
         download_gpt2(source["model"], source["models_dir"])
 
 
+def run_options(args: argparse.Namespace) -> dict:
+    """The options that describe the run (what ``--resume`` restores): all but where and how to start it."""
+    return {name: value for name, value in vars(args).items() if name not in NOT_RUN_OPTIONS}
+
+
+def finetune_settings(args: argparse.Namespace):
+    """The run's ``FinetuneSettings``, from the (resumed) command line; checked once, here."""
+    from ..recipes.run_dir import base_source
+    from ..recipes.settings import FinetuneSettings
+
+    source = base_source(args.model, args.models_dir, args.random_init, args.seed, quantize_options(args))
+    return FinetuneSettings(method=args.method, method_options=lora_method_options(args), data_dir=args.data_dir,
+                            epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                            batch_size=args.batch_size, seed=args.seed, eval_freq=args.eval_freq,
+                            eval_iter=args.eval_iter, dynamic_padding=args.dynamic_padding,
+                            bucket_by_length=args.bucket_by_length, cache_prefix=args.cache_prefix,
+                            save_every=args.save_every, base_model=str(args.model), base_source=source)
+
+
 def cmd_finetune(args) -> int:
-    from ..classifier import method_settings
     from ..infra.distributed import is_main_process, local_main_first, start_processes, stop_processes
-    from ..recipes.finetune import base_source, finetune_spam, load_base
+    from ..recipes.finetune import load_base, run_finetune
     from ..generation import get_tokenizer
 
     try:
         args = resumed_arguments(args) if args.resume else args
         out = args.out or f"runs/spam-{Path(args.model).name}-{args.method}"
-        method_settings(args.method, lora_method_options(args))  # bad options fail before any download
-        quantize = quantize_options(args)
-        source = base_source(args.model, args.models_dir, args.random_init, args.seed, quantize)
+        settings = finetune_settings(args)  # bad options fail before any download
         start_processes(pick_device(args.device))  # under torchrun: join now, so that one process prepares first
-        local_main_first(prepare_files, args.data_dir, args.spam_source, source)
-        model = load_base(source)
-        metrics = finetune_spam(model, get_tokenizer(), args.data_dir, out, args.method, epochs=args.epochs,
-                                lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-                                seed=args.seed, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
-                                dynamic_padding=args.dynamic_padding, device=pick_device(args.device),
-                                bucket_by_length=args.bucket_by_length, cache_prefix=args.cache_prefix,
-                                base_model=str(args.model), method_options=lora_method_options(args),
-                                base_source=source, save_every=args.save_every, resume=bool(args.resume),
-                                overwrite=args.overwrite,
-                                command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
+        local_main_first(prepare_files, args.data_dir, args.spam_source, settings.base_source)
+        model = load_base(settings.base_source)
+        metrics = run_finetune(model, get_tokenizer(), settings, out, device=pick_device(args.device),
+                               resume=bool(args.resume), overwrite=args.overwrite, command_options=run_options(args))
         if not is_main_process():  # under torchrun, rank 0 reports
             return 0
     finally:
@@ -181,10 +190,8 @@ def cmd_finetune(args) -> int:
 
 
 def quantize_options(args) -> dict | None:
-    """``--quantize-base`` and ``--double-quant`` as ``qlora.quantize_base`` keywords (None: full precision)."""
-    from ..qlora import check_quantize_method
-
-    check_quantize_method(args.quantize_base, args.method)
+    """``--quantize-base`` and ``--double-quant`` as ``qlora.quantize_base`` keywords (None: full precision).
+    Whether the method may train on a quantized base is ``FinetuneSettings``' check."""
     if args.double_quant and args.quantize_base != "nf4":
         raise ValueError(f"--double-quant quantizes NF4's block scales, so it needs --quantize-base nf4, "
                          f"found {args.quantize_base or 'no --quantize-base'}")
@@ -235,45 +242,34 @@ def cmd_export_peft(args) -> int:
     return 0
 
 
-PRETRAIN_POSITIVE = ("epochs", "batch_size", "eval_freq", "eval_iter", "sample_tokens", "context_length",
-                     "save_every")
+def pretrain_settings(args: argparse.Namespace):
+    """The run's ``PretrainSettings``, from the (resumed) command line; checked once, here."""
+    from ..recipes.run_dir import base_source
+    from ..recipes.settings import PretrainSettings
 
-
-def check_pretrain_options(args) -> None:
-    """One-line ValueErrors for numeric ``pretrain`` options out of range (before any download or training)."""
-    for name in PRETRAIN_POSITIVE:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a whole number of at least 1, found {value}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be a number above 0, found {args.lr}")
-    if args.weight_decay < 0:
-        raise ValueError(f"--weight-decay must be 0 or more, found {args.weight_decay}")
-    if not 0 < args.train_ratio < 1:
-        raise ValueError(f"--train-ratio must lie strictly between 0 and 1, found {args.train_ratio}")
+    random_init = args.random_init or args.model is None  # no --model: the book's model from random weights
+    source = base_source(args.model or "gpt2-small", args.models_dir, random_init, args.seed,
+                         context_length=args.context_length)
+    return PretrainSettings(method=args.method, method_options=lora_method_options(args),
+                            context_length=args.context_length, epochs=args.epochs, lr=args.lr,
+                            weight_decay=args.weight_decay, batch_size=args.batch_size, train_ratio=args.train_ratio,
+                            seed=args.seed, eval_freq=args.eval_freq, eval_iter=args.eval_iter, prompt=args.prompt,
+                            sample_tokens=args.sample_tokens, save_every=args.save_every, text_name=args.text,
+                            base_source=source)
 
 
 def cmd_pretrain(args) -> int:
     from ..infra.distributed import is_main_process, stop_processes
-    from ..recipes.pretrain_run import base_source, pretrain_on_text
+    from ..recipes.pretrain_run import run_pretrain
     from ..text_data import load_text
 
-    check_pretrain_options(args)
     args = resumed_arguments(args) if args.resume else args  # the run's own options, as finetune does
-    random_init = args.random_init or args.model is None  # no --model: the book's model from random weights
-    source = base_source(args.model or "gpt2-small", args.models_dir, random_init, args.seed, args.context_length)
+    settings = pretrain_settings(args)
     text = load_text(args.text, args.data_dir)
-    options = lora_method_options(args)
     out = args.resume or args.out or "runs/pretrain"
     try:
-        metrics = pretrain_on_text(text, out, source, method=args.method, method_options=options,
-                                   context_length=args.context_length, epochs=args.epochs, lr=args.lr,
-                                   weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
-                                   eval_freq=args.eval_freq, eval_iter=args.eval_iter, train_ratio=args.train_ratio,
-                                   prompt=args.prompt, sample_tokens=args.sample_tokens,
-                                   device=pick_device(args.device), text_name=args.text, save_every=args.save_every,
-                                   resume=bool(args.resume), overwrite=args.overwrite,
-                                   command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
+        metrics = run_pretrain(text, settings, out, device=pick_device(args.device), resume=bool(args.resume),
+                               overwrite=args.overwrite, command_options=run_options(args))
         if not is_main_process():
             return 0
     finally:
@@ -309,6 +305,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, random_init_help: str) 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # A run's numeric options take their range (type=) and default from its settings dataclass: one place.
+    from ..recipes.settings import PRETRAIN_METHODS, FinetuneSettings as FINE, PretrainSettings as PRE
+
     parser = CommandParser(prog="gptlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -337,22 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     fine = sub.add_parser("finetune", help="fine-tune GPT-2 as an SMS spam classifier (book, chapter 6)")
     add_model_arguments(fine, random_init_help="start from random weights of that shape (a preset, or the "
                                                "directory's config.json)")
-    fine.add_argument("--method", default="last-block",
+    fine.add_argument("--method", default=FINE.default("method"),
                       help="last-block: last block + final norm + head (the book, default); full: everything; "
                            "lora: low-rank adapters; prompt-tuning: a soft prompt + the head; prefix-tuning: "
                            "learned keys and values at every layer + the head")
-    fine.add_argument("--epochs", type=whole_number(1), default=5,
+    fine.add_argument("--epochs", type=FINE.option_type("epochs"), default=FINE.default("epochs"),
                       help="passes over the training split (default: 5)")
-    fine.add_argument("--lr", type=positive_float(), default=None,
+    fine.add_argument("--lr", type=FINE.option_type("lr"), default=FINE.default("lr"),
                       help="AdamW learning rate (default: 8e-4 for lora, 5e-5 for the other methods)")
-    fine.add_argument("--weight-decay", type=real_number(0), default=0.1, help="AdamW weight decay (default: 0.1)")
-    fine.add_argument("--batch-size", type=whole_number(1), default=8,
+    fine.add_argument("--weight-decay", type=FINE.option_type("weight_decay"), default=FINE.default("weight_decay"),
+                      help="AdamW weight decay (default: 0.1)")
+    fine.add_argument("--batch-size", type=FINE.option_type("batch_size"), default=FINE.default("batch_size"),
                       help="messages per optimizer step, over all processes (default: 8)")
-    fine.add_argument("--seed", type=SEED, default=123,
+    fine.add_argument("--seed", type=FINE.option_type("seed"), default=FINE.default("seed"),
                       help="seeds shuffling and the new head, as the book does (default: 123)")
-    fine.add_argument("--eval-freq", type=whole_number(1), default=50,
+    fine.add_argument("--eval-freq", type=FINE.option_type("eval_freq"), default=FINE.default("eval_freq"),
                       help="log losses every N steps (default: 50)")
-    fine.add_argument("--eval-iter", type=whole_number(1), default=5,
+    fine.add_argument("--eval-iter", type=FINE.option_type("eval_iter"), default=FINE.default("eval_iter"),
                       help="batches per logged loss/accuracy (default: 5)")
     fine.add_argument("--dynamic-padding", action="store_true",
                       help="pad each batch to its longest text and classify from the last real token")
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--out", default=None, help="run directory (default: runs/spam-MODEL-METHOD)")
     fine.add_argument("--device", default="auto", type=device_name,
                       help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    fine.add_argument("--save-every", type=whole_number(1), default=None, metavar="STEPS",
+    fine.add_argument("--save-every", type=FINE.option_type("save_every"), default=None, metavar="STEPS",
                       help="also save a checkpoint every STEPS optimizer steps (always: at each epoch end)")
     fine.add_argument("--resume", default=None, metavar="RUN_DIR",
                       help="continue the run in RUN_DIR from its checkpoint, with its own options (--epochs, "
@@ -402,25 +402,27 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--models-dir", default="weights", help="where named models are stored (default: weights)")
     pre.add_argument("--random-init", action="store_true",
                      help="random weights of that shape, configured as the book (dropout 0.1, no qkv bias)")
-    pre.add_argument("--context-length", type=int, default=None,
+    pre.add_argument("--context-length", type=PRE.option_type("context_length"), default=None,
                      help="tokens per training window (default: 256 from random weights, else the model's)")
-    pre.add_argument("--method", default="full", choices=("full", "lora"),
+    pre.add_argument("--method", default=PRE.default("method"), choices=PRETRAIN_METHODS,
                      help="full: every weight (the book, default); lora: low-rank adapters only")
-    pre.add_argument("--epochs", type=int, default=10, help="passes over the training text (default: 10)")
-    pre.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate (default: 4e-4)")
-    pre.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    pre.add_argument("--batch-size", type=int, default=2, help="windows per optimizer step (default: 2)")
-    pre.add_argument("--train-ratio", type=float, default=0.9,
+    pre.add_argument("--epochs", type=PRE.option_type("epochs"), default=PRE.default("epochs"), help="passes over the training text (default: 10)")
+    pre.add_argument("--lr", type=PRE.option_type("lr"), default=PRE.default("lr"), help="AdamW learning rate (default: 4e-4)")
+    pre.add_argument("--weight-decay", type=PRE.option_type("weight_decay"), default=PRE.default("weight_decay"),
+                     help="AdamW weight decay (default: 0.1)")
+    pre.add_argument("--batch-size", type=PRE.option_type("batch_size"), default=PRE.default("batch_size"), help="windows per optimizer step (default: 2)")
+    pre.add_argument("--train-ratio", type=PRE.option_type("train_ratio"), default=PRE.default("train_ratio"),
                      help="share of the text's characters to train on; the rest validates (default: 0.9)")
-    pre.add_argument("--seed", type=int, default=123, help="seeds the weights and shuffles (default: 123)")
-    pre.add_argument("--eval-freq", type=int, default=5, help="print losses every N steps (default: 5)")
-    pre.add_argument("--eval-iter", type=int, default=5, help="batches per printed loss (default: 5)")
-    pre.add_argument("--prompt", default="Every effort moves you", help="start of each epoch's sample")
-    pre.add_argument("--sample-tokens", type=int, default=50, help="tokens of each epoch's sample (default: 50)")
+    pre.add_argument("--seed", type=PRE.option_type("seed"), default=PRE.default("seed"), help="seeds the weights and shuffles (default: 123)")
+    pre.add_argument("--eval-freq", type=PRE.option_type("eval_freq"), default=PRE.default("eval_freq"), help="print losses every N steps (default: 5)")
+    pre.add_argument("--eval-iter", type=PRE.option_type("eval_iter"), default=PRE.default("eval_iter"), help="batches per printed loss (default: 5)")
+    pre.add_argument("--prompt", default=PRE.default("prompt"), help="start of each epoch's sample")
+    pre.add_argument("--sample-tokens", type=PRE.option_type("sample_tokens"), default=PRE.default("sample_tokens"),
+                     help="tokens of each epoch's sample (default: 50)")
     pre.add_argument("--data-dir", default="data", help="where the-verdict is stored (default: data)")
     pre.add_argument("--out", default=None, help="run directory (default: runs/pretrain)")
-    pre.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    pre.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+    pre.add_argument("--device", default="auto", type=device_name, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    pre.add_argument("--save-every", type=PRE.option_type("save_every"), default=None, metavar="STEPS",
                      help="also save a checkpoint every STEPS optimizer steps (always: at each epoch end)")
     pre.add_argument("--resume", default=None, metavar="RUN_DIR",
                      help="continue the run in RUN_DIR from its checkpoint (give the same options)")

@@ -28,9 +28,7 @@ import torch
 
 from ..infra.atomic import replace_atomically, write_json
 from ..infra.checkpoint import Checkpointer
-from ..classifier import lora_options
 from ..infra.distributed import fail_together, shard_loaders, start_processes, wrap_for_training
-from .finetune import ADAPTER_DIR, RUN_FILES as FINETUNE_RUN_FILES, frozen_weights_sha256, open_run_dir, peft_base_name
 from ..generation import get_tokenizer
 from ..formats.hf_layout import config_from_hf
 from ..lora import apply_lora
@@ -41,13 +39,11 @@ from ..pretrained import load_pretrained
 from ..pretraining import PretrainingHistory, perplexity, plot_history, train_language_model
 from ..text_data import create_dataloader, split_text
 from ..training import trainable_adamw
+from .run_dir import ADAPTER_DIR, frozen_weights_sha256, open_run_dir, peft_base_name
+from .settings import PretrainSettings
 
-METHODS = ("full", "lora")
 RUN_INFO = "language_model.json"  # marks a pretraining run directory
 WEIGHTS = "model.safetensors"
-# What --overwrite removes: one list for both kinds of run (a spam run's files and ours), so that no
-# other run survives in the directory.
-RUN_FILES = FINETUNE_RUN_FILES
 BOOK_CONTEXT_LENGTH = 256
 
 
@@ -77,20 +73,11 @@ def check_context_length(wanted: int, available: int, model_name: str) -> None:
                          f"{available}; choose a value from 1 to {available}")
 
 
-def base_source(model: str = "gpt2-small", models_dir: str | Path = "weights", random_init: bool = True,
-                seed: int = 123, context_length: int | None = None) -> dict:
-    """How to rebuild a run's base with :func:`load_base` (recorded in its ``language_model.json``)."""
-    directory = Path(model)
-    return dict(model=str(directory.resolve()) if directory.is_dir() else str(model),
-                models_dir=str(Path(models_dir).resolve()), random_init=random_init, seed=seed,
-                context_length=context_length)
-
-
 def base_context_length(source: dict, limit: bool = False) -> int:
     """The context length of the base :func:`load_base` builds, read without building it; with
     ``limit``, the longest its shape allows (a random base may be built shorter, as the book's 256)."""
     if source["random_init"] and not limit:
-        return book_config(source["model"], source["context_length"]).context_length
+        return book_config(source["model"], source.get("context_length")).context_length
     directory = Path(source["model"])
     if directory.is_dir() and (directory / "config.json").is_file():
         return config_from_hf(json.loads((directory / "config.json").read_text())).context_length
@@ -98,11 +85,11 @@ def base_context_length(source: dict, limit: bool = False) -> int:
 
 
 def load_base(source: dict) -> GPTModel:
-    """The base of :func:`base_source`: seeded with ``source["seed"]``, then :func:`book_config` random
+    """The base of ``run_dir.base_source``: seeded with ``source["seed"]``, then :func:`book_config` random
     weights (as the book draws them after ``torch.manual_seed(123)``) or the pretrained checkpoint."""
     torch.manual_seed(source["seed"])
     if source["random_init"]:
-        return GPTModel(book_config(source["model"], source["context_length"]))
+        return GPTModel(book_config(source["model"], source.get("context_length")))
     return load_pretrained(source["model"], source["models_dir"])
 
 
@@ -193,68 +180,63 @@ def text_loaders(text: str, tokenizer, context_length: int, batch_size: int, tra
     return loaders
 
 
-def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: str = "full",
-                     method_options: dict | None = None, context_length: int | None = None, epochs: int = 10,
-                     lr: float = 4e-4, weight_decay: float = 0.1, batch_size: int = 2, seed: int = 123,
-                     eval_freq: int = 5, eval_iter: int = 5, train_ratio: float = 0.90,
-                     prompt: str = "Every effort moves you", sample_tokens: int = 50, device="cpu",
-                     tokenizer=None, text_name: str | None = None, progress: bool = True, verbose: bool = True,
-                     save_every: int | None = None, resume: bool = False, overwrite: bool = True,
-                     command_options: dict | None = None) -> dict:
-    """Chapter 5 end to end: train the base described by ``source`` (:func:`base_source`) on ``text``.
+def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, device="cpu", tokenizer=None,
+                     progress: bool = True, verbose: bool = True, resume: bool = False, overwrite: bool = True,
+                     **settings) -> dict:
+    """Chapter 5 end to end, settings as keywords: ``run_pretrain`` with
+    ``PretrainSettings(base_source=source, **settings)`` (``method``, ``epochs``, ``lr``, ``context_length``, ...)."""
+    return run_pretrain(text, PretrainSettings(base_source=source, **settings), out_dir, device=device,
+                        tokenizer=tokenizer, progress=progress, verbose=verbose, resume=resume, overwrite=overwrite)
+
+
+def run_pretrain(text: str, settings: PretrainSettings, out_dir: str | Path, *, device="cpu", tokenizer=None,
+                 progress: bool = True, verbose: bool = True, resume: bool = False, overwrite: bool = True,
+                 command_options: dict | None = None) -> dict:
+    """Train the base of ``settings.base_source`` (``run_dir.base_source``) on ``text``; save the run in ``out_dir``.
 
     Seeds as the book does (``seed`` before the loaders and again before the
     model), trains with AdamW, prints the book's log, and writes the model (or the
     LoRA adapter), ``language_model.json``, ``metrics.json`` and ``loss.png`` to
-    ``out_dir``. ``context_length`` (default: the model's) sets the window length.
-    Checkpoints, ``resume``, ``overwrite`` and ``torchrun`` work as in
-    ``finetune.finetune_spam``. Returns the metrics dict.
+    ``out_dir``. ``settings.context_length`` (default: the model's) sets the window length.
+    Checkpoints, ``resume``, ``overwrite``, ``command_options`` and ``torchrun`` work as in
+    ``finetune.run_finetune``. Returns the metrics dict.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown pretraining method {method!r}; choose one of {', '.join(METHODS)}")
-    if method_options and method != "lora":
-        raise ValueError(f"method {method!r} takes no options, found {sorted(method_options)}")
-    method_options = lora_options(method_options) if method == "lora" else None
+    source = settings.base_source
     tokenizer = tokenizer or get_tokenizer()
     processes = start_processes(device)
     device = processes.device
-    context_length = context_length or base_context_length(source)
+    context_length = settings.context_length or base_context_length(source)
     check_context_length(context_length, base_context_length(source, limit=True), source["model"])
-    torch.manual_seed(seed)  # the book seeds before the loaders (their shuffles draw later) ...
-    loaders = text_loaders(text, tokenizer, context_length, batch_size, train_ratio)
+    torch.manual_seed(settings.seed)  # the book seeds before the loaders (their shuffles draw later) ...
+    loaders = text_loaders(text, tokenizer, context_length, settings.batch_size, settings.train_ratio)
     model = load_base(source)  # ... and again before the model: load_base seeds with source["seed"]
     # Every process checks (one that failed alone would leave the others waiting); one removes. After the
     # checks of the text and options and after the base is loaded (or failed to download), so that a bad
     # one leaves an old run untouched even with --overwrite. open_run_dir draws no random numbers.
-    checkpoint_path = fail_together(open_run_dir, out_dir, resume, overwrite, removes_old_run=processes.is_main,
-                                    run_files=RUN_FILES)
-    if method == "lora":
-        apply_lora(model, **method_options, verbose=False)
+    checkpoint_path = fail_together(open_run_dir, out_dir, resume, overwrite, removes_old_run=processes.is_main)
+    if settings.method == "lora":
+        apply_lora(model, **settings.method_options, verbose=False)
     model.to(device)
-    optimizer = trainable_adamw(model, lr, weight_decay)
-    fingerprint = dict(config=model.cfg.to_dict(), method=method, method_options=method_options, seed=seed, lr=lr,
-                       weight_decay=weight_decay, batch_size=batch_size, eval_freq=eval_freq, eval_iter=eval_iter,
-                       context_length=context_length, train_ratio=train_ratio, prompt=prompt,
-                       sample_tokens=sample_tokens, frozen_weights=frozen_weights_sha256(model),
-                       text=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    optimizer = trainable_adamw(model, settings.lr, settings.weight_decay)
+    fingerprint = dict(config=model.cfg.to_dict(), **{**settings.fingerprint(), "context_length": context_length},
+                       frozen_weights=frozen_weights_sha256(model), text=hashlib.sha256(text.encode("utf-8")).hexdigest(),
                        data_order="distributed" if processes.distributed else "book")
-    checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, save_every,
+    checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, settings.save_every,
                                writes_files=processes.is_main, extra=command_options)
     # Tokens per epoch, as the book counts them (batches x rows x tokens), before sharding.
-    train_tokens = len(loaders[0]) * batch_size * context_length
+    train_tokens = len(loaders[0]) * settings.batch_size * context_length
     val_tokens = len(loaders[1].dataset) * context_length
-    loaders = shard_loaders(loaders, processes, seed)
+    loaders = shard_loaders(loaders, processes, settings.seed)
     history = PretrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
     history = train_language_model(wrap_for_training(model, processes), loaders[0], loaders[1], optimizer, device,
-                                   epochs, eval_freq, eval_iter, prompt, tokenizer, sample_tokens=sample_tokens,
-                                   progress=progress and processes.is_main, verbose=verbose and processes.is_main,
-                                   history=history, checkpoints=checkpoints)
-    info = dict(method=method, method_options=method_options, base_source=source, seed=seed,
-                context_length=context_length, text=text_name, prompt=prompt)
+                                   settings.epochs, settings.eval_freq, settings.eval_iter, settings.prompt, tokenizer,
+                                   sample_tokens=settings.sample_tokens, progress=progress and processes.is_main,
+                                   verbose=verbose and processes.is_main, history=history, checkpoints=checkpoints)
+    info = dict(method=settings.method, method_options=settings.method_options, base_source=source,
+                seed=settings.seed, context_length=context_length, text=settings.text_name, prompt=settings.prompt)
     final = dict(train_loss=history.train_losses[-1], val_loss=history.val_losses[-1]) if history.train_losses else {}
-    metrics = dict(info, **final, **{f"{k}_perplexity": perplexity(v) for k, v in list(final.items())},
-                   training_seconds=round(checkpoints.training_seconds(), 1), epochs=epochs, lr=lr,
-                   weight_decay=weight_decay, batch_size=batch_size, train_ratio=train_ratio,
+    metrics = dict(settings.to_json(), **info, **final, **{f"{k}_perplexity": perplexity(v) for k, v in final.items()},
+                   training_seconds=round(checkpoints.training_seconds(), 1),
                    trainable_parameters=count_parameters(model, trainable_only=True),
                    train_tokens=train_tokens, val_tokens=val_tokens, history=asdict(history))
     if processes.is_main:  # under torchrun, one process writes the run directory

@@ -1,0 +1,199 @@
+"""One settings object per kind of run, checked once when it is made.
+
+A run of a recipe is described by one dataclass (:class:`FinetuneSettings` for
+``finetune.run_finetune``, :class:`PretrainSettings` for ``pretrain_run.run_pretrain``).
+``gptlora`` builds it from the command line, the recipe reads it, and the run stores it:
+its :meth:`~RunSettings.fingerprint` goes into the checkpoint (``--resume`` refuses a run
+whose settings differ) and :meth:`~RunSettings.to_json` into ``metrics.json``. The same
+object made in Python (``FinetuneSettings(method="lora", epochs=2)``) is checked the same way.
+
+What every kind shares lives in :class:`RunSettings`; a new kind of run copies this pattern::
+
+    @dataclass
+    class InstructSettings(RunSettings):
+        epochs: int = setting(2, whole_number(1), fingerprint=False)   # range checked in __post_init__
+        ...
+        def validate(self) -> None:   # checks between fields (optional)
+            ...
+
+``setting(default, check)`` declares a field with its allowed range (``infra.ranges``: the
+very objects the command line parses with, see :meth:`RunSettings.option_type`), and whether it
+belongs to the fingerprint (settings that may change on resume, such as ``epochs``, and where
+files are, do not). This module imports no torch: the command line reads it while parsing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+
+from ..infra.ranges import SEED, NumberRange, fraction, positive_float, real_number, whole_number
+
+
+def setting(default, check: NumberRange | None = None, *, fingerprint: bool = True, optional: bool = False):
+    """A dataclass field with a ``default``, a range ``check`` (None: no range), and whether the run's
+    fingerprint includes it. ``optional``: None is allowed too (then the recipe's default applies)."""
+    return field(default=default, metadata=dict(check=check, fingerprint=fingerprint, optional=optional))
+
+
+@dataclass
+class RunSettings:
+    """The shared part of every kind of run's settings: checks, JSON, fingerprint, command-line types."""
+
+    def __post_init__(self):
+        for item in fields(self):
+            check = item.metadata.get("check")
+            if check is not None:
+                check.check(item.name, getattr(self, item.name), optional=item.metadata["optional"])
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks between fields, and values completed from others (e.g. a method's default learning rate).
+        Must give the same result when run again on its own output (``from_json(to_json())`` is the same)."""
+
+    def to_json(self) -> dict:
+        """The settings as JSON values (paths as strings), field by field."""
+        return {item.name: _json_value(getattr(self, item.name)) for item in fields(self)}
+
+    @classmethod
+    def from_json(cls, values: dict):
+        """Settings from :meth:`to_json`'s output (checked again); an unknown key is a ValueError."""
+        unknown = sorted(set(values) - {item.name for item in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; expected some of "
+                             f"{', '.join(item.name for item in fields(cls))}")
+        return cls(**values)
+
+    def fingerprint(self) -> dict:
+        """The settings that define the run (JSON values): resuming with any of them different is refused."""
+        return {name: value for name, value in self.to_json().items()
+                if self.__dataclass_fields__[name].metadata.get("fingerprint", True)}
+
+    def changed(self, **changes):
+        """A copy with ``changes`` applied, checked again."""
+        return replace(self, **changes)
+
+    @classmethod
+    def option_type(cls, name: str) -> NumberRange:
+        """The range check of field ``name``, as an argparse ``type=`` (one range for both uses)."""
+        return cls.__dataclass_fields__[name].metadata["check"]
+
+    @classmethod
+    def default(cls, name: str):
+        """The default of field ``name`` (for the command line's ``default=``)."""
+        value = cls.__dataclass_fields__[name].default
+        assert value is not MISSING, f"{cls.__name__}.{name} has no plain default"
+        return value
+
+
+def _json_value(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _json_value(item) for key, item in value.items()}
+    return value
+
+
+# --- chapter 6: fine-tuning a classifier (finetune.run_finetune, `gptlora finetune`) -----
+
+# AdamW learning rates per method. LoRA's is the book's appendix E rate with its original scaling
+# (alpha, 5e-5) carried over to alpha/rank: at rank 16, alpha 16 the update is 16 times smaller per
+# step, and Adam moves every entry by about the learning rate, so 16 x 5e-5 = 8e-4 (roughly equivalent).
+DEFAULT_LR = {"last-block": 5e-5, "full": 5e-5, "lora": 8e-4}
+# Prompt and prefix tuning move a few vectors far from where they start: Lester et al. use 0.3 (Adafactor);
+# peft's AdamW examples 3e-2 (prompt) and 1e-2 (prefix).
+DEFAULT_LR.update({"prompt-tuning": 3e-2, "prefix-tuning": 1e-2})
+
+
+@dataclass
+class FinetuneSettings(RunSettings):
+    """Everything that decides a spam fine-tuning run (the book's chapter 6 defaults).
+
+    ``method``: last-block (the book), full, lora, prompt-tuning or prefix-tuning; ``method_options``
+    its options (``classifier.method_settings``: completed with the method's defaults and checked here).
+    ``lr=None`` becomes the method's :data:`DEFAULT_LR`. ``base_source`` (``run_dir.base_source``)
+    says how to rebuild the base, which a run that saves only an adapter needs; with ``quantize``
+    in it (QLoRA) the method must be lora. ``base_model`` is the name the run records for it.
+    """
+
+    method: str = "last-block"
+    method_options: dict | None = None
+    data_dir: str | Path = setting("data", fingerprint=False)  # the data's SHA-256 is in the fingerprint
+    epochs: int = setting(5, whole_number(1), fingerprint=False)  # may grow on resume
+    lr: float | None = setting(None, positive_float(), optional=True)
+    weight_decay: float = setting(0.1, real_number(0))
+    batch_size: int = setting(8, whole_number(1))
+    seed: int = setting(123, SEED)
+    eval_freq: int = setting(50, whole_number(1))
+    eval_iter: int = setting(5, whole_number(1))
+    dynamic_padding: bool = False
+    bucket_by_length: bool = False
+    cache_prefix: bool = False
+    save_every: int | None = setting(None, whole_number(1), fingerprint=False, optional=True)
+    base_model: str | None = setting(None, fingerprint=False)
+    base_source: dict | None = setting(None, fingerprint=False)
+
+    def validate(self) -> None:
+        from ..classifier import method_settings  # torch: imported when settings are made, not when parsing
+        from ..qlora import check_quantize_method
+
+        self.method_options = method_settings(self.method, self.method_options)  # complete: recorded in full
+        check_quantize_method(self.quantize_method, self.method)
+        if self.cache_prefix and self.method != "last-block":
+            why = ("its virtual tokens change what the frozen blocks compute at every step"
+                   if self.method in ("prompt-tuning", "prefix-tuning")
+                   else "it trains the lower blocks too, so their output changes at every step")
+            raise ValueError(f"cache_prefix works only with method 'last-block' (frozen blocks below the trained "
+                             f"one); {self.method!r} cannot cache them: {why}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method]
+
+    @property
+    def quantize_method(self) -> str | None:
+        """``"nf4"`` or ``"int8"`` for a QLoRA run's base (from ``base_source``), else None."""
+        return ((self.base_source or {}).get("quantize") or {}).get("method")
+
+
+# --- chapter 5: pretraining on a text (pretrain_run.run_pretrain, `gptlora pretrain`) ----
+
+PRETRAIN_METHODS = ("full", "lora")
+
+
+@dataclass
+class PretrainSettings(RunSettings):
+    """Everything that decides a pretraining run (the book's chapter 5 defaults).
+
+    ``method``: full (the book) or lora, with ``method_options`` (``classifier.lora_options``).
+    ``context_length=None``: the base's (256 for the book's random GPT-2 small). ``train_ratio``:
+    the share of the text's characters to train on. Each epoch ends with a greedy sample of
+    ``sample_tokens`` tokens after ``prompt``. ``base_source`` (``run_dir.base_source``) says which
+    model to start from; ``text_name`` is what the run records as its text.
+    """
+
+    method: str = "full"
+    method_options: dict | None = None
+    context_length: int | None = setting(None, whole_number(1), optional=True)
+    epochs: int = setting(10, whole_number(1), fingerprint=False)
+    lr: float = setting(4e-4, positive_float())
+    weight_decay: float = setting(0.1, real_number(0))
+    batch_size: int = setting(2, whole_number(1))
+    train_ratio: float = setting(0.90, fraction())
+    seed: int = setting(123, SEED)
+    eval_freq: int = setting(5, whole_number(1))
+    eval_iter: int = setting(5, whole_number(1))
+    prompt: str = "Every effort moves you"
+    sample_tokens: int = setting(50, whole_number(1))
+    save_every: int | None = setting(None, whole_number(1), fingerprint=False, optional=True)
+    text_name: str | None = setting(None, fingerprint=False)
+    base_source: dict | None = setting(None, fingerprint=False)
+
+    def validate(self) -> None:
+        from ..classifier import lora_options
+
+        if self.method not in PRETRAIN_METHODS:
+            raise ValueError(f"unknown pretraining method {self.method!r}; choose one of {', '.join(PRETRAIN_METHODS)}")
+        if self.method_options and self.method != "lora":
+            raise ValueError(f"method {self.method!r} takes no options, found {sorted(self.method_options)}")
+        self.method_options = lora_options(self.method_options) if self.method == "lora" else None

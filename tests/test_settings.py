@@ -1,0 +1,87 @@
+"""The settings dataclasses: checked once when made, with the command line's own ranges; JSON round trip;
+a fingerprint with the same keys as before they existed (so older checkpoints still resume)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gptlora.cli import app as cli
+from gptlora.infra.ranges import whole_number
+from gptlora.recipes.settings import DEFAULT_LR, FinetuneSettings, PretrainSettings
+
+# The settings part of the checkpoint fingerprints written before the settings dataclasses: a run
+# checkpointed then resumes now only if these keys (and their values) are unchanged.
+FINETUNE_FINGERPRINT = {"method", "method_options", "seed", "lr", "weight_decay", "batch_size", "eval_freq",
+                        "eval_iter", "dynamic_padding", "bucket_by_length", "cache_prefix"}
+PRETRAIN_FINGERPRINT = {"method", "method_options", "seed", "lr", "weight_decay", "batch_size", "eval_freq",
+                        "eval_iter", "context_length", "train_ratio", "prompt", "sample_tokens"}
+
+
+@pytest.mark.parametrize("kind, changes, message", [
+    (FinetuneSettings, dict(epochs=0), "epochs: expected a whole number of at least 1, found 0"),
+    (FinetuneSettings, dict(lr=math.inf), "lr: expected a finite number above 0, found inf"),
+    (FinetuneSettings, dict(seed=-1), "seed: expected a whole number from 0 to 4294967295, found -1"),
+    (FinetuneSettings, dict(batch_size=2.5), "batch_size: expected a whole number of at least 1, found 2.5"),
+    (FinetuneSettings, dict(eval_freq=True), "eval_freq: expected a whole number of at least 1, found True"),
+    (FinetuneSettings, dict(method="bogus"), "unknown fine-tuning method 'bogus'"),
+    (FinetuneSettings, dict(method="full", method_options=dict(rank=4)), "method 'full' takes no options"),
+    (FinetuneSettings, dict(method="lora", method_options=dict(rank=0)), "rank must be a positive integer"),
+    (FinetuneSettings, dict(method="full", cache_prefix=True), "cache_prefix works only with method 'last-block'"),
+    (FinetuneSettings, dict(base_source=dict(quantize=dict(method="nf4"))), "trains only with --method lora"),
+    (PretrainSettings, dict(train_ratio=1.0), "train_ratio: expected a finite number above 0 and below 1"),
+    (PretrainSettings, dict(weight_decay=math.nan), "weight_decay: expected a finite number of at least 0"),
+    (PretrainSettings, dict(context_length=0), "context_length: expected a whole number of at least 1, found 0"),
+    (PretrainSettings, dict(method="last-block"), "unknown pretraining method 'last-block'"),
+])
+def test_bad_settings_are_refused_when_made(kind, changes, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        kind(**changes)
+
+
+def test_settings_are_completed_once_and_survive_json():
+    settings = FinetuneSettings(method="lora", method_options=dict(rank=4), save_every=10)
+    assert settings.lr == DEFAULT_LR["lora"] and settings.method_options["alpha"] == 16  # completed
+    assert FinetuneSettings.from_json(settings.to_json()) == settings  # completing again changes nothing
+    assert settings.changed(epochs=7).epochs == 7
+    with pytest.raises(ValueError, match="epochs: expected"):
+        settings.changed(epochs=-1)  # a copy is checked again
+    with pytest.raises(ValueError, match=r"unknown FinetuneSettings field\(s\) \['rnak'\]"):
+        FinetuneSettings.from_json({"rnak": 4})
+    pretrain = PretrainSettings(method="lora")
+    assert PretrainSettings.from_json(pretrain.to_json()) == pretrain
+
+
+def test_fingerprints_keep_their_keys_and_leave_out_what_may_change():
+    assert set(FinetuneSettings().fingerprint()) == FINETUNE_FINGERPRINT
+    assert set(PretrainSettings().fingerprint()) == PRETRAIN_FINGERPRINT
+    # epochs and save_every may change on resume: they are not part of it
+    assert FinetuneSettings(epochs=9, save_every=3).fingerprint() == FinetuneSettings().fingerprint()
+
+
+def test_the_command_line_parses_with_the_settings_ranges_and_defaults():
+    """One range and one default per option: the parser's come from the settings' fields."""
+    parser = cli.build_parser()
+    for command, kind in (("finetune", FinetuneSettings), ("pretrain", PretrainSettings)):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        actions = {action.dest: action for action in sub._actions}
+        for name in ("epochs", "lr", "weight_decay", "batch_size", "seed", "eval_freq", "eval_iter", "save_every"):
+            assert actions[name].type is kind.option_type(name), (command, name)
+            if name != "save_every":
+                assert actions[name].default == kind.default(name), (command, name)
+    assert isinstance(FinetuneSettings.option_type("epochs"), type(whole_number(1)))
+
+
+def test_the_command_line_builds_settings_once(monkeypatch):
+    """``method_settings`` (the method's options, completed and checked) runs once for a finetune command line."""
+    import gptlora.classifier as classifier
+
+    calls = []
+    real = classifier.method_settings
+    monkeypatch.setattr(classifier, "method_settings", lambda *a, **k: calls.append(a) or real(*a, **k))
+    args = cli.build_parser().parse_args(["finetune", "--method", "lora", "--rank", "4", "--epochs", "2"])
+    args.argv = ["finetune", "--method", "lora", "--rank", "4", "--epochs", "2"]
+    settings = cli.finetune_settings(args)
+    assert len(calls) == 1 and settings.method_options["rank"] == 4 and settings.epochs == 2
+    assert settings.base_source["random_init"] is False and settings.base_model == "gpt2-small"
