@@ -236,9 +236,12 @@ def cmd_export_peft(args) -> int:
     if existing:
         raise FileExistsError(f"{args.out} already holds files ({', '.join(existing[:5])}); choose another --out "
                               "or remove them")
-    export = export_pretraining_run_to_peft if pretraining_run(args.run) else export_run_to_peft
-    out = export(args.run, args.out)
+    classifier = not pretraining_run(args.run)
+    out = (export_run_to_peft if classifier else export_pretraining_run_to_peft)(args.run, args.out)
     print(f"peft adapter written to {out}; load it with peft.PeftModel.from_pretrained(hf_model, {str(out)!r})")
+    if classifier and not (Path(out) / "base").is_dir():  # an exported random base has it in its config.json
+        print("for batches of several messages, give the classifier GPT-2's end-of-text as padding token: "
+              "GPT2ForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=50256)")
     return 0
 
 

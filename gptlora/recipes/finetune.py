@@ -25,6 +25,7 @@ from ..infra.distributed import fail_together, shard_loaders, start_processes, w
 from ..infra.download import sha256_of
 from ..formats.lora_io import BaseMismatchError, load_adapter, save_adapter
 from ..formats.lora_peft_export import export_peft
+from ..generation import END_OF_TEXT_ID
 from ..model import GPTConfig, GPTModel, count_parameters
 from .prefix_cache import cache_frozen_prefix
 from ..pretrained import pretrained_or_random, safetensors_shapes
@@ -199,7 +200,11 @@ def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
 
     Its ``base_model_name_or_path`` names the base the run started from: the Hub
     repository of a GPT-2 name, or the checkpoint directory. A base of random weights
-    has neither, so it is written to ``out_dir/base`` (``save_hf``) and named instead.
+    has neither, so it is written to ``out_dir/base`` (``save_hf``) and named instead,
+    with ``pad_token_id`` 50256 in its ``config.json``: the classifier pads with GPT-2's
+    end-of-text, and ``transformers.GPT2ForSequenceClassification`` classifies a batch of
+    several messages only with a padding token (it reads each row at its last other token).
+    A Hub or directory base's config is not ours to change: load it with ``pad_token_id=50256``.
     A failed export removes ``out_dir`` if it created it.
     """
     run_dir = Path(run_dir)
@@ -222,7 +227,7 @@ def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 def _export(run_dir: Path, info: dict, source: dict, out_dir: str | Path) -> Path:
     base = load_base(source)  # built once: a random base is also written out, before its head is replaced
-    base_name = peft_base_name(source, lambda: base, out_dir)
+    base_name = peft_base_name(source, lambda: base, out_dir, pad_token_id=END_OF_TEXT_ID)  # as classify pads
     model = _load_adapter_classifier(run_dir, info, base, origin=f"rebuilt from {source}").eval()
     export = export_prompt_peft if isinstance(model, VirtualTokenModel) else export_peft
     return export(model, out_dir, base_model_name_or_path=base_name)

@@ -86,11 +86,12 @@ def frozen_weights_sha256(model: torch.nn.Module) -> str:
     return tensors_sha256(frozen + list(model.named_buffers()))
 
 
-def peft_base_name(source: dict, build_base, out_dir: str | Path) -> str:
+def peft_base_name(source: dict, build_base, out_dir: str | Path, pad_token_id: int | None = None) -> str:
     """What an exported adapter names as its ``base_model_name_or_path``: the Hub repository of a GPT-2
-    name, or the checkpoint directory; a random base (``build_base()``) is first written to ``out_dir/base``."""
+    name, or the checkpoint directory; a random base (``build_base()``) is first written to ``out_dir/base``,
+    with ``pad_token_id`` in its ``config.json`` (a classifier's padding token)."""
     if source["random_init"]:
-        return str(save_hf(build_base(), Path(out_dir) / "base"))
+        return str(save_hf(build_base(), Path(out_dir) / "base", pad_token_id=pad_token_id))
     if Path(source["model"]).is_dir():
         return source["model"]
     return HUB_REPOS[canonical_preset(source["model"])]
