@@ -259,6 +259,30 @@ def pretrain_args(text, model_dir, out, *extra):
             "--out", str(out), "--device", "cpu", *extra]
 
 
+def test_generate_on_a_run_samples_as_the_book_does_after_training(run_cli, short_text, tiny_model_dir, tmp_path,
+                                                                   tokenizer, one_thread):
+    """`gptlora generate --model RUN --top-k --temperature --seed` draws what the book's call draws on the
+    trained model: ``torch.manual_seed(seed); generate(model, ...)`` (test_pretraining_book's seeded sample).
+    The command once seeded before building the model, whose initial weights used up the seeded draws."""
+    from gptlora.generation import generate
+    from gptlora.recipes.pretrain_run import load_language_model
+
+    run = tmp_path / "run"
+    assert run_cli(pretrain_args(short_text, tiny_model_dir, run, "--epochs", "1"))[0] == 0
+    options = ["--prompt", "Every effort moves you", "--max-new-tokens", "15", "--top-k", "25", "--temperature", "1.4"]
+    samples = {}
+    for seed in (123, 7):
+        status, printed = run_cli(["generate", "--model", str(run), *options, "--seed", str(seed)])
+        assert status == 0
+        model, _ = load_language_model(run)
+        torch.manual_seed(seed)
+        ids = generate(model, text_to_token_ids("Every effort moves you", tokenizer), max_new_tokens=15,
+                       context_size=model.cfg.context_length, top_k=25, temperature=1.4)
+        samples[seed] = token_ids_to_text(ids, tokenizer)
+        assert printed == samples[seed] + "\n"  # print adds the line end
+    assert samples[123] != samples[7]  # the draws do depend on the seed: the comparison above can fail
+
+
 def test_pretrain_command_writes_a_run_that_generate_reads(run_cli, short_text, tiny_model_dir, tmp_path, tokenizer,
                                                            one_thread):
     status, out = run_cli(pretrain_args(short_text, tiny_model_dir, tmp_path / "run"))

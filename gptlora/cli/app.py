@@ -35,7 +35,7 @@ def cmd_generate(args) -> int:
     if not args.prompt:
         raise ValueError("--prompt is empty: give some text to continue (or '<|endoftext|>' to start from nothing, "
                          "as GPT-2 was trained to)")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # --random-init: the same weights for the same seed
     if Path(args.model).is_dir() and pretraining_run(args.model):  # the --out directory of `gptlora pretrain`
         from ..recipes.pretrain_run import load_language_model
 
@@ -51,6 +51,10 @@ def cmd_generate(args) -> int:
         quantize_base(model, "int8", include_head=True, fused_int8=True)
     if args.random_init:
         print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)
+    # Seeded again, right before sampling, as the book does (torch.manual_seed(123); generate(...)): building
+    # the model drew from the generator (its initial weights, before the saved ones replace them), so the
+    # seed above alone gave other draws than the book's and its sample "Every effort moves you stand to work ...".
+    torch.manual_seed(args.seed)
     text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, progress=True)
     print(text)
