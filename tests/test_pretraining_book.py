@@ -146,4 +146,5 @@ def test_generate_on_the_saved_model_prints_the_books_sample(book_run, tmp_path,
     capsys.readouterr()
     assert cli.main(["generate", "--model", str(run), "--prompt", "Every effort moves you", "--max-new-tokens", "15",
                      "--top-k", "25", "--temperature", "1.4", "--seed", "123"]) == 0
-    assert capsys.readouterr().out == "Every effort moves you stand to work on surprise, a one of us had gone with random-\n"
+    book = "Every effort moves you stand to work on surprise, a one of us had gone with random-"
+    assert capsys.readouterr().out == book + "\n"

@@ -73,15 +73,25 @@ def test_the_command_line_parses_with_the_settings_ranges_and_defaults():
     assert isinstance(FinetuneSettings.option_type("epochs"), type(whole_number(1)))
 
 
-def test_the_command_line_builds_settings_once(monkeypatch):
-    """``method_settings`` (the method's options, completed and checked) runs once for a finetune command line."""
-    import gptlora.classifier as classifier
+def counting(monkeypatch, module, name) -> list:
+    """Replace ``module.name`` by a wrapper that records each call's arguments in the returned list."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
 
-    calls = []
-    real = classifier.method_settings
-    monkeypatch.setattr(classifier, "method_settings", lambda *a, **k: calls.append(a) or real(*a, **k))
-    args = cli.build_parser().parse_args(["finetune", "--method", "lora", "--rank", "4", "--epochs", "2"])
-    args.argv = ["finetune", "--method", "lora", "--rank", "4", "--epochs", "2"]
+
+def test_the_command_line_builds_settings_once(monkeypatch):
+    """``method_settings`` (the method's options, completed and checked) and the check that the method may
+    train on a quantized base each run once for a finetune command line (three times each, before)."""
+    import gptlora.classifier as classifier
+    import gptlora.qlora as qlora
+
+    method_calls = counting(monkeypatch, classifier, "method_settings")
+    quantize_calls = counting(monkeypatch, qlora, "check_quantize_method")
+    argv = ["finetune", "--method", "lora", "--rank", "4", "--epochs", "2", "--quantize-base", "nf4"]
+    args = cli.build_parser().parse_args(argv)
+    args.argv = argv
     settings = cli.finetune_settings(args)
-    assert len(calls) == 1 and settings.method_options["rank"] == 4 and settings.epochs == 2
+    assert len(method_calls) == 1 and len(quantize_calls) == 1
+    assert settings.method_options["rank"] == 4 and settings.epochs == 2 and settings.quantize_method == "nf4"
     assert settings.base_source["random_init"] is False and settings.base_model == "gpt2-small"
