@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gptlora.cli import app as cli
+from gptlora.cli.run_settings import lora_method_options
 from gptlora.classifier import LORA_DEFAULTS, calc_accuracy_loader, classify, prepare_for_classification
 from gptlora.recipes.finetune import ADAPTER_DIR, load_classifier
 from gptlora.lora import lora_disabled, lora_layers
@@ -177,7 +178,7 @@ def test_cli_lora_options_match_the_library(capsys):
     args = parser.parse_args(["finetune", "--method", "lora", "--rank", "2", "--alpha", "3", "--targets", "W_query",
                               "W_value", "--scaling", "alpha", "--lora-dropout", "0.1"])
     model = prepare_for_classification(GPTModel(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4,
-                                                          n_layers=1)), "lora", method_options=cli.lora_method_options(args))
+                                                          n_layers=1)), "lora", method_options=lora_method_options(args))
     layers = lora_layers(model)
     assert sorted(layers) == ["trf_blocks.0.att.W_query", "trf_blocks.0.att.W_value"]
     lora = layers["trf_blocks.0.att.W_query"].lora["default"]

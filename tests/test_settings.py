@@ -8,6 +8,7 @@ import math
 import pytest
 
 from gptlora.cli import app as cli
+from gptlora.cli.run_settings import finetune_settings
 from gptlora.infra.ranges import whole_number
 from gptlora.recipes.settings import DEFAULT_LR, FinetuneSettings, PretrainSettings
 
@@ -91,7 +92,7 @@ def test_the_command_line_builds_settings_once(monkeypatch):
     argv = ["finetune", "--method", "lora", "--rank", "4", "--epochs", "2", "--quantize-base", "nf4"]
     args = cli.build_parser().parse_args(argv)
     args.argv = argv
-    settings = cli.finetune_settings(args)
+    settings = finetune_settings(args)
     assert len(method_calls) == 1 and len(quantize_calls) == 1
     assert settings.method_options["rank"] == 4 and settings.epochs == 2 and settings.quantize_method == "nf4"
     assert settings.base_source["random_init"] is False and settings.base_model == "gpt2-small"

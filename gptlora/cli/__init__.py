@@ -1,5 +1,6 @@
 """The ``gptlora`` command: ``app`` builds the parser and runs the subcommands, ``checks`` holds every
-check of an option's value (run while parsing) and the one-line error and warning format.
+check of an option's value (run while parsing) and the one-line error and warning format, and
+``run_settings`` turns a parsed command line (resumed or not) into a run's settings dataclass.
 
 ``python -m gptlora.cli`` runs it as the ``gptlora`` script does.
 """

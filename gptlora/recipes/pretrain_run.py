@@ -1,6 +1,7 @@
 """The pretraining recipe end to end, and the run directories it writes (``gptlora pretrain``).
 
-``pretrain_on_text`` is the first half of chapter 5 of "Build a Large Language
+``run_pretrain`` (with a ``settings.PretrainSettings``; ``pretrain_on_text`` takes the
+settings as keywords) is the first half of chapter 5 of "Build a Large Language
 Model (From Scratch)" as one call: split the text 90/10, cut it into windows,
 build the model, train with AdamW, print the book's log, and save a run directory
 that ``load_language_model`` (and ``gptlora generate --model RUN_DIR``) reads back.
