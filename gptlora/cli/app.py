@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
+    if hasattr(args, "resume"):  # a run's command: run_settings.options_given compares with its defaults
+        args.defaults = vars(parser.parse_args([args.command]))
     try:
         with one_line_warnings():
             return args.func(args)

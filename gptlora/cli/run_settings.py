@@ -40,15 +40,18 @@ def lora_method_options(args) -> dict | None:
 # `finetune --resume` takes every option from the run's checkpoint; these few may be changed on the
 # command line, and these are never the run's (they say where the run is and how to start it).
 RESUME_MAY_CHANGE = {"epochs", "device", "save_every"}
-NOT_RUN_OPTIONS = {"resume", "overwrite", "out", "command", "func", "argv", "debug"}
+NOT_RUN_OPTIONS = {"resume", "overwrite", "out", "command", "func", "argv", "defaults", "debug"}
 
 
 def options_given(args: argparse.Namespace) -> set[str]:
     """The options written on the command line (``--name`` or ``--name=value``), or set to a value other
-    than their default (which also catches an abbreviated name)."""
-    from .app import build_parser  # the parser's defaults: the command's module builds it
+    than their default (which also catches an abbreviated name). ``app.main`` records the command's
+    defaults in ``args.defaults``; without them (``args`` parsed elsewhere) the parser is built again."""
+    defaults = getattr(args, "defaults", None)
+    if defaults is None:
+        from .app import build_parser
 
-    defaults = vars(build_parser().parse_args([args.command]))
+        defaults = vars(build_parser().parse_args([args.command]))
     written = {token.split("=", 1)[0] for token in getattr(args, "argv", ()) if token.startswith("--")}
     return {name for name, value in vars(args).items()
             if f"--{name.replace('_', '-')}" in written or value != defaults.get(name)}
