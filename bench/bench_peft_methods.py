@@ -1,7 +1,7 @@
-"""Full fine-tuning, last-block, LoRA, prompt tuning and prefix tuning on the spam task, side by side.
+"""Full fine-tuning, last-block, LoRA, prompt, prefix and P-tuning, and DoRA on the spam task, side by side.
 
 Runs ``gptlora.recipes.method_comparison.compare_methods`` on an offline tiny GPT (2 layers,
-64 wide, random weights drawn under seed 123, as the README's tiny runs, but with a
+64 wide, random weights drawn under seed 123, as the tiny runs of docs/spam-classification.md, but with a
 context of 256 rather than 128, so that 20 virtual tokens fit before the 120-token
 messages) and prints one Markdown
 table, plus the trainable parameters of each method on gpt2-small (counted on the
@@ -11,7 +11,7 @@ in the same run.
     .venv/bin/python bench/bench_peft_methods.py              # 3 epochs, the whole split (a few minutes)
     .venv/bin/python bench/bench_peft_methods.py --quick      # 1 epoch on the first 80 messages of each split
 
-On random weights the accuracies say little about the methods (see the README).
+On random weights the accuracies say little about the methods (see docs/prompt-tuning.md).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from gptlora.classifier import METHODS
 from gptlora.recipes.finetune import base_source, load_base
 from gptlora.generation import get_tokenizer
 from gptlora.formats.hf_layout import config_to_hf
-from gptlora.recipes.method_comparison import compare_methods, trainable_on_meta
+from gptlora.recipes.method_comparison import COMPARED, compare_methods, trainable_on_meta
 from gptlora.model import GPTConfig
 
 TINY = GPTConfig(vocab_size=50257, context_length=256, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
@@ -72,5 +72,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    assert tuple(METHODS) == ("last-block", "full", "lora", "prompt-tuning", "prefix-tuning")
+    assert tuple(METHODS) == ("last-block", "full", "lora", "prompt-tuning", "prefix-tuning", "p-tuning")
+    assert tuple(COMPARED) == (*METHODS, "dora")
     main()

@@ -53,7 +53,7 @@ def matmul_task(n: int = 2048, count: int = 8):
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
-    """Print a Markdown table (so it can be pasted into the README as it is)."""
+    """Print a Markdown table (so it can be pasted into bench/README.md or docs/ as it is)."""
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")

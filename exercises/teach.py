@@ -1,33 +1,40 @@
-"""Build the exercise notebooks into student and autograder versions, and grade a folder of submissions.
+"""Build the exercise notebooks for students and for otter/Gradescope, and grade a folder of submissions.
 
+    python exercises/teach.py release [--out dist]
     python exercises/teach.py build [MASTER.ipynb ...] [--out dist]
-    python exercises/teach.py grade SUBMISSIONS_DIR --autograder dist/01_gpt_model/autograder.zip --out scores.csv
+    python exercises/teach.py grade SUBMISSIONS_DIR --exercise 01_gpt_model [--out scores.csv] [--timeout 180]
+                                    [--memory 4096] [--jobs 2] [--unsafe]
+
+``release`` writes ``OUT/student/`` (one notebook per exercise, public checks only: no solutions, no
+hidden checks, no grading inputs) and ``OUT/student.zip`` to hand out, and, apart from it,
+``OUT/teacher/NN_name-autograder.zip``, otter's autograder for Gradescope.
 
 ``build`` runs ``otter assign`` on each master notebook (default: every ``exercises/NN_*.ipynb``)
-into ``OUT/<name>/``: ``student/<name>.ipynb`` to hand out (public checks only) and
-``autograder.zip`` (every check, hidden ones included) to grade with.
+into ``OUT/<name>/``: ``student/<name>.ipynb``, ``autograder/<name>.ipynb`` (the solutions) and
+``autograder.zip``.
 
-``grade`` grades every ``*.ipynb`` in ``SUBMISSIONS_DIR`` into one CSV, one row per
-submission and one column per question (otter's ``final_grades.csv`` layout, with a first
-row of the points possible, and a ``grading_status`` column: a submission that cannot be graded
-scores 0 with the reason there, and the others are still graded). With Docker available it runs ``otter grade`` (one container per
-submission, the environment of the autograder zip); otherwise, or with ``--no-docker``, it runs
-``otter run`` on each submission in this Python environment, which must have ``gptlora``
-installed. Needs ``pip install -e ".[teach]"``.
+``grade`` grades every ``*.ipynb`` in ``SUBMISSIONS_DIR`` against ``exercises/<exercise>.ipynb`` into one
+CSV: one row per submission, its points per question, total and status (why it lost points it could
+not be asked for: timeout, memory, crash, invalid notebook, missing function). Each submission runs in
+a sandbox (bubblewrap) that only reports its functions' answers on the grader's inputs; a separate
+process scores them. See exercises/GRADING.md for what this promises. Needs ``pip install -e ".[teach]"``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import os
 import shutil
-import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from gptlora.infra.atomic import replace_atomically
 
 EXERCISES_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(EXERCISES_DIR))  # its sibling modules: grading_spec, sandbox, scoring
 
 
 def master_notebooks() -> list[Path]:
@@ -55,101 +62,112 @@ def build(master: Path, out_dir: Path) -> Path:
     return target
 
 
-def docker_available() -> bool:
-    """Whether a Docker daemon answers (``otter grade`` needs one)."""
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+def release(out_dir: Path, masters: list[Path] | None = None) -> Path:
+    """The student release ``out_dir/student/`` (+ ``student.zip``) and, beside it, the otter autograder zips
+    in ``out_dir/teacher/``; returns ``out_dir``. The student folder holds only the student notebooks."""
+    student, teacher = out_dir / "student", out_dir / "teacher"
+    for folder in (student, teacher):
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for master in masters or master_notebooks():
+            built = build(master, Path(tmp))
+            shutil.copyfile(built / "student" / master.name, student / master.name)
+            shutil.copyfile(built / "autograder.zip", teacher / f"{master.stem}-autograder.zip")
+    with replace_atomically(out_dir / "student.zip") as tmp_zip:
+        with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as archive:
+            for notebook in sorted(student.glob("*.ipynb")):
+                archive.write(notebook, f"exercises/{notebook.name}")
+    return out_dir
 
 
-def submissions_in(folder: Path) -> list[Path]:
-    paths = sorted(folder.glob("*.ipynb"))
+def submissions_in(folder: Path) -> dict[str, bytes]:
+    """Every ``*.ipynb`` of ``folder``, read once before any is graded (a submission can change no other)."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; expected a folder of submitted notebooks")
+    paths = sorted(p for p in folder.glob("*.ipynb") if p.is_file())
     if not paths:
         raise ValueError(f"no submissions (*.ipynb) found in {folder}; expected one notebook per student")
-    return paths
+    return {path.name: path.read_bytes() for path in paths}
 
 
-def grade_without_docker(submissions: list[Path], autograder: Path):
-    """``otter run`` each submission here; otter's score table (a DataFrame) of all of them.
-
-    A submission that cannot be graded (not a notebook, a kernel that dies, ...) gets a row of
-    zeros whose ``grading_status`` says why, and grading goes on with the next one: one broken
-    file must not cost the whole class its table.
-    """
-    from otter.api import grade_submission
-    from otter.grade.utils import merge_scores_to_df
-    from otter.test_files import GradingResults
-
-    results = []
-    for path in submissions:
-        print(f"grading {path.name}", file=sys.stderr)
-        try:
-            result = grade_submission(str(path), str(autograder), quiet=True)
-        except Exception as error:  # whatever the submission holds, the other students are still graded
-            result = GradingResults.without_results(RuntimeError(f"{type(error).__name__}: {error}"))
-        if result.catastrophic_error is not None:
-            print(f"teach.py: could not grade {path}: {result.catastrophic_error}; it scores 0 "
-                  f"(the reason is in the grading_status column)", file=sys.stderr)
-        result.file = path.name  # as otter grade names each row
-        results.append(result)
-    return merge_scores_to_df(results)
+def master_of(exercise: str) -> Path:
+    path = EXERCISES_DIR / f"{Path(exercise).stem}.ipynb"
+    if not path.is_file():
+        names = ", ".join(p.stem for p in master_notebooks())
+        raise ValueError(f"exercise {exercise!r} not found; expected one of {names}")
+    return path
 
 
-def grade_with_docker(submissions_dir: Path, autograder: Path):
-    """``otter grade`` the folder in Docker containers; its score table (a DataFrame)."""
-    import pandas as pd
-    from otter.grade import main as otter_grade
+def grade_folder(submissions_dir: Path, exercise: str, out_csv: Path, limits=None, unsafe: bool = False,
+                 jobs: int = 2) -> Path:
+    """Grade every notebook of ``submissions_dir`` as answers to ``exercise`` into ``out_csv`` (written at the
+    end, atomically). Refuses to run without bubblewrap unless ``unsafe``."""
+    from sandbox import Limits, bwrap_path, describe_isolation
+    from scoring import grade_submissions, table
 
-    with tempfile.TemporaryDirectory() as tmp:
-        otter_grade(name=autograder.parent.name or "exercises", paths=[str(submissions_dir)], output_dir=tmp,
-                    autograder=str(autograder), ext="ipynb")
-        return pd.read_csv(Path(tmp) / "final_grades.csv")
-
-
-def grade_folder(submissions_dir: Path, autograder: Path, out_csv: Path, docker: bool | None = None) -> Path:
-    """Grade every notebook of ``submissions_dir`` with ``autograder`` into ``out_csv``.
-
-    ``docker=None`` uses Docker when a daemon answers; True requires it; False never uses it.
-    The CSV is written to a temporary file and renamed, so a failed run leaves no partial table.
-    """
-    if not autograder.is_file():
-        raise ValueError(f"autograder zip {autograder} not found; build it with `python exercises/teach.py build`")
-    if not submissions_dir.is_dir():
-        raise ValueError(f"{submissions_dir} is not a folder; expected a folder of submitted notebooks")
+    limits = limits or Limits()
+    master = master_of(exercise)
+    if not unsafe and bwrap_path() is None:
+        raise ValueError("no isolation available: bubblewrap (bwrap) is not installed; install it "
+                         "(apt-get install bubblewrap) or pass --unsafe to run submissions as you, unisolated")
     submissions = submissions_in(submissions_dir)
-    use_docker = docker_available() if docker is None else docker
-    if use_docker and not docker_available():
-        raise ValueError("--docker was asked for, but no Docker daemon answers `docker info`; "
-                         "start Docker, or grade with --no-docker")
-    table = grade_with_docker(submissions_dir, autograder) if use_docker else grade_without_docker(submissions, autograder)
+    print(f"teach.py: {describe_isolation(unsafe, limits)}", file=sys.stderr)
+    questions, rows = grade_submissions(submissions, master.stem, master, limits, unsafe, jobs)
+    for row in rows:
+        if row.status:
+            print(f"teach.py: {row.file}: {'; '.join(row.status)}", file=sys.stderr)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with replace_atomically(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
+        with open(tmp, "w", newline="") as file:
+            csv.writer(file, lineterminator="\n").writerows(table(questions, rows))
     return out_csv
 
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a number above 0, found {text}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
+    from sandbox import Limits
+
     parser = argparse.ArgumentParser(prog="teach.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    release_parser = commands.add_parser("release", help="the student release and, apart, otter's autograder zips")
+    release_parser.add_argument("--out", type=Path, default=Path("dist"), help="output folder (default: dist)")
     build_parser = commands.add_parser("build", help="otter assign the master notebooks into student and autograder versions")
     build_parser.add_argument("masters", nargs="*", type=Path, help="master notebooks (default: every exercises/NN_*.ipynb)")
     build_parser.add_argument("--out", type=Path, default=Path("dist"), help="output folder (default: dist)")
     grade_parser = commands.add_parser("grade", help="grade a folder of submitted notebooks into one CSV")
     grade_parser.add_argument("submissions", type=Path, help="folder of submitted .ipynb files")
-    grade_parser.add_argument("--autograder", type=Path, required=True, help="autograder.zip written by `build`")
+    grade_parser.add_argument("--exercise", required=True, help="the exercise they answer, e.g. 01_gpt_model")
     grade_parser.add_argument("--out", type=Path, default=Path("scores.csv"), help="CSV to write (default: scores.csv)")
-    docker = grade_parser.add_mutually_exclusive_group()
-    docker.add_argument("--docker", dest="docker", action="store_true", default=None, help="require otter grade (Docker)")
-    docker.add_argument("--no-docker", dest="docker", action="store_false", help="otter run each submission here")
+    grade_parser.add_argument("--timeout", type=_positive(float), default=Limits.timeout_s,
+                              help=f"seconds one run of a submission may take (default {Limits.timeout_s:g})")
+    grade_parser.add_argument("--memory", type=_positive(int), default=Limits.memory_mib,
+                              help=f"MiB of address space per submission (default {Limits.memory_mib})")
+    grade_parser.add_argument("--jobs", type=_positive(int), default=min(4, os.cpu_count() or 1),
+                              help="submissions graded at once (default: up to 4)")
+    grade_parser.add_argument("--unsafe", action="store_true",
+                              help="grade without bubblewrap: submissions can then read and change your files")
     args = parser.parse_args(argv)
     try:
-        if args.command == "build":
+        if args.command == "release":
+            print(f"wrote {release(args.out)}: student/ and student.zip to hand out, teacher/ for Gradescope")
+        elif args.command == "build":
             for master in args.masters or master_notebooks():
                 if not master.is_file():
                     raise ValueError(f"master notebook {master} not found; expected a path like exercises/01_gpt_model.ipynb")
                 print(f"built {build(master, args.out)}")
         else:
-            print(f"wrote {grade_folder(args.submissions, args.autograder, args.out, args.docker)}")
+            limits = Limits(timeout_s=args.timeout, memory_mib=args.memory)
+            print(f"wrote {grade_folder(args.submissions, args.exercise, args.out, limits, args.unsafe, args.jobs)}")
     except (ValueError, RuntimeError) as error:
         print(f"teach.py: error: {error}", file=sys.stderr)
         return 2

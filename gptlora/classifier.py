@@ -28,7 +28,7 @@ from .generation import END_OF_TEXT_ID
 from .lora import apply_lora, check_lora_hyperparameters
 from .model import GPTModel, evaluating
 from .prompt_tuning import PROMPT_METHODS, apply_virtual_tokens, check_virtual_tokens, prompt_method_options
-from .training import first_batches, mean_batch_loss, plot_values, train_epochs
+from .training import NO_SCHEDULE, TrainingSchedule, first_batches, mean_batch_loss, plot_values, train_epochs
 
 METHODS = ("last-block", "full", "lora", *PROMPT_METHODS)
 LABEL_NAMES = ("not spam", "spam")  # index = class id (ham 0, spam 1)
@@ -42,7 +42,7 @@ def check_method(method: str) -> None:
 
 # The recipe of the book's appendix E: rank 16, alpha 16 on every linear layer, the new head included.
 LORA_DEFAULTS = dict(rank=16, alpha=16, target_modules=None, exclude_modules=None, modules_to_save=None,
-                     dropout=0.0, scaling="alpha/rank")
+                     dropout=0.0, scaling="alpha/rank", use_dora=False)
 
 
 def lora_options(method_options: dict | None) -> dict:
@@ -221,7 +221,8 @@ class TrainingHistory:
 
 def train_classifier(model, train_loader, val_loader, optimizer, device, num_epochs: int, eval_freq: int,
                      eval_iter: int, *, progress: bool = True, history: TrainingHistory | None = None,
-                     checkpoints: NoCheckpoints | None = None) -> TrainingHistory:
+                     checkpoints: NoCheckpoints | None = None,
+                     schedule: TrainingSchedule = NO_SCHEDULE) -> TrainingHistory:
     """Train for ``num_epochs`` epochs; the book's ``train_classifier_simple`` with a progress bar.
 
     Every ``eval_freq`` steps the mean loss over ``eval_iter`` batches of each
@@ -233,7 +234,8 @@ def train_classifier(model, train_loader, val_loader, optimizer, device, num_epo
     ``checkpoints`` (a ``checkpoint.Checkpointer``) saves the training state after
     steps and epochs, and when resuming hands out only the batches still to train
     on. The same loop runs under ``torchrun`` (see ``distributed``); the loop itself
-    is ``training.train_epochs``, shared with language-model pretraining.
+    is ``training.train_epochs``, shared with language-model pretraining; ``schedule``
+    adds appendix D's warmup, cosine decay, clipping and accumulation (``training.TrainingSchedule``).
     """
     history = history or TrainingHistory()
     log = tqdm.write if progress else (lambda message: None)
@@ -256,7 +258,7 @@ def train_classifier(model, train_loader, val_loader, optimizer, device, num_epo
 
     return train_epochs(model, train_loader, optimizer, num_epochs, history, batch_loss=batch_loss,
                         eval_freq=eval_freq, evaluate=evaluate, end_epoch=end_epoch, progress=progress,
-                        checkpoints=checkpoints)
+                        checkpoints=checkpoints, schedule=schedule)
 
 
 # --- plots -----------------------------------------------------------------------------

@@ -18,14 +18,15 @@ def get_tokenizer():
     """GPT-2's byte-pair encoding from tiktoken.
 
     tiktoken downloads its files once; offline, point ``TIKTOKEN_CACHE_DIR`` at a
-    folder that holds them (see the README).
+    folder that holds them (see docs/offline.md).
     """
     import tiktoken
 
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as error:  # tiktoken raises requests/URL errors when offline
-        raise RuntimeError(
+        # An OSError: the user's to fix (a cache folder or network access), so the command says it in one line.
+        raise OSError(
             "could not load tiktoken's 'gpt2' encoding; it is fetched from the internet on first use. "
             "Offline, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files "
             f"(in this project: ../shared/tiktoken-cache). Cause: {error}"

@@ -3,8 +3,8 @@
 ``apply_lora(model, rank, alpha)`` swaps the chosen ``nn.Linear`` children for
 ``LinearWithLoRA`` wrappers and freezes everything else; the model definition stays
 untouched. The maths (``LoRALayer``, ``LinearWithLoRA``) lives in ``lora_layer.py`` and
-is re-exported here; saving and loading live in ``lora_io.py``, the export to Hugging
-Face ``peft`` in ``lora_peft_export.py``.
+is re-exported here; saving and loading live in ``formats/lora_io.py``, the export to Hugging
+Face ``peft`` in ``formats/lora_peft_export.py``.
 
 Several adapters can live side by side: every wrapper keeps a dict of named
 ``LoRALayer``s and uses the *active* one, so switching adapters never reloads the base.
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from torch import nn
 
 from .lora_layer import (BASE, SCALINGS, LinearWithLoRA, LoRALayer, ModuleToSave, amplification_factor,
-                         check_lora_hyperparameters, lora_scaling, low_rank_approximation)
+                         check_dora_base, check_lora_hyperparameters, lora_scaling, low_rank_approximation)
 from .model import count_parameters
 from .quantization import QuantizedLinear
 
@@ -120,7 +120,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def apply_lora(model: nn.Module, rank: int, alpha: float, target_modules=None, exclude_modules=None,
                modules_to_save=None, dropout: float = 0.0, scaling: str = "alpha/rank",
                adapter_name: str = "default", rank_pattern: dict | None = None,
-               alpha_pattern: dict | None = None, verbose: bool = True) -> nn.Module:
+               alpha_pattern: dict | None = None, use_dora: bool = False, verbose: bool = True) -> nn.Module:
     """Add LoRA adapter ``adapter_name`` to ``model`` in place, freeze the rest, and return ``model``.
 
     ``target_modules``: None (every ``nn.Linear``), a list of full names or dotted
@@ -128,8 +128,10 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, target_modules=None, e
     full names. ``exclude_modules`` removes layers the same way. ``modules_to_save``
     names modules trained in full and saved with the adapter (e.g. a new head); they
     are never LoRA targets. ``rank_pattern``/``alpha_pattern`` map names or suffixes to
-    another rank/alpha for those layers. Afterwards only this adapter's ``A``, ``B``
-    and module copies are trainable, and it is the active adapter. Prints
+    another rank/alpha for those layers. ``use_dora=True`` makes the adapter DoRA (weight-decomposed:
+    a trainable magnitude per output unit besides ``A`` and ``B``, see ``lora_layer``). Afterwards
+    only this adapter's ``A``, ``B`` (and magnitudes) and module copies are trainable, and it is the
+    active adapter. Prints
     ``trainable_summary`` unless ``verbose=False``.
 
     Applying an adapter name a layer already has is an error (never a double wrap);
@@ -148,7 +150,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, target_modules=None, e
         raise ValueError("no linear layer is left to adapt after exclude_modules and modules_to_save")
     ranks = _per_layer(targets, rank, rank_pattern, "rank_pattern")
     alphas = _per_layer(targets, alpha, alpha_pattern, "alpha_pattern")
-    inject_adapter(model, adapter_name, {t: (ranks[t], alphas[t]) for t in targets}, save_names, dropout, scaling)
+    inject_adapter(model, adapter_name, {t: (ranks[t], alphas[t]) for t in targets}, save_names, dropout, scaling,
+                   use_dora)
     set_adapter(model, adapter_name)
     mark_trainable(model, adapter_name)
     if verbose:
@@ -172,8 +175,9 @@ def check_adapter_name(adapter_name: str) -> None:
 
 
 def inject_adapter(model: nn.Module, adapter_name: str, targets: dict[str, tuple[int, float]],
-                   modules_to_save: Iterable[str] = (), dropout: float = 0.0, scaling: str = "alpha/rank") -> None:
-    """Wrap (or extend) the layers ``targets`` ({full name: (rank, alpha)}) with a fresh adapter.
+                   modules_to_save: Iterable[str] = (), dropout: float = 0.0, scaling: str = "alpha/rank",
+                   use_dora: bool = False) -> None:
+    """Wrap (or extend) the layers ``targets`` ({full name: (rank, alpha)}) with a fresh (LoRA or DoRA) adapter.
 
     Checks every layer and every (rank, alpha) before changing any, so a failure leaves
     ``model`` as it was.
@@ -190,6 +194,8 @@ def inject_adapter(model: nn.Module, adapter_name: str, targets: dict[str, tuple
         if isinstance(layer, LinearWithLoRA) and adapter_name in layer.lora:
             raise ValueError(f"{name!r} already has a LoRA adapter named {adapter_name!r}: LoRA is never "
                              "applied twice to one layer. Use another adapter_name to add a second adapter")
+        if use_dora:
+            check_dora_base(layer.linear if isinstance(layer, LinearWithLoRA) else layer)
     for name in modules_to_save:
         module = modules.get(name)
         inner = module.original if isinstance(module, ModuleToSave) else module
@@ -207,7 +213,7 @@ def inject_adapter(model: nn.Module, adapter_name: str, targets: dict[str, tuple
         if not isinstance(layer, LinearWithLoRA):
             layer = LinearWithLoRA(layer)
             set_submodule(model, name, layer)
-        layer.add_adapter(adapter_name, rank, alpha, dropout, scaling)
+        layer.add_adapter(adapter_name, rank, alpha, dropout, scaling, use_dora)
     for name in modules_to_save:
         module = modules[name]
         if not isinstance(module, ModuleToSave):
@@ -218,7 +224,7 @@ def inject_adapter(model: nn.Module, adapter_name: str, targets: dict[str, tuple
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> Iterator[nn.Parameter]:
-    """The parameters of adapter ``adapter_name``: its ``A``, ``B`` and module copies."""
+    """The parameters of adapter ``adapter_name``: its ``A``, ``B`` (DoRA: and magnitudes) and module copies."""
     for layer in lora_layers(model).values():
         if adapter_name in layer.lora:
             yield from layer.lora[adapter_name].parameters()

@@ -6,8 +6,18 @@ A frozen linear layer ``y = x W^T + b`` gets a trainable low-rank update::
 
 Only ``A`` and ``B`` train: ``r * (in + out)`` numbers instead of ``in * out``.
 ``B`` starts at zero, so the adapted model starts exactly where the base model is.
-Injection into a model lives in ``lora.py``, files in ``lora_io.py``, the peft export in
-``lora_peft_export.py``.
+
+DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") splits the adapted
+weight into a length per output unit and a direction, and trains both::
+
+    W' = m * (W + scaling * (A @ B)^T) / ||W + scaling * (A @ B)^T||      m: [out]
+
+The norm is taken over each row of the ``[out, in]`` weight (one length per output
+unit, as in ``peft``) and ``m`` starts at ``||W||``, so the model again starts at the
+base. As the paper and ``peft`` do, the norm is treated as a constant in the backward
+pass: the gradient then has no term through it, which saves memory and changes little.
+Injection into a model lives in ``lora.py``, files in ``formats/lora_io.py``, the peft export in
+``formats/lora_peft_export.py``.
 """
 
 from __future__ import annotations
@@ -79,7 +89,7 @@ class LoRALayer(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float = 0.0,
-                 scaling: str = "alpha/rank", device=None, dtype=None):
+                 scaling: str = "alpha/rank", device=None, dtype=None, use_dora: bool = False):
         super().__init__()
         check_lora_hyperparameters(rank, alpha, dropout, scaling)
         self.rank, self.alpha, self.scaling_rule, self.dropout_p = rank, alpha, scaling, dropout
@@ -88,6 +98,10 @@ class LoRALayer(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.B = nn.Parameter(torch.zeros(rank, out_dim, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # DoRA's magnitude m [out_dim]; ones until init_magnitude sets it to the base weight's row norms.
+        self.magnitude = nn.Parameter(torch.ones(out_dim, device=device, dtype=dtype)) if use_dora else None
+
+    use_dora = property(lambda self: self.magnitude is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scaling * (self.dropout(x) @ self.A @ self.B)
@@ -95,6 +109,48 @@ class LoRALayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The update in ``nn.Linear``'s layout, ``[out_dim, in_dim]``: ``scaling * (A @ B)^T``."""
         return self.scaling * (self.A @ self.B).T
+
+    # ------------------------------------------------------------------ DoRA
+
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """DoRA's ``||W + scaling * (A @ B)^T||`` per output unit: ``weight`` ``[out, in]`` -> ``[out]``, detached
+        (the paper's section 4.3 and ``peft`` treat it as a constant in the backward pass)."""
+        return torch.linalg.norm(weight + self.delta_weight().detach(), dim=1).detach()
+
+    def init_magnitude(self, weight: torch.Tensor) -> None:
+        """Start DoRA's magnitude at the row norms of ``weight`` ``[out, in]`` (``B`` is 0 then: ``||W||``)."""
+        with torch.no_grad():
+            self.magnitude.copy_(self.weight_norm(weight.to(self.magnitude.dtype)))
+
+    def adapted_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight ``[out, in]`` this adapter turns ``weight`` into: ``W + scaling * (A @ B)^T`` for LoRA,
+        ``m / ||W + scaling * (A @ B)^T|| * (W + scaling * (A @ B)^T)`` (row by row) for DoRA."""
+        adapted = weight + self.delta_weight()
+        if not self.use_dora:
+            return adapted
+        return (self.magnitude / self.weight_norm(weight)).unsqueeze(1) * adapted
+
+    def dora_update(self, x: torch.Tensor, weight: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output: ``[..., in] -> [..., out]``.
+
+        ``base_out`` is ``x @ W^T`` ``[..., out]`` without the bias (computed once by the
+        wrapper). With ``ratio = m / ||W + scaling * (A @ B)^T||`` the adapted output is
+        ``ratio * (x W^T + scaling * x A B) + b``, i.e. ``base_out + b`` plus this. In
+        training with dropout, as in ``peft``, both terms see the dropped-out input.
+        """
+        ratio = self.magnitude / self.weight_norm(weight)  # [out]
+        dropped = self.dropout(x)
+        if self.training and self.dropout_p > 0:
+            base_out = dropped @ weight.T
+        return (ratio - 1) * base_out + ratio * (self.scaling * (dropped @ self.A @ self.B))
+
+
+def check_dora_base(linear: nn.Module) -> None:
+    """Raise ``ValueError`` if DoRA cannot wrap ``linear``: a quantized layer (its weight exists only as codes)."""
+    if isinstance(linear, QuantizedLinear):
+        raise ValueError(f"DoRA needs the base weight itself (its row norms, at every step), but this layer is "
+                         f"quantized ({linear.method}): use plain LoRA on a quantized base, or DoRA on a "
+                         "full-precision one")
 
 
 class LinearWithLoRA(nn.Module):
@@ -107,7 +163,8 @@ class LinearWithLoRA(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear | QuantizedLinear, rank: int | None = None, alpha: float | None = None,
-                 dropout: float = 0.0, scaling: str = "alpha/rank", adapter_name: str = "default"):
+                 dropout: float = 0.0, scaling: str = "alpha/rank", adapter_name: str = "default",
+                 use_dora: bool = False):
         super().__init__()
         if not isinstance(linear, (nn.Linear, QuantizedLinear)):
             raise TypeError(f"LinearWithLoRA wraps an nn.Linear (or a quantized one), found {type(linear).__name__}")
@@ -118,22 +175,36 @@ class LinearWithLoRA(nn.Module):
         self.row_adapters: list[str] | None = None  # one adapter name per batch row, during a mixed batch
         self._unmerged_weight: nn.Parameter | None = None  # set while an adapter is merged
         if rank is not None:
-            self.add_adapter(adapter_name, rank, alpha, dropout, scaling)
+            self.add_adapter(adapter_name, rank, alpha, dropout, scaling, use_dora)
             self.active_adapter = adapter_name
 
     in_features = property(lambda self: self.linear.in_features)
     out_features = property(lambda self: self.linear.out_features)
     merged = property(lambda self: self._unmerged_weight is not None)
 
-    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, scaling: str = "alpha/rank"):
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, scaling: str = "alpha/rank",
+                    use_dora: bool = False):
         """Add a fresh adapter ``name`` (``B`` = 0), on the wrapped layer's device and dtype (for a quantized
-        layer, the dtype of the weight it was made from: QLoRA's adapters train in full precision)."""
+        layer, the dtype of the weight it was made from: QLoRA's adapters train in full precision).
+        ``use_dora=True`` makes it a DoRA adapter, its magnitude the row norms of the base weight."""
         if name in self.lora:
             raise ValueError(f"this layer already has a LoRA adapter named {name!r}; pick another name")
         quantized = isinstance(self.linear, QuantizedLinear)
+        if use_dora:
+            check_dora_base(self.linear)
         reference = self.linear if quantized else self.linear.weight
         self.lora[name] = LoRALayer(self.in_features, self.out_features, rank, alpha, dropout, scaling,
-                                    device=reference.device, dtype=reference.dtype)
+                                    device=reference.device, dtype=reference.dtype, use_dora=use_dora)
+        if use_dora:
+            self.lora[name].init_magnitude(self.base_weight())
+
+    def adapter_output(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to ``out = linear(x)`` ``[..., out]``: ``lora(x)``, or DoRA's update."""
+        lora = self.lora[name]
+        if not lora.use_dora:
+            return lora(x)
+        bias = self.linear.bias
+        return lora.dora_update(x, self.linear.weight, out if bias is None else out - bias)
 
     def _uses_lora(self) -> bool:
         return self.enabled and not self.merged and self.active_adapter in self.lora
@@ -143,9 +214,9 @@ class LinearWithLoRA(nn.Module):
         if self.row_adapters is not None and self.enabled:  # a mixed batch: each row its own adapter
             for name, rows in rows_by_adapter(self.row_adapters, x.device).items():
                 if name in self.lora:  # a layer without that adapter gives those rows the base output
-                    out[rows] += self.lora[name](x[rows])
+                    out[rows] += self.adapter_output(name, x[rows], out[rows])
         elif self._uses_lora():
-            out = out + self.lora[self.active_adapter](x)
+            out = out + self.adapter_output(self.active_adapter, x, out)
         return out
 
     def base_weight(self) -> nn.Parameter:
@@ -153,7 +224,8 @@ class LinearWithLoRA(nn.Module):
         return self._unmerged_weight if self.merged else self.linear.weight
 
     def merge(self) -> None:
-        """Fold the active adapter into the weight: ``W + scaling * (A @ B)^T``.
+        """Fold the active adapter into the weight: ``W + scaling * (A @ B)^T`` (DoRA: scaled row by row
+        to the magnitude, see ``LoRALayer.adapted_weight``).
 
         The original weight is kept aside rather than updated in place, so ``unmerge``
         restores it bit for bit and a weight tied to another layer (GPT-2's head and
@@ -163,7 +235,8 @@ class LinearWithLoRA(nn.Module):
             return
         self.check_mergeable()
         original = self.linear.weight
-        merged = original.detach() + self.lora[self.active_adapter].delta_weight().detach().to(original.dtype)
+        with torch.no_grad():
+            merged = self.lora[self.active_adapter].adapted_weight(original.detach()).to(original.dtype)
         self._unmerged_weight = original
         self.linear.weight = nn.Parameter(merged, requires_grad=False)
 

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from .infra.checkpoint import (NoCheckpoints, load_optimizer_state, load_trainable_state, optimizer_state,
                                read_checkpoint, save_checkpoint)
 from .generation import generate, text_to_token_ids, token_ids_to_text
+from .prompt_tuning import VirtualTokenModel
 from .model import evaluating
-from .training import mean_batch_loss, plot_values, train_epochs, unwrapped
+from .training import NO_SCHEDULE, TrainingSchedule, mean_batch_loss, plot_values, train_epochs, unwrapped
 
 
 def calc_loss_batch(input_batch, target_batch, model, device) -> torch.Tensor:
@@ -72,12 +73,14 @@ def sample_text(model, tokenizer, start_context: str, max_new_tokens: int = 50) 
 
     The book's ``generate_and_print_sample`` without the print: eval mode, the
     model's whole context, greedy. Uses the KV cache (same tokens as the book's
-    uncached loop, in a fraction of the time). Restores the model's mode.
+    uncached loop, in a fraction of the time), except for a model with virtual tokens
+    (P-tuning), whose prompt would have to stay when the cache slides. Restores the model's mode.
     """
     model = unwrapped(model)
     device = next(model.parameters()).device
     with evaluating(model):
-        ids = generate(model, text_to_token_ids(start_context, tokenizer).to(device), max_new_tokens)
+        ids = generate(model, text_to_token_ids(start_context, tokenizer).to(device), max_new_tokens,
+                       use_cache=not isinstance(model, VirtualTokenModel))
     return token_ids_to_text(ids, tokenizer).replace("\n", " ")
 
 
@@ -110,7 +113,8 @@ class PretrainingHistory:
 def train_language_model(model, train_loader, val_loader, optimizer, device, num_epochs: int, eval_freq: int,
                          eval_iter: int, start_context: str, tokenizer, *, sample_tokens: int = 50,
                          progress: bool = False, verbose: bool = True, history: PretrainingHistory | None = None,
-                         checkpoints: NoCheckpoints | None = None) -> PretrainingHistory:
+                         checkpoints: NoCheckpoints | None = None,
+                         schedule: TrainingSchedule = NO_SCHEDULE) -> PretrainingHistory:
     """The book's ``train_model_simple``, returning the whole :class:`PretrainingHistory`.
 
     Every ``eval_freq`` steps: the mean loss over ``eval_iter`` batches of each
@@ -118,7 +122,8 @@ def train_language_model(model, train_loader, val_loader, optimizer, device, num
     Val loss 9.933``); after each epoch a greedy sample of ``sample_tokens`` tokens
     from ``start_context``. ``progress`` shows a bar, ``verbose=False`` prints
     nothing. ``history`` and ``checkpoints`` resume and save as in
-    ``classifier.train_classifier``.
+    ``classifier.train_classifier``; ``schedule`` adds appendix D (``training.TrainingSchedule``:
+    with a warmup, cosine decay and clipping this is the book's appendix-D ``train_model``).
     """
     history = history or PretrainingHistory()
     log = tqdm.write if verbose else (lambda message: None)  # tqdm.write: print, below any bar
@@ -142,7 +147,7 @@ def train_language_model(model, train_loader, val_loader, optimizer, device, num
 
     return train_epochs(model, train_loader, optimizer, num_epochs, history, batch_loss=batch_loss,
                         eval_freq=eval_freq, evaluate=evaluate, end_epoch=end_epoch, progress=progress,
-                        checkpoints=checkpoints)
+                        checkpoints=checkpoints, schedule=schedule)
 
 
 def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,

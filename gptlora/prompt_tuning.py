@@ -1,5 +1,7 @@
 """Prompt tuning and prefix tuning: trainable virtual tokens in front of every input, the model frozen.
 
+(P-tuning, a soft prompt made by a small encoder, reuses all of this: ``p_tuning.py``.)
+
 Two ways to steer a frozen GPT with a few thousand numbers instead of new weights:
 
 - Prompt tuning (Lester et al., 2021): ``n`` trainable vectors ``[n, D]`` (a *soft
@@ -15,7 +17,7 @@ Two ways to steer a frozen GPT with a few thousand numbers instead of new weight
 Both wrap a ``GPTModel`` (``PromptTunedGPT(base, SoftPrompt(...))``): the wrapper's
 ``forward(ids)`` gives logits ``[B, T, V]`` for the real tokens only, aligned with
 ``ids`` like the base's, so losses, accuracies and the classifier's last-token choice
-work unchanged. Files and the ``peft`` export live in ``prompt_tuning_io.py``.
+work unchanged. Files and the ``peft`` export live in ``formats/prompt_tuning_io.py``.
 
 Positions, as ``peft`` places them on ``transformers``' GPT-2 (checked in the tests):
 a soft prompt takes positions ``0..n-1`` and the text ``n..n+T-1``; with a prefix the
@@ -36,7 +38,7 @@ from torch import nn
 from .lora import inject_adapter, mark_trainable, saved_modules
 from .model import GPTModel
 
-PROMPT_METHODS = ("prompt-tuning", "prefix-tuning")
+PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning")
 DEFAULT_INIT_TEXT = "Classify if the message is spam or not spam.\n"
 
 
@@ -98,6 +100,10 @@ class SoftPrompt(nn.Module):
         self.weight = nn.Parameter(initial.detach().clone())
 
     num_virtual_tokens = property(lambda self: self.weight.shape[0])
+
+    def vectors(self) -> torch.Tensor:
+        """The soft prompt ``[n, D]`` itself (for P-tuning's encoder: its output)."""
+        return self.weight
 
     def forward(self, batch_size: int) -> torch.Tensor:
         return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
@@ -223,7 +229,7 @@ class PrefixTunedGPT(VirtualTokenModel):
 
 # ----------------------------------------------------------------------------- injection
 
-def _freeze_base(base: GPTModel, modules_to_save) -> None:
+def freeze_base(base: GPTModel, modules_to_save) -> None:
     """Freeze ``base``; each of ``modules_to_save`` (e.g. a new classification head) gets a trainable
     copy, as LoRA's ``modules_to_save`` (the frozen original keeps the base fingerprint meaningful)."""
     inject_adapter(base, "default", {}, list(modules_to_save or ()))
@@ -247,7 +253,7 @@ def apply_prompt_tuning(base: GPTModel, num_virtual_tokens: int, init_ids: list[
         raise ValueError(f"expected {num_virtual_tokens} init token ids, found {len(init_ids)}; see init_token_ids")
     with torch.no_grad():
         initial = base.tok_emb(torch.tensor(init_ids, device=base.tok_emb.weight.device))
-    _freeze_base(base, modules_to_save)
+    freeze_base(base, modules_to_save)
     return PromptTunedGPT(base, SoftPrompt(initial))
 
 
@@ -268,7 +274,7 @@ def apply_prefix_tuning(base: GPTModel, num_virtual_tokens: int, hidden: int | N
         initial = activations_as_prefix(base, init_ids)
     prefix = PrefixEncoder(num_virtual_tokens, cfg.n_layers, cfg.n_heads, cfg.emb_dim, hidden, initial)
     prefix.to(base.tok_emb.weight.device)
-    _freeze_base(base, modules_to_save)
+    freeze_base(base, modules_to_save)
     return PrefixTunedGPT(base, prefix)
 
 
@@ -287,8 +293,9 @@ def activations_as_prefix(base: GPTModel, token_ids: list[int]) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- as a fine-tuning method
 
-# The options of `--method prompt-tuning` / `prefix-tuning` (hidden: the prefix MLP's width, prefix only).
-PROMPT_DEFAULTS = dict(num_virtual_tokens=20, init_text=DEFAULT_INIT_TEXT, hidden=None)
+# The options of `--method prompt-tuning` / `prefix-tuning` / `p-tuning` (hidden: the prefix MLP's or the
+# prompt encoder's width; encoder: P-tuning's "mlp" (the default) or "lstm").
+PROMPT_DEFAULTS = dict(num_virtual_tokens=20, init_text=DEFAULT_INIT_TEXT, hidden=None, encoder=None)
 
 
 def prompt_method_options(method: str, method_options: dict | None) -> dict:
@@ -306,17 +313,27 @@ def prompt_method_options(method: str, method_options: dict | None) -> dict:
         raise ValueError(f"the prompt's init text must be a non-empty sentence describing the task, found {text!r}; "
                          "leave it out for the default, or ask for a random start")
     hidden = options["hidden"]
-    if hidden is not None and method != "prefix-tuning":
-        raise ValueError(f"a hidden width (the reparameterisation MLP) belongs to prefix-tuning, not {method}")
+    if hidden is not None and method == "prompt-tuning":
+        raise ValueError("a hidden width (the reparameterisation MLP) belongs to prefix-tuning (or, as the prompt "
+                         "encoder's, to p-tuning), not prompt-tuning")
     check_prefix_hidden(hidden)
+    if options["encoder"] is not None and method != "p-tuning":
+        raise ValueError(f"a prompt encoder (mlp or lstm) belongs to p-tuning, not {method}")
+    if method == "p-tuning":
+        from .p_tuning import check_encoder
+
+        options["encoder"] = options["encoder"] or "mlp"
+        check_encoder(options["encoder"], hidden)
     return options
 
 
 def apply_virtual_tokens(base: GPTModel, method: str, options: dict, modules_to_save=None) -> VirtualTokenModel:
-    """``apply_prompt_tuning`` or ``apply_prefix_tuning`` with checked ``options`` (``prompt_method_options``).
+    """``apply_prompt_tuning``, ``apply_prefix_tuning`` or ``p_tuning.apply_p_tuning`` with checked ``options``
+    (``prompt_method_options``).
 
     The init text is encoded with GPT-2's tokenizer and repeated or cut to the number of
-    virtual tokens. For a prefix with its MLP, the text starts the MLP's input vectors.
+    virtual tokens. For a prefix with its MLP, and for P-tuning's encoder, the text starts
+    the input vectors.
     """
     from .generation import get_tokenizer
 
@@ -324,6 +341,10 @@ def apply_virtual_tokens(base: GPTModel, method: str, options: dict, modules_to_
     init_ids = init_token_ids(text, get_tokenizer(), n) if text is not None else None
     if method == "prompt-tuning":
         return apply_prompt_tuning(base, n, init_ids, modules_to_save)
+    if method == "p-tuning":
+        from .p_tuning import apply_p_tuning  # p_tuning builds on this module
+
+        return apply_p_tuning(base, n, options["encoder"], hidden, init_ids, modules_to_save)
     model = apply_prefix_tuning(base, n, hidden, init_ids, modules_to_save)
     if hidden is not None and init_ids is not None:
         with torch.no_grad():

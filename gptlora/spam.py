@@ -80,7 +80,7 @@ def split_paths(data_dir: str | Path) -> dict[str, Path]:
     return {split: Path(data_dir) / f"{split}.parquet" for split in SPLITS}
 
 
-MANIFEST_NAME = "spam_splits.json"  # beside the splits: what they were made from (see manifest.py)
+MANIFEST_NAME = "spam_splits.json"  # beside the splits: what they were made from (see infra/manifest.py)
 SPLIT_SEED = 123  # the book's random_state for the balancing sample and the shuffle
 
 

@@ -18,10 +18,27 @@ under the same seed the shuffles, dropout masks and therefore the numbers are th
 book's. Around that it adds what the book's loops lack: a progress bar, the hooks
 of a ``checkpoint.Checkpointer`` (save every N steps and at each epoch end, resume
 mid-epoch) and the bookkeeping for several processes (``distributed``).
+
+Appendix D of the book adds three things to that loop, and :class:`TrainingSchedule`
+switches them on for every command (all off by default, so that chapters 5 and 6
+keep their exact numbers):
+
+- a linear *warmup* of the learning rate from ``initial_lr`` to the optimizer's
+  ``lr`` (the peak) over the first ``warmup_steps`` optimizer steps;
+- a *cosine decay* from the peak to ``min_lr`` over the remaining steps;
+- *gradient clipping*: before each step after the warmup, the gradients are scaled
+  so that their global norm (over all trainable tensors) is at most ``clip_grad_norm``.
+
+Not in the book: *gradient accumulation* (``accumulation_steps``): the gradients of
+that many consecutive batches are averaged before one optimizer step, as if the
+batch were that many times larger (exactly so without dropout; an epoch's last,
+shorter group is averaged over its own batches).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +48,7 @@ from tqdm.auto import tqdm
 from .infra.atomic import replace_atomically
 from .infra.checkpoint import NoCheckpoints
 from .infra.distributed import set_sampler_epoch, sum_over_processes, world_size
+from .infra.ranges import DECAYS, SCHEDULE_RANGES
 from .model import evaluating
 
 
@@ -59,9 +77,75 @@ def mean_batch_loss(data_loader, model, batch_loss: Callable, num_batches: int |
     return total / count if count else float("nan")
 
 
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """The appendix-D options of :func:`train_epochs`; the defaults change nothing (the book's chapters 5-6).
+
+    - ``warmup_steps``: optimizer steps whose learning rate rises linearly from
+      ``initial_lr`` (step 0) towards the peak, the ``lr`` the optimizer was built with;
+    - ``decay``: ``"none"`` keeps the peak after the warmup; ``"cosine"`` lowers it along
+      half a cosine to ``min_lr`` at the last step;
+    - ``clip_grad_norm``: clip the global gradient norm to this value at every step from
+      ``warmup_steps`` on (as the book's ``train_model``); ``None`` does not clip;
+    - ``accumulation_steps``: batches whose gradients are averaged per optimizer step.
+
+    Checked on creation: a bad value is a ValueError saying what was expected.
+    """
+
+    warmup_steps: int = 0
+    initial_lr: float = 0.0
+    decay: str = "none"
+    min_lr: float = 0.0
+    clip_grad_norm: float | None = None
+    accumulation_steps: int = 1
+
+    def __post_init__(self):
+        for name, check in SCHEDULE_RANGES.items():  # the command line's ranges (infra.ranges)
+            check.check(name, getattr(self, name), optional=name == "clip_grad_norm")
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay: expected one of {', '.join(DECAYS)}, found {self.decay!r}")
+
+    @property
+    def sets_lr(self) -> bool:
+        """Whether the schedule changes the learning rate at all (warmup or decay)."""
+        return self.warmup_steps > 0 or self.decay != "none"
+
+    def lr_at(self, step: int, peak_lr: float, total_steps: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``, for peak ``peak_lr``.
+
+        The book's formulas: ``initial_lr + step * (peak - initial_lr) / warmup_steps``
+        during the warmup, then ``min_lr + (peak - min_lr) * (1 + cos(pi * progress)) / 2``
+        with ``progress`` going from 0 (first step after the warmup) towards 1.
+        """
+        if step < self.warmup_steps:
+            return self.initial_lr + step * (peak_lr - self.initial_lr) / self.warmup_steps
+        if self.decay == "none":
+            return peak_lr
+        progress = (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps)
+        return self.min_lr + (peak_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def to_dict(self) -> dict:
+        """The fields as a dict (for a checkpoint's fingerprint or a run's metrics)."""
+        return asdict(self)
+
+
+NO_SCHEDULE = TrainingSchedule()
+
+
+def schedule_fingerprint(schedule: TrainingSchedule) -> dict:
+    """``{"schedule": fields}`` for a checkpoint's fingerprint; ``{}`` for the default (no schedule), so that
+    the checkpoints of runs without one stay resumable as they were written."""
+    return {} if schedule == NO_SCHEDULE else {"schedule": schedule.to_dict()}
+
+
+def steps_per_epoch(num_batches: int, schedule: TrainingSchedule = NO_SCHEDULE) -> int:
+    """Optimizer steps in an epoch of ``num_batches`` batches: one per ``accumulation_steps`` (rounded up)."""
+    return -(-num_batches // schedule.accumulation_steps)
+
+
 def train_epochs(model, train_loader, optimizer, num_epochs: int, history, *, batch_loss: Callable,
                  eval_freq: int, evaluate: Callable, end_epoch: Callable, progress: bool = True,
-                 checkpoints: NoCheckpoints | None = None):
+                 checkpoints: NoCheckpoints | None = None, schedule: TrainingSchedule = NO_SCHEDULE):
     """Train ``model`` until ``history.epochs_done == num_epochs``; returns ``history``.
 
     ``history`` is a dataclass with ``global_step`` (-1 before the first step, as in
@@ -69,21 +153,42 @@ def train_epochs(model, train_loader, optimizer, num_epochs: int, history, *, ba
     adds ``n`` to its "seen" total; a history from a checkpoint continues where it
     stopped. Each step: ``zero_grad``, ``batch_loss``, ``backward``, ``step``; then,
     every ``eval_freq`` steps, ``evaluate(history)``. ``progress=False`` hides the bar.
-    See the module docstring for the three callbacks.
+    See the module docstring for the three callbacks, and :class:`TrainingSchedule`
+    for ``schedule`` (``global_step`` then counts optimizer steps, not batches).
     """
     checkpoints = checkpoints or NoCheckpoints()
+    step_count = steps_per_epoch(len(train_loader), schedule)
+    total_steps = step_count * num_epochs
+    for group in optimizer.param_groups if schedule.sets_lr else ():  # the peak: the lr the optimizer was built
+        group.setdefault("peak_lr", group["lr"])                      # with (kept in a checkpoint's groups)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     for epoch in range(history.epochs_done, num_epochs):
         model.train()
         set_sampler_epoch(train_loader, epoch)  # under torchrun: this epoch's shuffle
+        # Batches of this epoch already trained (a resumed run restarts after an optimizer step).
+        position = (history.global_step + 1 - epoch * step_count) * schedule.accumulation_steps
         bar = tqdm(checkpoints.epoch_batches(train_loader, epoch), total=len(train_loader),
                    desc=f"epoch {epoch + 1}/{num_epochs}", unit="batch", disable=not progress)
         for batch in bar:
-            optimizer.zero_grad()
+            # Without accumulation every batch is a group of one: zero_grad, loss, backward, step (the book).
+            in_group = position % schedule.accumulation_steps  # this batch's place in its group
+            group_size = min(schedule.accumulation_steps, len(train_loader) - (position - in_group))
+            position += 1
+            if in_group == 0:
+                optimizer.zero_grad()
             loss, counted = batch_loss(batch)
-            loss.backward()
-            optimizer.step()
+            (loss / group_size if group_size > 1 else loss).backward()  # the group's mean gradient
             history.count(counted * world_size())  # each process trains on its share
-            history.global_step += 1
+            if in_group + 1 < group_size:
+                continue
+            step = history.global_step + 1
+            if schedule.sets_lr:
+                for group in optimizer.param_groups:
+                    group["lr"] = schedule.lr_at(step, group["peak_lr"], total_steps)
+            if schedule.clip_grad_norm is not None and step >= schedule.warmup_steps:
+                torch.nn.utils.clip_grad_norm_(trainable, max_norm=schedule.clip_grad_norm)
+            optimizer.step()
+            history.global_step = step
             if history.global_step % eval_freq == 0:
                 bar.set_postfix(evaluate(history))
             checkpoints.step_done(history)

@@ -122,5 +122,29 @@ def gpt2_small_dir() -> Path:
     value = os.environ.get("GPTLORA_GPT2_DIR")
     if not value:
         pytest.skip("set GPTLORA_GPT2_DIR to a directory holding the real gpt2-small config.json + "
-                    "model.safetensors (see the README)")
+                    "model.safetensors (see docs/pretrained-weights.md)")
     return Path(value)
+
+
+def load_teach():
+    """exercises/teach.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("teach", REPO_ROOT / "exercises" / "teach.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """``build(master)``: an exercise master built by ``teach.build`` (otter assign, once per session), as its
+    output folder holding ``student/``, ``autograder/`` (the solutions) and ``autograder.zip``."""
+    teach, out, folders = load_teach(), tmp_path_factory.mktemp("exercises-dist"), {}
+
+    def build(master: Path) -> Path:
+        if master.stem not in folders:
+            folders[master.stem] = teach.build(master, out)
+        return folders[master.stem]
+
+    return build

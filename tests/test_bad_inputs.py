@@ -148,7 +148,8 @@ BAD_INPUTS = [
         "--lora-dropout: expected a finite number of at least 0 and below 1, found '1'", RUN),
     Bad("finetune: dropout negative", finetune("--method", "lora", "--lora-dropout", "-0.1"), "found '-0.1'", RUN),
     Bad("finetune: a prompt option with lora", finetune("--method", "lora", "--num-virtual-tokens", "5"),
-        "options of another method than --method lora: --num-virtual-tokens (prompt-tuning/prefix-tuning)", RUN),
+        "options of another method than --method lora: --num-virtual-tokens (prompt-tuning/prefix-tuning/p-tuning)",
+        RUN),
     Bad("finetune: a lora option with prompt tuning", finetune("--method", "prompt-tuning", "--rank", "8"),
         "options of another method than --method prompt-tuning: --rank (lora)", RUN),
     Bad("finetune: lora options with last-block", finetune("--alpha", "8", "--targets", "W_query"),
@@ -248,6 +249,47 @@ BAD_INPUTS = [
         "argument --lr: expected a finite number above 0, found 'inf'", RUN),
     Bad("pretrain: bad device", pretrain("{spam_two}", "--device", "gpu"),
         "argument --device: expected auto, cpu, cuda, cuda:N or another torch device, found 'gpu'", RUN),
+    Bad("finetune: --dora over a quantized base", finetune("--method", "lora", "--dora", "--quantize-base", "nf4"),
+        "--dora needs the base weights themselves", RUN),
+    Bad("finetune: --dora without lora", finetune("--method", "full", "--dora"),
+        "options of another method than --method full: --dora (lora)", RUN),
+    Bad("finetune: a p-tuning option with prompt-tuning", finetune("--method", "prompt-tuning", "--prompt-encoder",
+                                                                   "lstm"),
+        "options of another method than --method prompt-tuning: --prompt-encoder (p-tuning)", RUN),
+    Bad("finetune: --prefix-hidden with p-tuning", finetune("--method", "p-tuning", "--prefix-hidden", "8"),
+        "the prompt encoder's width is --encoder-hidden", RUN),
+    Bad("finetune: unknown prompt encoder", finetune("--method", "p-tuning", "--prompt-encoder", "gru"),
+        "argument --prompt-encoder: invalid choice", RUN),
+    Bad("pretrain: virtual tokens fill the context", pretrain("{spam_two}", "--method", "p-tuning",
+                                                              "--num-virtual-tokens", "500"),
+        "500 virtual tokens + 1 token of input exceed the context length", RUN),
+    Bad("pretrain: a LoRA option with p-tuning", pretrain("{spam_two}", "--method", "p-tuning", "--rank", "4"),
+        "options of another method than --method p-tuning: --rank (lora)", RUN),
+    # --- the appendix-D options (training.TrainingSchedule), on every training command
+    Bad("pretrain: negative warmup", pretrain("{spam_two}", "--warmup-steps", "-1"),
+        "expected a whole number of at least 0, found -1", RUN),
+    Bad("pretrain: unknown decay", pretrain("{spam_two}", "--decay", "linear"), "invalid choice: 'linear'", RUN),
+    Bad("finetune: zero accumulation steps", finetune("--random-init", "--accumulation-steps", "0"),
+        "expected a whole number of at least 1, found 0", RUN),
+    Bad("finetune: clip norm zero", finetune("--random-init", "--clip-grad-norm", "0"),
+        "expected a finite number above 0, found '0'", RUN),
+    # --- instruct and generate --instruction (book, chapter 7)
+    Bad("instruct: data not JSON", ("instruct", "--data", "{spam_empty}", "--model", "{tiny}", "--random-init",
+                                    "--out", "{tmp}/run"), "is not valid JSON (Expecting value at line 1", RUN),
+    Bad("instruct: no such data", ("instruct", "--data", "{tmp}/missing.json", "--model", "{tiny}", "--random-init",
+                                   "--out", "{tmp}/run"), "no instruction data at", RUN),
+    Bad("instruct: prompt tuning", ("instruct", "--method", "prompt-tuning", "--out", "{tmp}/run"),
+        "invalid choice: 'prompt-tuning'", RUN),
+    Bad("instruct: zero max length", ("instruct", "--max-length", "1", "--out", "{tmp}/run"),
+        "expected a whole number of at least 2, found 1", RUN),
+    Bad("generate: --input without --instruction", ("generate", "--model", "{tiny}", "--input", "x"),
+        "--input is the input of an --instruction"),
+    Bad("generate: empty instruction", ("generate", "--model", "{tiny}", "--instruction", " "),
+        "--instruction is empty"),
+    Bad("score: no such file", ("score", "{tmp}/missing.json"), "no responses file at"),
+    Bad("score: not records", ("score", "{spam_empty}"), "is not a JSON file"),
+    Bad("score: unreachable judge", ("score", "{responses}", "--judge-url", "http://127.0.0.1:9/v1"),
+        "cannot reach the judge at http://127.0.0.1:9/v1/chat/completions"),
 ]
 
 
@@ -355,6 +397,7 @@ def made(tmp_path_factory, small_spam_data_dir):
     spam("spam_mostly_spam", b"".join(b"ham\tmessage %d\n" % i for i in range(6)) +
          b"".join(b"spam\tWIN %d\n" % i for i in range(9)))
     spam("unreadable", b"ham\thello\n")
+    spam("responses", json.dumps([{"instruction": "Say hi.", "output": "Hi.", "model_response": "Hi"}]).encode())
     paths["unreadable"].chmod(0)
     paths["zip_without_member"] = root / "other.zip"
     with zipfile.ZipFile(paths["zip_without_member"], "w") as archive:

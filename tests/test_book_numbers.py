@@ -1,7 +1,7 @@
 """The book's documented accuracies with the released GPT-2 small weights.
 
 "Build a Large Language Model (From Scratch)", chapter 6 and appendix E. These tests
-need the real weights (GPTLORA_GPT2_DIR, see the README) and skip without them; the
+need the real weights (GPTLORA_GPT2_DIR, see docs/pretrained-weights.md) and skip without them; the
 after-training ones train 5 epochs (about 35 minutes on 2 CPU cores).
 """
 

@@ -103,3 +103,20 @@ def test_a_tiny_temperature_samples_like_greedy_instead_of_failing():
         first, second = next_token(logits, temperature=1e-39).flatten().tolist()
         assert first == 1 and second in (0, 1)  # the largest logit (either of two equal ones)
     assert next_token(logits, temperature=1e-39, top_k=1).flatten().tolist()[0] == 1
+
+
+def test_a_tokenizer_that_cannot_be_fetched_is_one_line_saying_what_to_set(monkeypatch, capsys):
+    """Offline without TIKTOKEN_CACHE_DIR, tiktoken fails to download its files: the command says what to set
+    (it used to report an 'unexpected RuntimeError' and ask for a bug report)."""
+    import tiktoken
+
+    from gptlora.cli import app
+
+    def offline(name):
+        raise ConnectionError(f"could not reach the server for {name}")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    assert app.main(["generate", "--model", "gpt2-small", "--random-init", "--max-new-tokens", "1"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: could not load tiktoken's 'gpt2' encoding")
+    assert "TIKTOKEN_CACHE_DIR" in errors[0] and "unexpected" not in errors[0]

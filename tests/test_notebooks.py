@@ -9,8 +9,11 @@ checkpoint written here (03 pretrains a model of its shape from random weights),
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +31,26 @@ CELL_TIMEOUT_S = 180
 # Folders a notebook would write to when run by hand; the test must leave them as they were.
 REPO_OUTPUT_DIRS = ("data", "weights", "runs", "notebooks")
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def load_colab_script():
+    """notebooks/add_colab_cells.py as a module, without leaving a __pycache__ in notebooks/."""
+    spec = importlib.util.spec_from_file_location("add_colab_cells", NOTEBOOK_DIR / "add_colab_cells.py")
+    module = importlib.util.module_from_spec(spec)
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
+    return module
+
+
+colab = load_colab_script()
+REPOSITORY = colab.repository_url()  # pyproject.toml's [project.urls] Repository
+
+
+def is_install_cell(cell) -> bool:
+    return "colab-install" in cell.metadata.get("tags", [])
 
 
 def notebook_number(path: Path) -> int:
@@ -54,6 +77,7 @@ def workspace(tmp_path_factory, spam_file) -> dict:
         env_name("output_dir"): str(root / "figures"),
         env_name("new_tokens"): "4",  # enough to slide notebook 02's 6-token window
         env_name("epochs"): "1",
+        env_name("records"): "60",  # notebook 11 fine-tunes on the first 60 instruction records (51 train)
         env_name("device"): "cpu",
         "GPTLORA_SPAM_SOURCE": str(spam_file),
         "GPTLORA_OFFLINE": "1",  # a notebook that tries to download fails here instead of hanging
@@ -65,6 +89,10 @@ def workspace(tmp_path_factory, spam_file) -> dict:
     verdict = root / "data" / "the-verdict" / "the-verdict.txt"  # as notebook 03 downloads it (offline here)
     verdict.parent.mkdir(parents=True)
     verdict.write_bytes((REPO_ROOT.parent / "shared" / "data" / "the-verdict" / "the-verdict.txt").read_bytes())
+    instructions = root / "data" / "instruction-data" / "instruction-data.json"  # as notebook 11 downloads it
+    instructions.parent.mkdir(parents=True)
+    instructions.write_bytes((REPO_ROOT.parent / "shared" / "data" / "instruction-data" /
+                              "instruction-data.json").read_bytes())
     return {"root": root, "env": env, "checkpoint": None}
 
 
@@ -145,10 +173,68 @@ def test_notebook_is_committed_clean(path):
     assert not [i for i, cell in enumerate(code) if cell.outputs or cell.execution_count], \
         f"{path.name} has outputs; clear them (Jupyter: Edit > Clear Outputs of All Cells) before committing"
     first_parameters = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])]
-    assert first_parameters and nb.cells[first_parameters[0]] is code[0], \
-        f"{path.name}: the first code cell must be the parameter cell, tagged 'parameters'"
+    after_install = [cell for cell in code if not is_install_cell(cell)]
+    assert first_parameters and nb.cells[first_parameters[0]] is after_install[0], \
+        f"{path.name}: the first code cell after Colab's install cell must be the parameter cell, tagged 'parameters'"
     assert re.search(r"Needs from earlier notebooks", nb.cells[0].source), \
         f"{path.name}: the first cell must say what the notebook needs from earlier ones"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
+def test_notebook_opens_in_colab(path):
+    """The badge opens this notebook from pyproject's repository; the first code cell installs gptlora from
+    there in Colab only and is tagged for nbclient to skip. `python notebooks/add_colab_cells.py` adds both."""
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", REPOSITORY), REPOSITORY
+    remedy = f"run `.venv/bin/python notebooks/add_colab_cells.py {path.relative_to(REPO_ROOT)}`"
+    nb = nbformat.read(path, as_version=4)
+    owner_repo = REPOSITORY.removeprefix("https://github.com/")
+    badge = (f"[![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+             f"(https://colab.research.google.com/github/{owner_repo}/blob/main/notebooks/{path.name})")
+    assert nb.cells[0].source.splitlines()[0] == badge, f"{path.name}: the first line is not the Colab badge; {remedy}"
+    install = [cell for cell in nb.cells if cell.cell_type == "code"][0]
+    assert is_install_cell(install) and "skip-execution" in install.metadata.tags, \
+        f"{path.name}: the first code cell is not Colab's install cell tagged 'skip-execution'; {remedy}"
+    assert '"google.colab" in sys.modules' in install.source and f'"gptlora @ git+{REPOSITORY}"' in install.source, \
+        f"{path.name}: the install cell does not install {REPOSITORY} in Colab only; {remedy}"
+    assert not colab.update(path, REPOSITORY, check_only=True), f"{path.name} differs from what the script writes; {remedy}"
+
+
+def test_the_repository_url_is_pyprojects_with_or_without_tomllib(monkeypatch):
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'Repository = "{REPOSITORY}"' in pyproject
+    monkeypatch.setattr(colab, "tomllib", None)  # Python 3.10 reads the line itself
+    assert colab.repository_url() == REPOSITORY
+
+
+def test_the_install_cell_does_nothing_outside_colab(monkeypatch):
+    def no_install(*args, **kwargs):
+        raise AssertionError(f"the install cell ran {args} outside Colab")
+
+    monkeypatch.setattr(subprocess, "run", no_install)
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    exec(compile("".join(colab.install_source(REPOSITORY)), "install cell", "exec"), {})
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    with pytest.raises(AssertionError, match="git\\+" + re.escape(REPOSITORY)):
+        exec(compile("".join(colab.install_source(REPOSITORY)), "install cell", "exec"), {})
+
+
+def test_the_script_gives_a_new_notebook_its_cells_once(tmp_path):
+    """As notebook 11 or any later one gets them: once, in Jupyter's file layout; a new URL replaces the old."""
+    path = tmp_path / "11_new_chapter.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# 11 · New\n\n**Needs from earlier notebooks:** none."),
+                                         nbformat.v4.new_code_cell("params = 1", metadata={"tags": ["parameters"]})])
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert colab.update(path, REPOSITORY) and not colab.update(path, REPOSITORY)
+    written = nbformat.read(path, as_version=4)
+    assert [cell.cell_type for cell in written.cells] == ["markdown", "code", "code"]
+    assert written.cells[0].source.startswith("[![Open in Colab]") and written.cells[0].source.count("Open in Colab") == 1
+    assert is_install_cell(written.cells[1]) and written.cells[2].source == "params = 1"
+    assert path.read_text(encoding="utf-8") == json.dumps(json.loads(path.read_text(encoding="utf-8")), indent=1,
+                                                          ensure_ascii=False) + "\n"
+    assert colab.update(path, "https://github.com/someone/fork")
+    moved = nbformat.read(path, as_version=4)
+    assert len(moved.cells) == 3 and "github/someone/fork/blob/main/notebooks/11_new_chapter.ipynb" in moved.cells[0].source
+    assert "git+https://github.com/someone/fork" in moved.cells[1].source
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
@@ -163,6 +249,8 @@ def test_notebook_runs(path, workspace, monkeypatch):
     repo_before = snapshot(REPO_OUTPUT_DIRS)
 
     nb = execute(path, env, workspace["root"] / "executed" / path.name)
+    assert all(cell.execution_count is None for cell in nb.cells if is_install_cell(cell)), \
+        f"{path.name}: the Colab install cell ran; it must be skipped outside Colab"
 
     new_figures = set(figures.glob("*.png")) - figures_before
     assert bool(new_figures) == bool(inline_images(nb)), (

@@ -1,5 +1,5 @@
 """Prompt and prefix tuning of the spam classifier on the real gpt2-small: the accuracies the tiny
-random-weight GPT of notebook 09 cannot say anything about. Needs GPTLORA_GPT2_DIR (see the README)
+random-weight GPT of notebook 09 cannot say anything about. Needs GPTLORA_GPT2_DIR (see docs/pretrained-weights.md)
 and skips without it; one epoch per method on the full splits (tens of minutes on 2 CPU cores)."""
 
 import pytest

@@ -25,6 +25,11 @@ def tuned(method, base=None, n=3, hidden=None, head=False, seed=5):
         model = apply_prompt_tuning(base, n, modules_to_save=saves)
     else:
         model = apply_prefix_tuning(base, n, hidden=hidden, modules_to_save=saves)
+    return perturbed(model, seed)
+
+
+def perturbed(model, seed=5):
+    """``model`` in eval mode, every trainable number moved away from its start, as training would."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():

@@ -14,6 +14,9 @@ from .checks import (SEED, CommandParser, add_debug_option, debug_requested, dev
                      one_line_warnings, positive_float, probability, real_number, whole_number)
 from ..infra.download import DownloadError  # light: the standard library and tqdm
 from .run_settings import finetune_settings, pretrain_settings, resumed_arguments, run_options
+from .instruct import (add_instruct_parser, add_instruction_arguments, check_instruction_arguments,
+                       generate_response, note_untuned)
+from .run_arguments import add_lora_arguments, add_model_arguments, add_prompt_arguments, add_schedule_arguments
 
 # What a user can cause and fix (a bad option, a missing or existing file, no network): main() prints
 # these as one line, "error: ...", and exits with 1. Anything else is a bug and keeps its traceback.
@@ -32,31 +35,39 @@ def cmd_generate(args) -> int:
 
     from ..generation import generate_text, get_tokenizer
     from ..pretrained import pretrained_or_random
+    from ..prompt_tuning import VirtualTokenModel
 
+    check_instruction_arguments(args)
     if not args.prompt:
         raise ValueError("--prompt is empty: give some text to continue (or '<|endoftext|>' to start from nothing, "
                          "as GPT-2 was trained to)")
     torch.manual_seed(args.seed)  # --random-init: the same weights for the same seed
+    info = None
     if Path(args.model).is_dir() and pretraining_run(args.model):  # the --out directory of `gptlora pretrain`
         from ..recipes.pretrain_run import load_language_model
 
-        model = load_language_model(args.model)[0]
+        model, info = load_language_model(args.model)
     else:
         model = pretrained_or_random(args.model, args.models_dir, args.random_init).eval()
+    virtual = isinstance(model, VirtualTokenModel)  # a P-tuning run: its base is what --int8 quantizes
     if args.int8:  # weight-only int8, the head included: fewer bytes to read per generated token
         from ..lora import lora_wrappers, merge_lora
         from ..qlora import quantize_base
 
         if lora_wrappers(model):  # a LoRA run: fold its adapters into the weights first, then quantize those
             model = merge_lora(model, unload=True)
-        quantize_base(model, "int8", include_head=True, fused_int8=True)
+        quantize_base(model.base if virtual else model, "int8", include_head=True, fused_int8=True)
     if args.random_init:
         print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)
     # Seeded again, right before sampling, as the book does (torch.manual_seed(123); generate(...)): building
     # the model drew from the generator (its initial weights, before the saved ones replace them), so the
     # seed above alone gave other draws than the book's and its sample "Every effort moves you stand to work ...".
     torch.manual_seed(args.seed)
-    text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens,
+    if args.instruction is not None:  # an `instruct` run: the Alpaca prompt in, only the response out
+        note_untuned(args.model, info)
+        return generate_response(args, model)
+    # (a P-tuning run's prompt cannot stay in a sliding KV cache: it generates without one)
+    text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens, use_cache=not virtual,
                          temperature=args.temperature, top_k=args.top_k, progress=True)
     print(text)
     return 0
@@ -176,29 +187,6 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def add_lora_arguments(parser: argparse.ArgumentParser, head_help: str) -> None:
-    """``--rank/--alpha/--targets/--scaling/--lora-dropout``, shared by finetune and pretrain."""
-    lora = parser.add_argument_group("LoRA (--method lora; defaults: the book's appendix E)")
-    lora.add_argument("--rank", type=whole_number(1), default=16, help="rank r of every adapter (default: 16)")
-    lora.add_argument("--alpha", type=positive_float(), default=16, help="LoRA alpha (default: 16)")
-    lora.add_argument("--targets", nargs="+", default=None, metavar="NAME",
-                      help="layers to adapt, by full name or suffix, e.g. W_query W_value (default: every "
-                           f"linear layer, {head_help})")
-    lora.add_argument("--scaling", default="alpha/rank", choices=("alpha/rank", "alpha", "alpha/sqrt(rank)"),
-                      help="the factor on x @ A @ B: alpha/rank (LoRA paper, peft; default), alpha (the book's "
-                           "original appendix), alpha/sqrt(rank) (rsLoRA)")
-    lora.add_argument("--lora-dropout", type=probability(), default=0.0,
-                      help="dropout on the adapters' input (default: 0)")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, random_init_help: str) -> None:
-    """``--model``, ``--models-dir`` and ``--random-init``, shared by the commands that load GPT-2."""
-    parser.add_argument("--model", default="gpt2-small",
-                        help="GPT-2 name (gpt2-small, 124M, ...: downloaded on first use) or a checkpoint directory")
-    parser.add_argument("--models-dir", default="weights", help="where named models are stored (default: weights)")
-    parser.add_argument("--random-init", action="store_true", help=random_init_help)
-
-
 def build_parser() -> argparse.ArgumentParser:
     # A run's numeric options take their range (type=) and default from its settings dataclass: one place.
     from ..recipes.settings import PRETRAIN_METHODS, FinetuneSettings as FINE, PretrainSettings as PRE
@@ -226,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--int8", action="store_true",
                      help="store the linear layers and the head as int8 weights (per output channel) and use "
                           "PyTorch's fused int8 kernel where it has one: faster and smaller, slightly different")
+    add_instruction_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     fine = sub.add_parser("finetune", help="fine-tune GPT-2 as an SMS spam classifier (book, chapter 6)")
@@ -234,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--method", default=FINE.default("method"),
                       help="last-block: last block + final norm + head (the book, default); full: everything; "
                            "lora: low-rank adapters; prompt-tuning: a soft prompt + the head; prefix-tuning: "
-                           "learned keys and values at every layer + the head")
+                           "learned keys and values at every layer + the head; p-tuning: a soft prompt made by a "
+                           "small trained encoder + the head")
     fine.add_argument("--epochs", type=FINE.option_type("epochs"), default=FINE.default("epochs"),
                       help="passes over the training split (default: 5)")
     fine.add_argument("--lr", type=FINE.option_type("lr"), default=FINE.default("lr"),
@@ -270,22 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "--device and --save-every may change)")
     fine.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
     add_lora_arguments(fine, head_help="the new head included")
-    prompt = fine.add_argument_group("prompt and prefix tuning (--method prompt-tuning / prefix-tuning)")
-    prompt.add_argument("--num-virtual-tokens", type=whole_number(1), default=20, metavar="N",
-                        help="virtual tokens before every message (default: 20)")
-    prompt.add_argument("--prompt-init-text", default=None, metavar="TEXT",
-                        help="text whose tokens (repeated or cut to N) start the prompt; for a prefix, their keys "
-                             "and values (default: 'Classify if the message is spam or not spam.\\n')")
-    prompt.add_argument("--random-prompt", action="store_true",
-                        help="start from random vocabulary rows (prompt) or random numbers (prefix) instead")
-    prompt.add_argument("--prefix-hidden", type=whole_number(1), default=None, metavar="WIDTH",
-                        help="prefix-tuning: make the prefix with the paper's MLP of this hidden width (default: off)")
+    add_prompt_arguments(fine, "prompt, prefix and P-tuning (--method prompt-tuning / prefix-tuning / p-tuning)",
+                         default_text="'Classify if the message is spam or not spam.\\n'")
     qlora = fine.add_argument_group("QLoRA (--method lora only)")
     qlora.add_argument("--quantize-base", default=None, metavar="nf4|int8",
                        help="store the frozen base's linear layers quantized (nf4: 4-bit NormalFloat, blocks of 64; "
                             "int8: per output channel) under full-precision adapters; the head stays float")
     qlora.add_argument("--double-quant", action="store_true",
                        help="with --quantize-base nf4: quantize the block scales too (8-bit, blocks of 256)")
+    add_schedule_arguments(fine)
     fine.set_defaults(func=cmd_finetune)
 
     pre = sub.add_parser("pretrain", help="train a GPT on a text by next-token prediction (book, chapter 5)")
@@ -300,30 +283,42 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--context-length", type=PRE.option_type("context_length"), default=None,
                      help="tokens per training window (default: 256 from random weights, else the model's)")
     pre.add_argument("--method", default=PRE.default("method"), choices=PRETRAIN_METHODS,
-                     help="full: every weight (the book, default); lora: low-rank adapters only")
-    pre.add_argument("--epochs", type=PRE.option_type("epochs"), default=PRE.default("epochs"), help="passes over the training text (default: 10)")
-    pre.add_argument("--lr", type=PRE.option_type("lr"), default=PRE.default("lr"), help="AdamW learning rate (default: 4e-4)")
+                     help="full: every weight (the book, default); lora: low-rank adapters only; p-tuning: a soft "
+                          "prompt made by a small trained encoder, before every window")
+    pre.add_argument("--epochs", type=PRE.option_type("epochs"), default=PRE.default("epochs"),
+                     help="passes over the training text (default: 10)")
+    pre.add_argument("--lr", type=PRE.option_type("lr"), default=PRE.default("lr"),
+                     help="AdamW learning rate (default: 4e-4)")
     pre.add_argument("--weight-decay", type=PRE.option_type("weight_decay"), default=PRE.default("weight_decay"),
                      help="AdamW weight decay (default: 0.1)")
-    pre.add_argument("--batch-size", type=PRE.option_type("batch_size"), default=PRE.default("batch_size"), help="windows per optimizer step (default: 2)")
+    pre.add_argument("--batch-size", type=PRE.option_type("batch_size"), default=PRE.default("batch_size"),
+                     help="windows per optimizer step (default: 2)")
     pre.add_argument("--train-ratio", type=PRE.option_type("train_ratio"), default=PRE.default("train_ratio"),
                      help="share of the text's characters to train on; the rest validates (default: 0.9)")
-    pre.add_argument("--seed", type=PRE.option_type("seed"), default=PRE.default("seed"), help="seeds the weights and shuffles (default: 123)")
-    pre.add_argument("--eval-freq", type=PRE.option_type("eval_freq"), default=PRE.default("eval_freq"), help="print losses every N steps (default: 5)")
-    pre.add_argument("--eval-iter", type=PRE.option_type("eval_iter"), default=PRE.default("eval_iter"), help="batches per printed loss (default: 5)")
+    pre.add_argument("--seed", type=PRE.option_type("seed"), default=PRE.default("seed"),
+                     help="seeds the weights and shuffles (default: 123)")
+    pre.add_argument("--eval-freq", type=PRE.option_type("eval_freq"), default=PRE.default("eval_freq"),
+                     help="print losses every N steps (default: 5)")
+    pre.add_argument("--eval-iter", type=PRE.option_type("eval_iter"), default=PRE.default("eval_iter"),
+                     help="batches per printed loss (default: 5)")
     pre.add_argument("--prompt", default=PRE.default("prompt"), help="start of each epoch's sample")
     pre.add_argument("--sample-tokens", type=PRE.option_type("sample_tokens"), default=PRE.default("sample_tokens"),
                      help="tokens of each epoch's sample (default: 50)")
     pre.add_argument("--data-dir", default="data", help="where the-verdict is stored (default: data)")
     pre.add_argument("--out", default=None, help="run directory (default: runs/pretrain)")
-    pre.add_argument("--device", default="auto", type=device_name, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    pre.add_argument("--device", default="auto", type=device_name,
+                     help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     pre.add_argument("--save-every", type=PRE.option_type("save_every"), default=None, metavar="STEPS",
                      help="also save a checkpoint every STEPS optimizer steps (always: at each epoch end)")
     pre.add_argument("--resume", default=None, metavar="RUN_DIR",
                      help="continue the run in RUN_DIR from its checkpoint (give the same options)")
     pre.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
     add_lora_arguments(pre, head_help="the output head included")
+    add_prompt_arguments(pre, "P-tuning (--method p-tuning)", default_text="random numbers, as peft")
+    add_schedule_arguments(pre)
     pre.set_defaults(func=cmd_pretrain)
+
+    add_instruct_parser(sub)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
     cls.add_argument("--run", required=True, action="append",

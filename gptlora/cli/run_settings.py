@@ -1,6 +1,7 @@
-"""From the parsed command line to a run's settings: ``finetune_settings`` and ``pretrain_settings`` build
-the ``recipes.settings`` dataclass of a run (checked there, once); ``resumed_arguments`` gives a
-``--resume`` command line the options recorded in the run's checkpoint (``run_options``)."""
+"""From the parsed command line to a run's settings: ``finetune_settings``, ``pretrain_settings`` and
+``instruct_settings`` build the ``recipes.settings`` dataclass of a run (checked there, once);
+``resumed_arguments`` gives a ``--resume`` command line the options recorded in the run's checkpoint
+(``run_options``)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ from pathlib import Path
 
 
 # Each method's own options (argparse names); another method's, given, are refused rather than ignored.
-METHOD_OPTIONS = {"lora": ("rank", "alpha", "targets", "scaling", "lora_dropout"),
-                  "prompt-tuning/prefix-tuning": ("num_virtual_tokens", "prompt_init_text", "random_prompt",
-                                                  "prefix_hidden")}
+METHOD_OPTIONS = {"lora": ("rank", "alpha", "targets", "scaling", "lora_dropout", "dora"),
+                  "prompt-tuning/prefix-tuning/p-tuning": ("num_virtual_tokens", "prompt_init_text", "random_prompt",
+                                                           "prefix_hidden"),
+                  "p-tuning": ("prompt_encoder", "encoder_hidden")}
 
 
 def lora_method_options(args) -> dict | None:
-    """The ``--rank/--alpha/--targets/--scaling/--lora-dropout`` options as ``apply_lora`` keywords
-    (for the prompt methods: ``--num-virtual-tokens/--prompt-init-text/--random-prompt/--prefix-hidden``).
+    """The ``--rank/--alpha/--targets/--scaling/--lora-dropout/--dora`` options as ``apply_lora`` keywords
+    (for the prompt methods: ``--num-virtual-tokens/--prompt-init-text/--random-prompt/--prefix-hidden``,
+    and P-tuning's ``--prompt-encoder/--encoder-hidden``).
     Options of another method than ``--method`` are a ValueError."""
     given = options_given(args)
     foreign = [f"--{name.replace('_', '-')} ({family})" for family, names in METHOD_OPTIONS.items()
@@ -24,17 +27,22 @@ def lora_method_options(args) -> dict | None:
     if foreign:
         raise ValueError(f"options of another method than --method {args.method}: {', '.join(foreign)}; "
                          "leave them out or choose their method")
-    if args.method in ("prompt-tuning", "prefix-tuning"):
+    if args.method in ("prompt-tuning", "prefix-tuning", "p-tuning"):
         if args.random_prompt and args.prompt_init_text is not None:
             raise ValueError("--random-prompt and --prompt-init-text both say how the prompt starts: give one")
         options = dict(num_virtual_tokens=args.num_virtual_tokens, hidden=args.prefix_hidden)
+        if args.method == "p-tuning":
+            if args.prefix_hidden is not None:
+                raise ValueError("--prefix-hidden is the width of prefix-tuning's MLP; the prompt encoder's width "
+                                 "is --encoder-hidden")
+            options.update(encoder=args.prompt_encoder, hidden=args.encoder_hidden)
         if args.random_prompt or args.prompt_init_text is not None:  # else: the package's default text
             options["init_text"] = None if args.random_prompt else args.prompt_init_text
         return options
     if args.method != "lora":
         return None
     return dict(rank=args.rank, alpha=args.alpha, target_modules=args.targets, scaling=args.scaling,
-                dropout=args.lora_dropout)
+                dropout=args.lora_dropout, use_dora=args.dora)
 
 
 # `finetune --resume` takes every option from the run's checkpoint; these few may be changed on the
@@ -96,7 +104,8 @@ def finetune_settings(args: argparse.Namespace):
                             batch_size=args.batch_size, seed=args.seed, eval_freq=args.eval_freq,
                             eval_iter=args.eval_iter, dynamic_padding=args.dynamic_padding,
                             bucket_by_length=args.bucket_by_length, cache_prefix=args.cache_prefix,
-                            save_every=args.save_every, base_model=str(args.model), base_source=source)
+                            save_every=args.save_every, base_model=str(args.model), base_source=source,
+                            **schedule_options(args))
 
 
 def quantize_options(args) -> dict | None:
@@ -123,4 +132,26 @@ def pretrain_settings(args: argparse.Namespace):
                             weight_decay=args.weight_decay, batch_size=args.batch_size, train_ratio=args.train_ratio,
                             seed=args.seed, eval_freq=args.eval_freq, eval_iter=args.eval_iter, prompt=args.prompt,
                             sample_tokens=args.sample_tokens, save_every=args.save_every, text_name=args.text,
-                            base_source=source)
+                            base_source=source, **schedule_options(args))
+
+
+def instruct_settings(args: argparse.Namespace):
+    """The run's ``InstructSettings``, from the (resumed) command line; checked once, here."""
+    from ..recipes.run_dir import base_source
+    from ..recipes.settings import InstructSettings
+
+    return InstructSettings(method=args.method, method_options=lora_method_options(args), data=args.data,
+                            data_dir=args.data_dir, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                            batch_size=args.batch_size, seed=args.seed, eval_freq=args.eval_freq,
+                            eval_iter=args.eval_iter, max_length=args.max_length, mask_prompt=args.mask_prompt,
+                            response_tokens=args.response_tokens, save_every=args.save_every,
+                            judge_url=args.judge_url, judge_model=args.judge_model,
+                            base_source=base_source(args.model, args.models_dir, args.random_init, args.seed),
+                            **schedule_options(args))
+
+
+def schedule_options(args: argparse.Namespace) -> dict:
+    """The appendix-D options (``run_arguments.add_schedule_arguments``) as settings keywords."""
+    from ..recipes.settings import SCHEDULE_FIELDS
+
+    return {name: getattr(args, name) for name in SCHEDULE_FIELDS}

@@ -1,7 +1,7 @@
 """LoRA adapters on disk: our small adapter files (the export to ``peft``: ``lora_peft_export.py``).
 
-An adapter directory holds ``adapter_model.safetensors`` (the ``A``/``B`` matrices
-and the weights of ``modules_to_save``, nothing of the base) and
+An adapter directory holds ``adapter_model.safetensors`` (the ``A``/``B`` matrices, DoRA's
+magnitudes, and the weights of ``modules_to_save``, nothing of the base) and
 ``adapter_config.json`` (ranks, alphas, scaling rule, targets, a description of the
 base and a SHA-256 fingerprint of its weights). The same two file names are what
 ``peft`` uses, so ``lora_peft_export.export_peft`` writes them in peft's own format instead.
@@ -105,16 +105,16 @@ def adapter_config(model: torch.nn.Module, adapter_name: str) -> dict:
     saves = [n for n, module in saved_modules(model).items() if adapter_name in module.copies]
     if not layers and not saves:
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {adapter_names(model) or 'none'}")
-    rules = {(lora.scaling_rule, lora.dropout_p) for lora in layers.values()}
+    rules = {(lora.scaling_rule, lora.dropout_p, lora.use_dora) for lora in layers.values()}
     if len(rules) > 1:
-        raise ValueError(f"adapter {adapter_name!r} mixes scaling rules or dropouts {sorted(rules)}; "
-                         "one adapter file holds one of each")
-    scaling, dropout = rules.pop() if rules else ("alpha/rank", 0.0)
+        raise ValueError(f"adapter {adapter_name!r} mixes scaling rules, dropouts or LoRA with DoRA "
+                         f"{sorted(rules)}; one adapter file holds one of each")
+    scaling, dropout, use_dora = rules.pop() if rules else ("alpha/rank", 0.0, False)
     rank = Counter(lora.rank for lora in layers.values()).most_common(1)[0][0] if layers else None
     alpha = Counter(lora.alpha for lora in layers.values()).most_common(1)[0][0] if layers else None
     return {
         "format": FORMAT, "version": VERSION, "adapter_name": adapter_name,
-        "rank": rank, "alpha": alpha, "scaling": scaling, "dropout": dropout,
+        "rank": rank, "alpha": alpha, "scaling": scaling, "dropout": dropout, "use_dora": use_dora,
         "target_modules": list(layers),
         "rank_pattern": {n: lora.rank for n, lora in layers.items() if lora.rank != rank},
         "alpha_pattern": {n: lora.alpha for n, lora in layers.items() if lora.alpha != alpha},
@@ -125,16 +125,21 @@ def adapter_config(model: torch.nn.Module, adapter_name: str) -> dict:
 
 
 def adapter_tensors(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """What the adapter file stores: ``<layer>.A`` ``[in, r]``, ``<layer>.B`` ``[r, out]``, module copies."""
+    """What the adapter file stores: ``<layer>.A`` ``[in, r]``, ``<layer>.B`` ``[r, out]``, for DoRA
+    ``<layer>.magnitude`` ``[out]``, and the module copies."""
     tensors = {}
     for name, layer in lora_layers(model).items():
         if adapter_name in layer.lora:
-            tensors[f"{name}.A"] = layer.lora[adapter_name].A
-            tensors[f"{name}.B"] = layer.lora[adapter_name].B
+            tensors.update({f"{name}.{part}": t for part, t in layer_parameters(layer.lora[adapter_name]).items()})
     for name, module in saved_modules(model).items():
         if adapter_name in module.copies:
             tensors.update({f"{name}.{k}": v for k, v in module.copies[adapter_name].state_dict().items()})
     return {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+
+
+def layer_parameters(lora) -> dict[str, torch.Tensor]:
+    """One adapter's tensors by their name in the file: ``A``, ``B``, and ``magnitude`` for DoRA."""
+    return {"A": lora.A, "B": lora.B, **({"magnitude": lora.magnitude} if lora.use_dora else {})}
 
 
 def save_adapter(model: torch.nn.Module, path, adapter_name: str | None = None, verbose: bool = True) -> dict:
@@ -206,12 +211,13 @@ def load_adapter(model: torch.nn.Module, path, adapter_name: str | None = None,
         check_base_fingerprint(model, config, path)
     targets = {name: (config["rank_pattern"].get(name, config["rank"]), config["alpha_pattern"].get(name, config["alpha"]))
                for name in config["target_modules"]}
-    inject_adapter(model, adapter_name, targets, config["modules_to_save"], config["dropout"], config["scaling"])
+    inject_adapter(model, adapter_name, targets, config["modules_to_save"], config["dropout"], config["scaling"],
+                   config.get("use_dora", False))  # files written before DoRA have no "use_dora"
     layers, modules = lora_layers(model), saved_modules(model)
     with torch.no_grad():
         for name in targets:
-            layers[name].lora[adapter_name].A.copy_(tensors[f"{name}.A"])
-            layers[name].lora[adapter_name].B.copy_(tensors[f"{name}.B"])
+            for part, tensor in layer_parameters(layers[name].lora[adapter_name]).items():
+                tensor.copy_(tensors[f"{name}.{part}"])
     for name in config["modules_to_save"]:
         prefix = name + "."
         modules[name].copies[adapter_name].load_state_dict(
@@ -234,6 +240,8 @@ def _check_shapes(model: torch.nn.Module, config: dict, tensors: dict[str, torch
         layer = model.get_submodule(name)
         rank = config["rank_pattern"].get(name, config["rank"])
         expected = {f"{name}.A": (layer.in_features, rank), f"{name}.B": (rank, layer.out_features)}
+        if config.get("use_dora", False):
+            expected[f"{name}.magnitude"] = (layer.out_features,)
         for key, shape in expected.items():
             found = tuple(tensors[key].shape) if key in tensors else "nothing"
             if found != shape:

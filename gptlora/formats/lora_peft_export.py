@@ -43,12 +43,21 @@ def _lora_factors(lora) -> tuple[torch.Tensor, torch.Tensor]:
     return lora.A.detach().T, lora.B.detach().T
 
 
-def _fuse_qkv(loras: list, width: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _base_weight(model, name: str) -> torch.Tensor:
+    """The base weight ``[out, in]`` of linear layer ``name``, wrapped or not (unmerged)."""
+    layer = model.get_submodule(name)
+    return (layer.base_weight() if isinstance(layer, LinearWithLoRA) else layer.weight).detach()
+
+
+def _fuse_qkv(loras: list, width: int, base_weights: list) -> tuple:
     """One LoRA on the fused ``c_attn`` from separate query/key/value LoRAs (any of them None).
 
     Exact: stacking the A's gives rank r_q + r_k + r_v, and a block-diagonal B sends
     each part only to its own third of the output. A part whose scaling differs from
     the first one's has the ratio folded into its B block (1.0 when they agree).
+    DoRA's norm is one per output unit, so each third keeps its own magnitude; a part
+    without an adapter gets its base weight's row norms (``m / ||W|| = 1``: unchanged).
+    Returns ``(lora_A [sum r, D], lora_B [3D, sum r], scaling, magnitude [3D] or None)``.
     """
     present = [(slot, lora) for slot, lora in enumerate(loras) if lora is not None]
     scaling = present[0][1].scaling
@@ -59,7 +68,11 @@ def _fuse_qkv(loras: list, width: int) -> tuple[torch.Tensor, torch.Tensor, floa
         block = _lora_factors(lora)[1]
         lora_b[slot * width:(slot + 1) * width, column:column + lora.rank] = block * (lora.scaling / scaling)
         column += lora.rank
-    return lora_a, lora_b, scaling
+    magnitude = None
+    if present[0][1].use_dora:
+        magnitude = torch.cat([lora.magnitude.detach() if lora is not None else torch.linalg.norm(weight, dim=1)
+                               for lora, weight in zip(loras, base_weights)])
+    return lora_a, lora_b, scaling, magnitude
 
 
 def effective_head(model, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -70,7 +83,8 @@ def effective_head(model, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor
     if isinstance(head, LinearWithLoRA):
         weight = head.base_weight().detach()
         if adapter_name in head.lora:
-            weight = weight + head.lora[adapter_name].delta_weight().detach()
+            with torch.no_grad():
+                weight = head.lora[adapter_name].adapted_weight(weight)
         bias = head.linear.bias
     else:
         weight, bias = head.weight.detach(), head.bias
@@ -126,15 +140,21 @@ def export_peft(model, out_dir, adapter_name: str | None = None, base_model_name
     classifier = head_weight.shape[0] != cfg.vocab_size
     head = "score" if classifier else "lm_head"
 
-    factors = {}  # peft module name -> (lora_A [r, in], lora_B [out, r], scaling)
+    if len({lora.use_dora for lora in layers.values()}) > 1:
+        raise ValueError(f"adapter {adapter_name!r} mixes LoRA and DoRA layers; peft's use_dora holds for a whole "
+                         "adapter: export LoRA and DoRA as two adapters")
+    use_dora = next(iter(layers.values())).use_dora
+    factors = {}  # peft module name -> (lora_A [r, in], lora_B [out, r], scaling, DoRA magnitude [out] or None)
     for i in range(cfg.n_layers):
         qkv = [layers.get(f"trf_blocks.{i}.{part}") for part in QKV]
         if any(lora is not None for lora in qkv):
-            factors[f"transformer.h.{i}.attn.c_attn"] = _fuse_qkv(qkv, cfg.emb_dim)
+            weights = [_base_weight(model, f"trf_blocks.{i}.{part}") for part in QKV]
+            factors[f"transformer.h.{i}.attn.c_attn"] = _fuse_qkv(qkv, cfg.emb_dim, weights)
     for name, lora in layers.items():
         mapped = _hf_param(name + ".weight", head)
         if mapped is not None and not (classifier and name == "out_head"):
-            factors[mapped[0].removesuffix(".weight")] = (*_lora_factors(lora), lora.scaling)
+            magnitude = lora.magnitude.detach() if use_dora else None
+            factors[mapped[0].removesuffix(".weight")] = (*_lora_factors(lora), lora.scaling, magnitude)
 
     saved_params = {}  # Hugging Face parameter name -> tensor, for modules_to_save
     for name, module in saves.items():
@@ -157,14 +177,14 @@ def export_peft(model, out_dir, adapter_name: str | None = None, base_model_name
         saved_params["transformer.ln_f.bias"] = fold_head_bias(head_weight, head_bias, shift)
 
     use_rslora = next(iter(layers.values())).scaling_rule == "alpha/sqrt(rank)"
-    ranks = {m: a.shape[0] for m, (a, _, _) in factors.items()}
-    alphas = {m: _peft_alpha(s, ranks[m], use_rslora) for m, (_, _, s) in factors.items()}
+    ranks = {m: a.shape[0] for m, (a, _, _, _) in factors.items()}
+    alphas = {m: _peft_alpha(s, ranks[m], use_rslora) for m, (_, _, s, _) in factors.items()}
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = {
         "peft_type": "LORA", "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "r": rank, "lora_alpha": alpha, "use_rslora": use_rslora,
+        "r": rank, "lora_alpha": alpha, "use_rslora": use_rslora, "use_dora": use_dora,
         "lora_dropout": next(iter(layers.values())).dropout_p,
         "target_modules": list(factors), "fan_in_fan_out": True, "bias": "none",
         "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
@@ -173,9 +193,11 @@ def export_peft(model, out_dir, adapter_name: str | None = None, base_model_name
         "init_lora_weights": True, "inference_mode": True,
     }
     tensors = {}
-    for module, (lora_a, lora_b, _) in factors.items():
+    for module, (lora_a, lora_b, _, magnitude) in factors.items():
         tensors[f"base_model.model.{module}.lora_A.weight"] = lora_a
         tensors[f"base_model.model.{module}.lora_B.weight"] = lora_b
+        if magnitude is not None:  # peft's name for DoRA's m, saved without the adapter name
+            tensors[f"base_model.model.{module}.lora_magnitude_vector"] = magnitude
     tensors.update({f"base_model.model.{k}": v for k, v in saved_params.items()})
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     out_dir = Path(out_dir)

@@ -1,8 +1,8 @@
 """Soft prompts and prefixes on disk, and their export to Hugging Face ``peft``.
 
 A prompt directory has the two files of a LoRA adapter directory (``lora_io``):
-``adapter_model.safetensors`` holds the prompt alone (``prompt.weight`` ``[n, D]``, or
-the prefix ``prefix.embedding`` and its MLP) and the modules trained in full (a new
+``adapter_model.safetensors`` holds the prompt alone (``prompt.weight`` ``[n, D]``, the
+prefix ``prefix.embedding`` and its MLP, or P-tuning's ``encoder.*``) and the modules trained in full (a new
 classification head), nothing of the base; ``adapter_config.json`` holds the method,
 the number of virtual tokens, the widths, and the base's description and fingerprint,
 so a prompt is never applied to another base or another width.
@@ -22,14 +22,14 @@ from .lora_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_fingerprint, base_st
                       describe_base, write_adapter_files)
 from .lora_peft_export import effective_head, fold_head_bias
 from ..model import GPTModel
-from ..prompt_tuning import (PrefixTunedGPT, PromptTunedGPT, VirtualTokenModel, apply_prefix_tuning,
-                             apply_prompt_tuning)
+from ..p_tuning import PTunedGPT, apply_p_tuning
+from ..prompt_tuning import PrefixTunedGPT, VirtualTokenModel, apply_prefix_tuning, apply_prompt_tuning
 
 FORMAT = "gptlora-prompt"
 VERSION = 1
 # Our tensor-name prefix for each method's encoder, and peft's name for the method.
-ENCODER_PREFIX = {"prompt-tuning": "prompt", "prefix-tuning": "prefix"}
-PEFT_TYPES = {"prompt-tuning": "PROMPT_TUNING", "prefix-tuning": "PREFIX_TUNING"}
+ENCODER_PREFIX = {"prompt-tuning": "prompt", "prefix-tuning": "prefix", "p-tuning": "encoder"}
+PEFT_TYPES = {"prompt-tuning": "PROMPT_TUNING", "prefix-tuning": "PREFIX_TUNING", "p-tuning": "P_TUNING"}
 
 
 def prompt_config(model: VirtualTokenModel, init_text: str | None = None) -> dict:
@@ -39,6 +39,7 @@ def prompt_config(model: VirtualTokenModel, init_text: str | None = None) -> dic
         "format": FORMAT, "version": VERSION, "method": model.method,
         "num_virtual_tokens": model.num_virtual_tokens, "emb_dim": cfg.emb_dim, "n_layers": cfg.n_layers,
         "n_heads": cfg.n_heads, "hidden": getattr(model.prompt, "hidden", None), "init_text": init_text,
+        "encoder": getattr(model.prompt, "encoder_type", None),
         "modules_to_save": list(saved_modules(model.base)),
         "base_model": describe_base(model.base), "base_fingerprint": base_fingerprint(model.base),
     }
@@ -89,7 +90,7 @@ def load_prompt(base: GPTModel, path, check_fingerprint: bool = True) -> Virtual
     cfg = base.cfg
     found = dict(emb_dim=cfg.emb_dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
     wanted = {key: config[key] for key in found}
-    if config["method"] == "prompt-tuning":  # a soft prompt depends on the width alone
+    if config["method"] in ("prompt-tuning", "p-tuning"):  # a soft prompt depends on the width alone
         found, wanted = {"emb_dim": found["emb_dim"]}, {"emb_dim": wanted["emb_dim"]}
     if found != wanted:
         raise ValueError(f"the prompt in {path} was made for a model with {wanted}, this one has {found}; "
@@ -101,6 +102,8 @@ def load_prompt(base: GPTModel, path, check_fingerprint: bool = True) -> Virtual
     with torch.random.fork_rng(devices=[]):  # the placeholders' random start must not move the caller's seed
         if config["method"] == "prompt-tuning":
             model = apply_prompt_tuning(base, n, init_ids=[0] * n, modules_to_save=saves)
+        elif config["method"] == "p-tuning":
+            model = apply_p_tuning(base, n, config["encoder"], config["hidden"], modules_to_save=saves)
         else:
             model = apply_prefix_tuning(base, n, hidden=config["hidden"], modules_to_save=saves)
     prefix = ENCODER_PREFIX[config["method"]] + "."
@@ -115,7 +118,8 @@ def load_prompt(base: GPTModel, path, check_fingerprint: bool = True) -> Virtual
 # ----------------------------------------------------------------------------- export to Hugging Face peft
 
 def export_prompt_peft(model: VirtualTokenModel, out_dir, base_model_name_or_path: str = "gpt2") -> Path:
-    """Write ``model``'s prompt as a peft ``PromptTuningConfig`` / ``PrefixTuningConfig`` adapter.
+    """Write ``model``'s prompt as a peft ``PromptTuningConfig`` / ``PrefixTuningConfig`` / ``PromptEncoderConfig``
+    adapter.
 
     ``peft.PeftModel.from_pretrained(hf_model, out_dir)`` then gives our logits, where
     ``hf_model`` is the transformers GPT-2 holding the same base weights: a
@@ -124,7 +128,8 @@ def export_prompt_peft(model: VirtualTokenModel, out_dir, base_model_name_or_pat
     for a classification head, which is exported as ``score`` with its bias folded
     into ``ln_f``'s shift (as the LoRA export does). A prefix is exported as the keys
     and values themselves (``prefix_projection=False``): the MLP, if any, is applied
-    first, exactly as peft does when it saves a trained prefix.
+    first, exactly as peft does when it saves a trained prefix. P-tuning, likewise, is
+    exported as its encoder's output (what peft saves and, in inference mode, reads).
 
     Caveats of the classifier export (a warning says the second one):
 
@@ -147,7 +152,7 @@ def export_prompt_peft(model: VirtualTokenModel, out_dir, base_model_name_or_pat
     if not classifier and head_bias is not None:
         raise ValueError("the output head has a bias, which GPT2LMHeadModel's lm_head lacks: it cannot be exported")
     with torch.no_grad():
-        embeddings = model.prompt.weight if isinstance(model, PromptTunedGPT) else model.prompt.flat()
+        embeddings = model.prompt.flat() if isinstance(model, PrefixTunedGPT) else model.prompt.vectors()
     tensors = {"prompt_embeddings": embeddings}
     config = {
         "peft_type": PEFT_TYPES[model.method], "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM",
@@ -157,6 +162,10 @@ def export_prompt_peft(model: VirtualTokenModel, out_dir, base_model_name_or_pat
     }
     if isinstance(model, PrefixTunedGPT):
         config.update(prefix_projection=False, encoder_hidden_size=cfg.emb_dim)
+    elif isinstance(model, PTunedGPT):
+        config.update(encoder_reparameterization_type=model.prompt.encoder_type.upper(),
+                      encoder_hidden_size=model.prompt.hidden, encoder_num_layers=model.prompt.num_layers,
+                      encoder_dropout=0.0)
     else:
         config.update(prompt_tuning_init="RANDOM")
     if classifier:

@@ -96,3 +96,10 @@ def fraction() -> NumberRange:
 
 
 SEED = whole_number(0, 2**32 - 1)  # the range numpy and most tools accept; torch takes it too
+
+
+# The book's appendix D (``training.TrainingSchedule``, and the run settings that hold its options): the range
+# of each numeric option, and the learning-rate decays after the warmup.
+SCHEDULE_RANGES = dict(warmup_steps=whole_number(0), initial_lr=real_number(0), min_lr=real_number(0),
+                       clip_grad_norm=positive_float(), accumulation_steps=whole_number(1))
+DECAYS = ("none", "cosine")

@@ -33,10 +33,10 @@ from ..prompt_tuning import PROMPT_METHODS, VirtualTokenModel, check_virtual_tok
 from ..formats.prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
 from ..qlora import check_quantize_method, quantize_base, quantized_layers
 from ..spam import create_dataloaders, split_paths
-from ..training import trainable_adamw
+from ..training import schedule_fingerprint, trainable_adamw
 from .run_dir import ADAPTER_DIR, RUN_FILES, open_run_dir, frozen_weights_sha256, peft_base_name  # noqa: F401
 from .run_dir import base_source  # noqa: F401  (notebooks build a run's base_source next to finetune_spam)
-from .settings import DEFAULT_LR, FinetuneSettings  # noqa: F401  (DEFAULT_LR: the rates lr=None takes)
+from .settings import DEFAULT_LR, FinetuneSettings, schedule_keywords  # noqa: F401  (DEFAULT_LR: the rates lr=None takes)
 
 
 # --- the base model of a run -----------------------------------------------------------
@@ -237,12 +237,14 @@ def _export(run_dir: Path, info: dict, source: dict, out_dir: str | Path) -> Pat
 
 def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str | Path, method: str = "last-block",
                   *, device="cpu", progress: bool = True, resume: bool = False, overwrite: bool = True,
-                  **settings) -> dict:
+                  schedule=None, **settings) -> dict:
     """Chapter 6 end to end, in the book's words: ``run_finetune`` with
     ``FinetuneSettings(data_dir=data_dir, method=method, **settings)`` (``epochs``, ``lr``,
-    ``method_options``, ``base_source``, ...: the fields of :class:`~.settings.FinetuneSettings`)."""
-    return run_finetune(model, tokenizer, FinetuneSettings(data_dir=data_dir, method=method, **settings), out_dir,
-                        device=device, progress=progress, resume=resume, overwrite=overwrite)
+    ``method_options``, ``base_source``, ...: the fields of :class:`~.settings.FinetuneSettings`;
+    ``schedule``, a ``training.TrainingSchedule``, gives the appendix-D fields at once)."""
+    settings = FinetuneSettings(data_dir=data_dir, method=method, **settings, **schedule_keywords(schedule))
+    return run_finetune(model, tokenizer, settings, out_dir, device=device, progress=progress, resume=resume,
+                        overwrite=overwrite)
 
 
 def run_finetune(model: GPTModel, tokenizer, settings: FinetuneSettings, out_dir: str | Path, *, device="cpu",
@@ -274,6 +276,7 @@ def run_finetune(model: GPTModel, tokenizer, settings: FinetuneSettings, out_dir
 
     Under ``torchrun`` every process runs this with its share of each batch
     (``batch_size`` is the global batch; see ``distributed``); only rank 0 writes.
+    The settings' ``schedule`` adds appendix D's warmup, decay, clipping and accumulation.
     """
     if settings.quantize_method is None and quantized_layers(model):  # a quantized model the settings do not know
         check_quantize_method(next(iter(quantized_layers(model).values())).method, settings.method)
@@ -309,7 +312,7 @@ def run_finetune(model: GPTModel, tokenizer, settings: FinetuneSettings, out_dir
     trained_model = wrap_for_training(trained_model, processes)
     history = train_classifier(trained_model, loaders[0], loaders[1], optimizer, device, settings.epochs,
                                settings.eval_freq, settings.eval_iter, progress=show, history=history,
-                               checkpoints=checkpoints)
+                               checkpoints=checkpoints, schedule=settings.schedule)
     seconds = checkpoints.training_seconds()
     # The final pass over every split takes minutes on a CPU: show it too.
     accuracy = {split: calc_accuracy_loader(tqdm(loader, desc=f"evaluating {split}", unit="batch", disable=not show),
@@ -321,8 +324,8 @@ def run_finetune(model: GPTModel, tokenizer, settings: FinetuneSettings, out_dir
                 seed=settings.seed, base_source=settings.base_source)
     if processes.is_main:  # under torchrun, one process writes the run directory
         save_classifier(model, out_dir, info)
-    metrics = dict(settings.to_json(), **info, training_seconds=round(seconds, 1),
-                   trainable_parameters=count_parameters(model, trainable_only=True), history=asdict(history))
+    metrics = dict(settings.to_json(), **info, **schedule_fingerprint(settings.schedule),
+                   training_seconds=round(seconds, 1), trainable_parameters=count_parameters(model, trainable_only=True), history=asdict(history))
     if processes.is_main:
         write_json(metrics, Path(out_dir) / "metrics.json")
         plot_history(history, out_dir)

@@ -1,6 +1,7 @@
-"""Five fine-tuning methods side by side on the spam task: what each trains, saves, costs and reaches.
+"""Fine-tuning methods side by side on the spam task: what each trains, saves, costs and reaches.
 
-``compare_methods`` runs ``finetune_spam`` once per method on fresh copies of one
+``compare_methods`` runs ``finetune_spam`` once per entry of ``COMPARED`` (every method, and
+DoRA as LoRA with ``use_dora``) on fresh copies of one
 base and measures, for each: trainable parameters, the bytes its run directory needs
 for the weights (the whole model, or the adapter / prompt alone), the time and the
 peak resident-memory rise of one training step (batch ``[8, 120]``, forward +
@@ -26,9 +27,11 @@ from ..model import GPTConfig, GPTModel, count_parameters
 from ..prompt_tuning import PROMPT_METHODS
 from ..spam import create_dataloaders, split_paths
 
+# What is compared: a row name -> (method, method options). DoRA is LoRA's option, with LoRA's defaults.
+COMPARED = {**{method: (method, None) for method in METHODS}, "dora": ("lora", {"use_dora": True})}
 # Learning rates of the comparison: the method defaults, except full and last-block, whose 5e-5 suits
 # pretrained weights; from random weights they need 1e-3 (the README's tiny runs).
-COMPARISON_LR = {"full": 1e-3, "last-block": 1e-3, "lora": None, "prompt-tuning": None, "prefix-tuning": None}
+COMPARISON_LR = {"full": 1e-3, "last-block": 1e-3}
 
 
 def first_messages(data_dir, out_dir, messages: int) -> Path:
@@ -72,37 +75,41 @@ def time_training_step(model, batch, repeats: int = 3) -> tuple[float, int]:
     return min(times[1:]), memory.rise
 
 
-def compare_methods(make_base: Callable[[], GPTModel], data_dir, tokenizer, runs_dir, methods=METHODS,
+def compare_methods(make_base: Callable[[], GPTModel], data_dir, tokenizer, runs_dir, methods=tuple(COMPARED),
                     epochs: int = 3, seed: int = 123, lrs: dict | None = None, progress: bool = False) -> list[dict]:
-    """Fine-tune a fresh ``make_base()`` with each of ``methods`` (run directories in ``runs_dir/METHOD``).
+    """Fine-tune a fresh ``make_base()`` with each of ``methods``, names of :data:`COMPARED` (run
+    directories in ``runs_dir/NAME``).
 
-    Returns one dict per method: ``method``, ``trainable``, ``saved_bytes``, ``step_seconds``,
+    Returns one dict per name: ``method`` (the name), ``trainable``, ``saved_bytes``, ``step_seconds``,
     ``peak_memory_bytes``, ``lr``, ``train``/``validation``/``test`` accuracy (0 to 1).
-    ``lrs`` maps methods to learning rates (default :data:`COMPARISON_LR`; None: the method's default).
+    ``lrs`` maps names to learning rates (default :data:`COMPARISON_LR`; absent: the method's default).
     """
     lrs = {**COMPARISON_LR, **(lrs or {})}
     torch.manual_seed(seed)
     step_batch = next(iter(create_dataloaders(data_dir, tokenizer, batch_size=8)[0]))
     rows = []
-    for method in methods:
-        run_dir = Path(runs_dir) / method
-        metrics = finetune_spam(make_base(), tokenizer, data_dir, run_dir, method, epochs=epochs, lr=lrs.get(method),
-                                seed=seed, progress=progress)
+    for name in methods:
+        method, options = COMPARED[name]
+        run_dir = Path(runs_dir) / name
+        metrics = finetune_spam(make_base(), tokenizer, data_dir, run_dir, method, epochs=epochs, lr=lrs.get(name),
+                                seed=seed, progress=progress, method_options=options)
         torch.manual_seed(seed)
-        model = prepare_for_classification(make_base(), method)
+        model = prepare_for_classification(make_base(), method, method_options=options)
         seconds, memory = time_training_step(model, step_batch)
-        rows.append(dict(method=method, trainable=metrics["trainable_parameters"], saved_bytes=weights_bytes(run_dir),
+        rows.append(dict(method=name, trainable=metrics["trainable_parameters"], saved_bytes=weights_bytes(run_dir),
                          step_seconds=seconds, peak_memory_bytes=memory, lr=metrics["lr"], **metrics["accuracy"]))
     return rows
 
 
-def trainable_on_meta(method: str, preset: str = "gpt2-small") -> int:
-    """Trainable parameters of ``method`` on a GPT-2 size (released layout: q/k/v biases, tied head),
-    built on the meta device: shapes only, nothing allocated."""
+def trainable_on_meta(name: str, preset: str = "gpt2-small") -> int:
+    """Trainable parameters of ``name`` (of :data:`COMPARED`) on a GPT-2 size (released layout: q/k/v
+    biases, tied head), built on the meta device: shapes only, nothing allocated."""
+    method, options = COMPARED[name]
     with torch.device("meta"):
         model = GPTModel(GPTConfig.from_preset(preset, qkv_bias=True))
         model.tie_weights()
         # (a prompt's start does not change the count, and a prefix started from text would run the model)
-        model = prepare_for_classification(model, method, method_options={"init_text": None}
-                                           if method in PROMPT_METHODS else None)
+        if method in PROMPT_METHODS:
+            options = {**(options or {}), "init_text": None}
+        model = prepare_for_classification(model, method, method_options=options)
     return count_parameters(model, trainable_only=True)

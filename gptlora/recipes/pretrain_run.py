@@ -16,6 +16,9 @@ Two kinds of run:
   adaptation): only low-rank adapters train, and the run saves only them
   (``adapter/``), with a record of how to rebuild the base. ``gptlora export-peft``
   turns such a run into a peft adapter for ``transformers.GPT2LMHeadModel``.
+- ``p-tuning``: the same, with a soft prompt made by a trained prompt encoder
+  (``p_tuning.py``) in front of every window instead of adapters; the windows are
+  ``n`` tokens shorter than the model's context, to leave room for the prompt.
 """
 
 from __future__ import annotations
@@ -35,13 +38,16 @@ from ..formats.hf_layout import config_from_hf
 from ..lora import apply_lora
 from ..formats.lora_io import load_adapter, save_adapter
 from ..formats.lora_peft_export import export_peft
+from ..formats.prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
 from ..model import GPTConfig, GPTModel, count_parameters
 from ..pretrained import load_pretrained
 from ..pretraining import PretrainingHistory, perplexity, plot_history, train_language_model
+from ..prompt_tuning import apply_virtual_tokens, check_virtual_tokens
 from ..text_data import create_dataloader, split_text
-from ..training import trainable_adamw
+from ..training import schedule_fingerprint, trainable_adamw
 from .run_dir import ADAPTER_DIR, frozen_weights_sha256, open_run_dir, peft_base_name
-from .settings import PretrainSettings
+from .run_dir import base_source  # noqa: F401  (notebooks build a run's base_source next to pretrain_on_text)
+from .settings import PretrainSettings, schedule_keywords
 
 RUN_INFO = "language_model.json"  # marks a pretraining run directory
 WEIGHTS = "model.safetensors"
@@ -112,6 +118,8 @@ def save_language_model(model: GPTModel, run_dir: str | Path, info: dict) -> Pat
     run_dir.mkdir(parents=True, exist_ok=True)
     if info["method"] == "lora":
         save_adapter(model, run_dir / ADAPTER_DIR, verbose=False)
+    elif info["method"] == "p-tuning":
+        save_prompt(model, run_dir / ADAPTER_DIR, info["method_options"]["init_text"], verbose=False)
     else:
         with replace_atomically(run_dir / WEIGHTS) as tmp:
             save_model(model, str(tmp))  # copes with a tied head
@@ -138,6 +146,8 @@ def load_language_model(run_dir: str | Path, device="cpu") -> tuple[GPTModel, di
     if info["method"] == "lora":
         model = load_base(info["base_source"])
         load_adapter(model, run_dir / ADAPTER_DIR)
+    elif info["method"] == "p-tuning":
+        model = load_prompt(load_base(info["base_source"]), run_dir / ADAPTER_DIR)
     else:
         model = GPTModel(GPTConfig(**info["config"]))
         if info.get("weights_tied"):
@@ -147,13 +157,14 @@ def load_language_model(run_dir: str | Path, device="cpu") -> tuple[GPTModel, di
 
 
 def export_pretraining_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a LoRA pretraining run's adapter as a peft adapter for ``transformers.GPT2LMHeadModel``."""
+    """Write a LoRA or P-tuning pretraining run's adapter as a peft adapter for ``transformers.GPT2LMHeadModel``."""
     model, info = load_language_model(run_dir)
-    if info["method"] != "lora":
+    if info["method"] == "full":
         raise ValueError(f"{run_dir} is a {info['method']!r} run, which saves a whole model; only a "
-                         "`--method lora` run has an adapter to export")
+                         "`--method lora` (or p-tuning) run has an adapter to export")
     base_name = peft_base_name(info["base_source"], lambda: load_base(info["base_source"]), out_dir)
-    return export_peft(model, out_dir, base_model_name_or_path=base_name)
+    export = export_peft if info["method"] == "lora" else export_prompt_peft
+    return export(model, out_dir, base_model_name_or_path=base_name)
 
 
 # --- the whole recipe ------------------------------------------------------------------
@@ -183,40 +194,55 @@ def text_loaders(text: str, tokenizer, context_length: int, batch_size: int, tra
 
 def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, device="cpu", tokenizer=None,
                      progress: bool = True, verbose: bool = True, resume: bool = False, overwrite: bool = True,
-                     **settings) -> dict:
+                     schedule=None, **settings) -> dict:
     """Chapter 5 end to end, settings as keywords: ``run_pretrain`` with
-    ``PretrainSettings(base_source=source, **settings)`` (``method``, ``epochs``, ``lr``, ``context_length``, ...)."""
-    return run_pretrain(text, PretrainSettings(base_source=source, **settings), out_dir, device=device,
-                        tokenizer=tokenizer, progress=progress, verbose=verbose, resume=resume, overwrite=overwrite)
+    ``PretrainSettings(base_source=source, **settings)`` (``method``, ``epochs``, ``lr``, ``context_length``, ...;
+    ``schedule``, a ``training.TrainingSchedule``, gives the appendix-D fields at once)."""
+    settings = PretrainSettings(base_source=source, **settings, **schedule_keywords(schedule))
+    return run_pretrain(text, settings, out_dir, device=device, tokenizer=tokenizer, progress=progress,
+                        verbose=verbose, resume=resume, overwrite=overwrite)
 
 
 def run_pretrain(text: str, settings: PretrainSettings, out_dir: str | Path, *, device="cpu", tokenizer=None,
                  progress: bool = True, verbose: bool = True, resume: bool = False, overwrite: bool = True,
-                 command_options: dict | None = None) -> dict:
+                 command_options: dict | None = None, loaders: tuple | None = None,
+                 info_extra: dict | None = None) -> dict:
     """Train the base of ``settings.base_source`` (``run_dir.base_source``) on ``text``; save the run in ``out_dir``.
 
     Seeds as the book does (``seed`` before the loaders and again before the
     model), trains with AdamW, prints the book's log, and writes the model (or the
     LoRA adapter), ``language_model.json``, ``metrics.json`` and ``loss.png`` to
-    ``out_dir``. ``settings.context_length`` (default: the model's) sets the window length.
-    Checkpoints, ``resume``, ``overwrite``, ``command_options`` and ``torchrun`` work as in
-    ``finetune.run_finetune``. Returns the metrics dict.
+    ``out_dir``. ``settings.context_length`` (default: the model's, less a P-tuning prompt's
+    virtual tokens) sets the window length. Checkpoints, ``resume``, ``overwrite``, ``command_options``
+    and ``torchrun`` work as in ``finetune.run_finetune``; the settings' schedule adds appendix D.
+    Returns the metrics dict.
+
+    ``loaders``, ``(train, validation)`` loaders of ``(inputs, targets)`` batches, replace the
+    windows of ``text`` (instruction fine-tuning brings its own; ``text`` then only identifies
+    the data in the checkpoint's fingerprint); ``info_extra`` adds entries to ``language_model.json``.
     """
-    source = settings.base_source
+    source, method = settings.base_source, settings.method
     tokenizer = tokenizer or get_tokenizer()
     processes = start_processes(device)
     device = processes.device
-    context_length = settings.context_length or base_context_length(source)
+    virtual = settings.method_options["num_virtual_tokens"] if method == "p-tuning" else 0  # room for the prompt
+    if virtual:  # n virtual tokens and a window (of at least one token) must fit in the model's context
+        check_virtual_tokens(virtual, base_context_length(source), settings.context_length or 1)
+    context_length = settings.context_length or base_context_length(source) - virtual
     check_context_length(context_length, base_context_length(source, limit=True), source["model"])
     torch.manual_seed(settings.seed)  # the book seeds before the loaders (their shuffles draw later) ...
-    loaders = text_loaders(text, tokenizer, context_length, settings.batch_size, settings.train_ratio)
+    windows = loaders is None
+    if windows:
+        loaders = text_loaders(text, tokenizer, context_length, settings.batch_size, settings.train_ratio)
     model = load_base(source)  # ... and again before the model: load_base seeds with source["seed"]
     # Every process checks (one that failed alone would leave the others waiting); one removes. After the
     # checks of the text and options and after the base is loaded (or failed to download), so that a bad
     # one leaves an old run untouched even with --overwrite. open_run_dir draws no random numbers.
     checkpoint_path = fail_together(open_run_dir, out_dir, resume, overwrite, removes_old_run=processes.is_main)
-    if settings.method == "lora":
+    if method == "lora":
         apply_lora(model, **settings.method_options, verbose=False)
+    elif method == "p-tuning":  # the base frozen and wrapped: the prompt goes before every window
+        model = apply_virtual_tokens(model, method, settings.method_options)
     model.to(device)
     optimizer = trainable_adamw(model, settings.lr, settings.weight_decay)
     fingerprint = dict(config=model.cfg.to_dict(), **{**settings.fingerprint(), "context_length": context_length},
@@ -225,19 +251,20 @@ def run_pretrain(text: str, settings: PretrainSettings, out_dir: str | Path, *, 
     checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, settings.save_every,
                                writes_files=processes.is_main, extra=command_options)
     # Tokens per epoch, as the book counts them (batches x rows x tokens), before sharding.
-    train_tokens = len(loaders[0]) * settings.batch_size * context_length
-    val_tokens = len(loaders[1].dataset) * context_length
+    train_tokens = len(loaders[0]) * settings.batch_size * context_length if windows else None
+    val_tokens = len(loaders[1].dataset) * context_length if windows else None
     loaders = shard_loaders(loaders, processes, settings.seed)
     history = PretrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
     history = train_language_model(wrap_for_training(model, processes), loaders[0], loaders[1], optimizer, device,
                                    settings.epochs, settings.eval_freq, settings.eval_iter, settings.prompt, tokenizer,
                                    sample_tokens=settings.sample_tokens, progress=progress and processes.is_main,
-                                   verbose=verbose and processes.is_main, history=history, checkpoints=checkpoints)
-    info = dict(method=settings.method, method_options=settings.method_options, base_source=source,
-                seed=settings.seed, context_length=context_length, text=settings.text_name, prompt=settings.prompt)
+                                   verbose=verbose and processes.is_main, history=history, checkpoints=checkpoints,
+                                   schedule=settings.schedule)
+    info = dict(method=method, method_options=settings.method_options, base_source=source, seed=settings.seed,
+                context_length=context_length, text=settings.text_name, prompt=settings.prompt, **(info_extra or {}))
     final = dict(train_loss=history.train_losses[-1], val_loss=history.val_losses[-1]) if history.train_losses else {}
     metrics = dict(settings.to_json(), **info, **final, **{f"{k}_perplexity": perplexity(v) for k, v in final.items()},
-                   training_seconds=round(checkpoints.training_seconds(), 1),
+                   **schedule_fingerprint(settings.schedule), training_seconds=round(checkpoints.training_seconds(), 1),
                    trainable_parameters=count_parameters(model, trainable_only=True),
                    train_tokens=train_tokens, val_tokens=val_tokens, history=asdict(history))
     if processes.is_main:  # under torchrun, one process writes the run directory

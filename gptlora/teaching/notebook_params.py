@@ -1,6 +1,7 @@
 """The parameter cell of every notebook: defaults for a reader's machine, overridable from the environment.
 
-Each notebook's first code cell (tagged ``parameters``) is one call::
+Each notebook's parameter cell (tagged ``parameters``; the first code cell after Colab's install cell)
+is one call::
 
     params = notebook_params(new_tokens=50)   # this notebook's own defaults
 
@@ -19,6 +20,8 @@ GPTLORA_RUNS_DIR       runs_dir        fine-tuning runs and adapters (``../runs`
 GPTLORA_OUTPUT_DIR     output_dir      PNG copies of the plots (``../runs/figures``)
 GPTLORA_EPOCHS         epochs          training epochs (5)
 GPTLORA_NEW_TOKENS     new_tokens      tokens to generate (25)
+GPTLORA_RECORDS        records         records of a data set to use, from its start
+                                       (0: all of them)
 GPTLORA_DEVICE         device          ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``
 =====================  ==============  ==================================================
 
@@ -50,6 +53,7 @@ class NotebookParams:
     output_dir: Path = Path("../runs/figures")
     epochs: int = 5
     new_tokens: int = 25
+    records: int = 0
     device: str = "auto"
 
     @property

@@ -1,0 +1,97 @@
+"""The untrusted side of grading: run one submitted notebook and write what its functions answer, as JSON.
+
+    python -m gptlora.teaching.run_submission NOTEBOOK MODE RESULTS < tasks.json
+
+Started by ``exercises/teach.py grade`` inside a sandbox, in a temporary folder holding only a copy of
+the notebook. ``MODE`` is ``cells`` (run every code cell in order, as a kernel would; a cell that
+raises is noted and the next one runs) or ``definitions`` (run only its imports and ``def``/``class``
+statements: the grader's second try when running the cells killed or stalled the process).
+
+``tasks.json`` (read from standard input) lists, per question, the function to probe, the probe
+(from :mod:`grading_probes`) and the grader's inputs. ``RESULTS`` gets one JSON line when the cells
+have run, then one line per question with the observation of each input (or the error it raised).
+This process decides nothing: whatever it writes is compared, by a separate process, with the
+observations of the teacher's reference, so patching anything here can only change its own answers.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+
+from .grading_probes import PROBES, build, to_plain
+
+IPYTHON_LINE_PREFIXES = ("%", "!")  # magics and shell lines: not Python, and nothing a grader needs
+
+
+def code_cells(notebook: dict) -> list[str]:
+    """The sources of the notebook's code cells (a source may be stored as one string or a list of lines)."""
+    cells = []
+    for cell in notebook.get("cells", []):
+        if isinstance(cell, dict) and cell.get("cell_type") == "code":
+            source = cell.get("source", "")
+            source = "".join(source) if isinstance(source, list) else str(source)
+            cells.append("\n".join(line for line in source.splitlines()
+                                   if not line.lstrip().startswith(IPYTHON_LINE_PREFIXES)))
+    return cells
+
+
+def definitions_only(source: str) -> str:
+    """The imports, functions and classes of ``source``: what defines the answers, without top-level calls."""
+    kept = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    tree = ast.parse(source)
+    tree.body = [node for node in tree.body if isinstance(node, kept)]
+    return ast.unparse(tree)
+
+
+def run_cells(cells: list[str], mode: str, namespace: dict) -> list[str]:
+    """Execute the cells in ``namespace``; the problems met, one short line per failed cell."""
+    problems = []
+    for index, source in enumerate(cells, start=1):
+        try:
+            code = definitions_only(source) if mode == "definitions" else source
+            exec(compile(code, f"<cell {index}>", "exec"), namespace)
+        except BaseException as error:  # SystemExit and KeyboardInterrupt too: a cell cannot stop the grading
+            problems.append(f"cell {index} raised {type(error).__name__}")
+    return problems
+
+
+def observe(task: dict, namespace: dict) -> dict:
+    """One question's record: the observation of each input, or why there is none."""
+    function = namespace.get(task["function"])
+    if not callable(function):
+        return {"question": task["question"], "missing": task["function"]}
+    probe, observations = PROBES[task["probe"]], []
+    for case in task["cases"]:
+        try:
+            found = probe(function, *build(case.get("args", [])), **build(case.get("kwargs", {})))
+            observations.append({"value": to_plain(found)})
+        except BaseException as error:  # the student's code raised: no answer for this input
+            observations.append({"error": f"{type(error).__name__}: {str(error)[:200]}"})
+    return {"question": task["question"], "observations": observations}
+
+
+def write_line(results, record: dict):
+    """One record on a line of its own (a newline first: a cell may have left the file without one)."""
+    results.write("\n" + json.dumps(record) + "\n")
+    results.flush()
+
+
+def main(argv: list[str]) -> int:
+    notebook_path, mode, results_path = argv
+    tasks = json.loads(sys.stdin.read())
+    with open(notebook_path, encoding="utf-8") as file:
+        cells = code_cells(json.load(file))
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    problems = run_cells(cells, mode, namespace)
+    with open(results_path, "a", encoding="utf-8") as results:  # opened only now: the cells had no handle to it
+        write_line(results, {"cells": mode, "problems": problems})
+        for task in tasks:
+            write_line(results, observe(task, namespace))
+        write_line(results, {"finished": True})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,341 @@
+"""`exercises/teach.py grade`: sandboxed submissions that only report answers, scored by a separate process.
+
+- every exercise: its solution scores 100% and its untouched student notebook 0, with no data folder;
+- a table of dishonest or broken submissions graded in one folder with two honest ones: each gets the
+  score its real answers deserve, the honest rows do not move, nothing outside its sandbox changes,
+  nothing it started survives, and the run ends within its timeouts;
+- one row per submission always; the CSV is the same on a second run; bad input is one clear line.
+With bubblewrap installed (CI installs it) the filesystem attacks are graded under it; without, the
+table runs with --unsafe and the rows that need isolation are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import REPO_ROOT, load_teach
+
+EXERCISE_DIR = REPO_ROOT / "exercises"
+MASTERS = sorted(EXERCISE_DIR.glob("[0-9][0-9]_*.ipynb"))
+teach = load_teach()
+sys.path.insert(0, str(EXERCISE_DIR))
+import grading_spec  # noqa: E402  (exercises/ is a folder of scripts, on the path since load_teach)
+import sandbox  # noqa: E402
+
+ISOLATED = sandbox.bwrap_path() is not None
+TIMEOUT = 15  # seconds per run of a submission in these tests (the default is minutes)
+
+
+def grade(folder: Path, exercise: str, out: Path, *extra: str) -> tuple[int, dict, str]:
+    """Run ``teach.py grade``; its exit status, the CSV's rows by file name, and what it printed."""
+    import subprocess
+
+    command = [sys.executable, str(EXERCISE_DIR / "teach.py"), "grade", str(folder), "--exercise", exercise,
+               "--out", str(out), "--timeout", str(TIMEOUT), "--jobs", "3", *extra] + ([] if ISOLATED else ["--unsafe"])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    rows = {row["file"]: row for row in csv.DictReader(out.open())} if out.is_file() else {}
+    return done.returncode, rows, done.stdout + done.stderr
+
+
+def scores(row: dict, questions: list[str]) -> list[float]:
+    return [float(row[name]) for name in questions]
+
+
+def questions_of(master: Path) -> list[str]:
+    return [cell.source.split("name:")[1].split()[0] for cell in nbformat.read(master, as_version=4).cells
+            if cell.cell_type == "raw" and cell.source.startswith("# BEGIN QUESTION")]
+
+
+def test_every_exercise_has_a_grading_spec_for_each_question():
+    for master in MASTERS:
+        assert sorted(grading_spec.SPEC.get(master.stem, {})) == sorted(questions_of(master)), \
+            f"exercises/grading_spec.py: list every question of {master.name} once"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("master", MASTERS, ids=[m.stem for m in MASTERS])
+def test_solution_scores_full_and_student_notebook_zero(master, built, tmp_path, monkeypatch):
+    """Graded with no data folder and no GPTLORA_DATA_DIR: the grader needs none (issue 18)."""
+    for name in ("GPTLORA_DATA_DIR", "GPTLORA_SPAM_SOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    folder = built(master)
+    submissions = tmp_path / "submissions"
+    submissions.mkdir()
+    (submissions / "solution.ipynb").write_bytes((folder / "autograder" / master.name).read_bytes())
+    (submissions / "student.ipynb").write_bytes((folder / "student" / master.name).read_bytes())
+    out = teach.grade_folder(submissions, master.stem, tmp_path / "scores.csv", sandbox.Limits(timeout_s=120),
+                             unsafe=not ISOLATED, jobs=2)  # in this process: one interpreter start less
+    rows, printed = {row["file"]: row for row in csv.DictReader(out.open())}, out.read_text()
+    names = questions_of(master)
+    assert scores(rows["solution.ipynb"], names) == scores(rows["points-per-question"], names), printed
+    assert rows["solution.ipynb"]["status"] == "graded"
+    assert scores(rows["student.ipynb"], names) == [0] * len(names)
+
+
+# ---- the adversarial table (exercise 01) ----------------------------------------------------------------
+
+def cell(source: str) -> dict:
+    return nbformat.v4.new_code_cell(source)
+
+
+ATTACKS = {  # name: (base notebook, cells added at the end (or "first:" at the start), points it deserves)
+    "patched_check_helpers": ("student", """
+import gptlora.teaching.exercise_checks as checks
+checks.expect = lambda *a, **k: None
+checks.call = lambda name, function, *a, **k: 1
+checks._same = lambda *a, **k: True
+""", 0),
+    "patched_builtins": ("student", """
+import builtins, math, torch, json
+math.isclose = lambda *a, **k: True
+torch.allclose = lambda *a, **k: True
+torch.equal = lambda *a, **k: True
+builtins.isinstance = lambda *a: True
+""", 0),
+    "always_equal_objects": ("student", """
+class Anything(int):
+    def __eq__(self, other): return True
+    __hash__ = int.__hash__
+def block_parameters(cfg): return Anything(0), Anything(0)
+def total_parameters(cfg): return Anything(0)
+def causal_attention_weights(scores): return Anything(0)
+""", 0),
+    "writes_a_results_file": ("student", """
+import json, pathlib
+forged = {"question": "q1", "observations": [{"value": 1000}]}
+for name in ("results.jsonl", "results.json", "/tmp/results.json"):
+    pathlib.Path(name).write_text(json.dumps(forged) + "\\n" + json.dumps({"cells": "cells", "finished": True}))
+print(json.dumps({"q1": 1, "q2": 1, "q3": 1, "q4": 1, "total": 4}))
+""", 0),
+    "forged_extra_question": ("student", """
+import json
+with open("results.jsonl", "a") as f:
+    f.write(json.dumps({"question": "q1000", "points": 1000, "observations": []}) + "\\n")
+print(json.dumps({"tests": [{"name": "q1000", "score": 1000, "max_score": 1000}]}))
+""", 0),
+    "pickle_payload": ("student", """
+import os, pickle
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/gptlora-grading-unpickled",))
+for name in ("results.jsonl", "results.pkl", "results.pickle"):
+    with open(name, "wb") as file:
+        pickle.dump(Payload(), file)
+""", 0),
+    "sys_exit_first": ("solution", "first:import sys\nsys.exit(0)", 4),
+    "os_exit_last": ("solution", "import os\nos._exit(0)", 4),
+    "killed_kernel": ("solution", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", 4),
+    "endless_loop": ("solution", "while True:\n    pass", 4),
+    "large_allocation": ("solution", "hog = bytearray(64 * 2**30)\nimport torch\nbig = torch.empty(2**40)", 4),
+    "megabytes_of_output": ("solution", "for _ in range(400):\n    print('x' * 250_000)", 4),
+    "one_function_kills_the_process": ("solution", """
+import os
+def set_dropout_rates(model, embedding, shortcut, attention):
+    os._exit(1)
+""", 3),
+}
+FILESYSTEM_ATTACKS = {  # these need isolation: without it they do reach the teacher's files
+    "reads_hidden_inputs": ("student", """
+import glob, pathlib
+for path in glob.glob('{exercises}/**', recursive=True) + glob.glob('/tmp/**/*.ipynb', recursive=True):
+    if path.endswith(('01_gpt_model.ipynb', 'grading_spec.py')) and 'BEGIN SOLUTION' in pathlib.Path(path).read_text():
+        import json
+        for c in json.loads(pathlib.Path(path).read_text())['cells']:
+            if c['cell_type'] == 'code' and 'BEGIN SOLUTION' in ''.join(c['source']):
+                exec(''.join(c['source']).split('\\n\\n\\n')[0])
+""", 0),
+    "touches_other_submissions": ("student", """
+import glob, os, pathlib
+for path in glob.glob("{submissions}/*") + glob.glob("{teacher}/*"):
+    try:
+        pathlib.Path(path).write_text("{}")
+    except OSError:
+        pass
+""", 0),
+    "background_process": ("solution", """
+import subprocess, sys
+subprocess.Popen([sys.executable, "-c", "import time, pathlib\\ntime.sleep(4)\\n"
+                  "for p in ['{out}', '{submissions}/alice.ipynb', '{teacher}/secret.txt']:\\n"
+                  "    pathlib.Path(p).write_text('FORGED-IN-BACKGROUND')"], start_new_session=True)
+if __import__("os").fork() == 0:
+    __import__("os").setsid()
+    __import__("time").sleep(3600)
+""", 4),
+}
+
+
+def notebook_for(attack: tuple, folder: Path, name: str, **paths) -> Path:
+    base, source, _ = attack
+    nb = nbformat.read(folder / ("autograder" if base == "solution" else "student") / "01_gpt_model.ipynb", as_version=4)
+    for key, value in paths.items():  # plain replacement: the attacks' own braces stay as they are
+        source = source.replace("{" + key + "}", str(value))
+    if source.startswith("first:"):
+        nb.cells.insert(0, cell(source.removeprefix("first:")))
+    else:
+        nb.cells.append(cell(source))
+    path = paths["submissions"] / f"{name}.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def snapshot(*folders: Path) -> dict:
+    return {str(p): p.read_bytes() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_attacks_get_what_their_answers_deserve(built, tmp_path):
+    folder = built(EXERCISE_DIR / "01_gpt_model.ipynb")
+    work = folder
+    submissions, teacher, out = tmp_path / "submissions", tmp_path / "teacher", tmp_path / "scores" / "scores.csv"
+    teacher.mkdir()
+    submissions.mkdir()
+    (teacher / "secret.txt").write_text("the teacher's file")
+    attacks = dict(ATTACKS, **(FILESYSTEM_ATTACKS if ISOLATED else {}))
+    for name, attack in attacks.items():
+        notebook_for(attack, work, name, submissions=submissions, teacher=teacher, out=out,
+                     exercises=str(EXERCISE_DIR))
+    (submissions / "alice.ipynb").write_bytes((folder / "autograder" / "01_gpt_model.ipynb").read_bytes())
+    (submissions / "bob.ipynb").write_bytes((folder / "student" / "01_gpt_model.ipynb").read_bytes())
+    (submissions / "dan.ipynb").write_text("not json")
+    before, start = snapshot(submissions, teacher), time.monotonic()
+    sandboxes_before = set(Path(tempfile.gettempdir()).glob("gptlora-grade-*"))
+
+    status, rows, printed = grade(submissions, "01_gpt_model", out)
+
+    seconds = time.monotonic() - start
+    names = questions_of(EXERCISE_DIR / "01_gpt_model.ipynb")
+    assert status == 0, printed
+    assert list(rows) == ["points-per-question"] + sorted(["alice.ipynb", "bob.ipynb", "dan.ipynb"] +
+                                                          [f"{n}.ipynb" for n in attacks])
+    assert list(rows["alice.ipynb"]) == ["file"] + names + ["total", "status"], "a submission changed the columns"
+    assert scores(rows["alice.ipynb"], names) == [1] * 4 and rows["alice.ipynb"]["status"] == "graded"
+    assert scores(rows["bob.ipynb"], names) == [0] * 4
+    assert rows["dan.ipynb"]["total"] == "0" and rows["dan.ipynb"]["status"].startswith("invalid notebook")
+    got = {name: float(rows[f"{name}.ipynb"]["total"]) for name in attacks}
+    assert got == {name: float(attack[2]) for name, attack in attacks.items()}, printed
+    assert rows["endless_loop.ipynb"]["status"].startswith(f"timeout: ran past {TIMEOUT} s")
+    assert rows["killed_kernel.ipynb"]["status"].startswith("crash: the process ended (signal 9)")
+    assert rows["one_function_kills_the_process.ipynb"]["status"] == "crash: the process ended (exit status 1) in q3"
+    assert rows["writes_a_results_file.ipynb"]["status"] == "graded"  # its forged lines are ignored, not fatal
+    assert seconds < 3 * TIMEOUT * len(attacks), "grading outlived its timeouts"
+    time.sleep(6)  # longer than the background attack waits before writing
+    assert snapshot(submissions, teacher) == before, "a submission changed files outside its sandbox"
+    assert "FORGED-IN-BACKGROUND" not in out.read_text()
+    assert not Path("/tmp/gptlora-grading-unpickled").exists(), "the grader unpickled what a submission wrote"
+    assert set(Path(tempfile.gettempdir()).glob("gptlora-grade-*")) <= sandboxes_before, "a sandbox folder was left"
+    leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _tagged(p)]
+    assert not leftover, f"processes of a submission survived grading: {leftover}"
+    some = tmp_path / "again"  # graded again (a few, to keep the test short): the same rows
+    some.mkdir()
+    for name in ("alice", "bob", "dan", "os_exit_last", "one_function_kills_the_process", "writes_a_results_file"):
+        (some / f"{name}.ipynb").write_bytes((submissions / f"{name}.ipynb").read_bytes())
+    status, again, _ = grade(some, "01_gpt_model", tmp_path / "again.csv")
+    assert again == {name: row for name, row in rows.items() if name in again}, "a second run gave other rows"
+
+
+def _tagged(process: Path) -> bool:
+    try:
+        return f"{sandbox.TOKEN_VARIABLE}=".encode() in process.joinpath("environ").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_unsafe_grading_says_so_and_leaves_no_process(built, tmp_path):
+    """Without isolation the limits, the scoring process and the clean-up remain: a daemon that left the
+    session is found by the run's token and killed."""
+    folder = built(EXERCISE_DIR / "01_gpt_model.ipynb")
+    (tmp_path / "submissions").mkdir()
+    notebook_for(("solution", FILESYSTEM_ATTACKS["background_process"][1], 4), folder, "daemon",
+                 submissions=tmp_path / "submissions", teacher=tmp_path, out=tmp_path / "scores.csv")
+    command = [sys.executable, str(EXERCISE_DIR / "teach.py"), "grade", str(tmp_path / "submissions"), "--exercise",
+               "01_gpt_model", "--out", str(tmp_path / "scores.csv"), "--timeout", str(TIMEOUT), "--unsafe"]
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "isolation: NONE (--unsafe)" in done.stderr.splitlines()[0], done.stderr
+    [row] = [r for r in csv.DictReader((tmp_path / "scores.csv").open()) if r["file"] == "daemon.ipynb"]
+    assert row["total"] == "4" and row["status"] == "graded"
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _tagged(p)], "a process survived"
+    time.sleep(5)
+    assert "FORGED-IN-BACKGROUND" not in (tmp_path / "scores.csv").read_text()
+
+
+def test_grade_refuses_to_run_unisolated_without_unsafe(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sandbox, "bwrap_path", lambda: None)
+    (tmp_path / "alice.ipynb").write_text("{}")
+    assert teach.main(["grade", str(tmp_path), "--exercise", "01_gpt_model", "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "bubblewrap (bwrap) is not installed" in err and "--unsafe" in err and not (tmp_path / "s.csv").exists()
+
+
+def test_grade_explains_bad_input(tmp_path, capsys):
+    assert teach.main(["grade", str(tmp_path), "--exercise", "99_nothing", "--unsafe"]) == 2
+    assert "exercise '99_nothing' not found; expected one of 01_gpt_model" in capsys.readouterr().err
+    assert teach.main(["grade", str(tmp_path), "--exercise", "01_gpt_model", "--unsafe"]) == 2
+    assert "no submissions (*.ipynb) found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        teach.main(["grade", str(tmp_path), "--exercise", "01_gpt_model", "--timeout", "0"])
+    assert "expected a number above 0" in capsys.readouterr().err
+
+
+def test_expected_answers_refuse_clearly_when_the_grader_lacks_what_they_need(monkeypatch):
+    """Missing tokenizer files on the grader: one line naming them, before any submission is scored."""
+    import scoring
+
+    def offline(*args, **kwargs):
+        raise OSError("the GPT-2 tokenizer files are not cached")
+
+    monkeypatch.setitem(scoring.PROBES, "call", offline)
+    with pytest.raises(ValueError, match="cannot be computed here .*TIKTOKEN_CACHE_DIR.*no submission was scored"):
+        scoring.expected_answers("01_gpt_model", EXERCISE_DIR / "01_gpt_model.ipynb")
+
+
+def test_grade_refuses_limits_under_which_nothing_runs(tmp_path, capsys):
+    """300 MiB cannot even import torch: one line saying so, rather than a table of zeros."""
+    (tmp_path / "alice.ipynb").write_bytes((EXERCISE_DIR / "01_gpt_model.ipynb").read_bytes())
+    argv = ["grade", str(tmp_path), "--exercise", "01_gpt_model", "--out", str(tmp_path / "s.csv"), "--memory", "300"]
+    assert teach.main(argv + ([] if ISOLATED else ["--unsafe"])) == 2
+    err = capsys.readouterr().err
+    assert "an empty notebook does not run in the sandbox" in err and "raise --memory" in err
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_observations_from_a_submission_are_only_data():
+    """What a sandbox writes is rebuilt as numbers and tensors; a forged tag or size is refused."""
+    from gptlora.teaching.grading_probes import from_plain, to_plain
+    import torch
+
+    value = (torch.arange(6.0).reshape(2, 3), 7, 0.5, True, None, "x", {"a": [1, 2]})
+    assert json.loads(json.dumps(to_plain(value))) == to_plain(value)
+    rebuilt = from_plain(to_plain(value))
+    assert torch.equal(rebuilt[0], value[0]) and rebuilt[1:] == [7, 0.5, True, None, "x", {"a": [1, 2]}]
+    assert from_plain({"$unsupported": "Linear"}).startswith("<a Linear")
+    with pytest.raises(ValueError, match="too large"):
+        from_plain({"$tensor": [], "dtype": "float32", "shape": [10**9]})
+    with pytest.raises(ValueError, match="unknown dtype"):
+        from_plain({"$tensor": [1], "dtype": "os.system", "shape": [1]})
+
+
+def test_release_holds_student_notebooks_only(tmp_path):
+    master = EXERCISE_DIR / "01_gpt_model.ipynb"
+    out = teach.release(tmp_path / "dist", [master])
+    student = sorted(p.name for p in (out / "student").rglob("*"))
+    assert student == ["01_gpt_model.ipynb"]
+    text = (out / "student" / "01_gpt_model.ipynb").read_text()
+    assert "BEGIN SOLUTION" not in text and "HIDDEN" not in text and "hidden=True" not in text
+    import zipfile
+
+    assert zipfile.ZipFile(out / "student.zip").namelist() == ["exercises/01_gpt_model.ipynb"]
+    assert sorted(p.name for p in (out / "teacher").iterdir()) == ["01_gpt_model-autograder.zip"]
+    assert not any("grading_spec" in name for name in zipfile.ZipFile(out / "student.zip").namelist())
+    assert os.access(out / "teacher" / "01_gpt_model-autograder.zip", os.R_OK)
