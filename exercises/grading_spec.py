@@ -137,4 +137,25 @@ SPEC = {
                                   for d, h, n, b in [(128, 2, 2, True), (256, 4, 1, False)]
                                   for method, dq in [(None, False), ("int8", False), ("nf4", False), ("nf4", True)]]),
     },
+    "11_instruction_finetuning": {
+        "q1": ask("prompt", [{"instruction": "Name the capital of Peru.", "input": "", "output": "Lima."}],
+                  [{"instruction": "Add the numbers.", "input": "7 and 5", "output": "12"}],
+                  [{"instruction": "Fix the grammar:\nshe go home", "input": "she go home", "output": "She goes home."}]),
+        "q2": ask("pad_and_shift", [[[11, 12, 13], [14]]], [[[1], [2, 3], [4, 5, 6, 7, 8]]], [[[9, 9, 9, 9]]],
+                  probe="call_as_tensors", atol=0, rtol=0),
+        "q3": ask("response_loss", [randn(2, 6, 40, seed=1131), {"$tensor": [[1, 2, 3, 4, 39, -100], [5, 6, 7, -100, -100, -100]],
+                                                                 "dtype": "int64"}, [3, 2]],
+                  [randn(3, 4, 40, seed=1132, scale=3), {"$tensor": [[8, 9, 10, 11], [12, -100, -100, -100], [13, 14, -100, -100]],
+                                                          "dtype": "int64"}, [2, 1, 1]], atol=1e-5),
+        "q4": ask("training_state_bytes", *[[small(vocab_size=61, context_length=6, emb_dim=emb, n_heads=2, n_layers=layers,
+                                                   qkv_bias=bias), rank, seed]
+                                            for emb, layers, bias, rank, seed in [(24, 2, True, 0, 1141), (24, 2, True, 3, 1142),
+                                                                                  (40, 1, False, 5, 1143)]],
+                  probe="training_state_bytes", atol=0, rtol=0),
+        "q5": ask("random_base_shows", *[[claim] for claim in (
+            "the training loss falls as the model learns the prompt format",
+            "the answers to the test split follow the instructions",
+            "LoRA needs less memory for gradients and optimizer state than full fine-tuning",
+            "a judge model scores the answers around 50 out of 100, as in the book")]),
+    },
 }

@@ -22,7 +22,7 @@ IDS = [str(path.relative_to(REPO_ROOT)) for path in DOCS]
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FILE_PATH = re.compile(r"(?<![\w./-])gptlora/[\w/]+\.py\b")
 DOTTED_PATH = re.compile(r"(?<![\w./-])gptlora(?:\.\w+)+")
-TEST_NAME = re.compile(r"(?<![\w.-])(?:tests/)?(test_\w+\.py)(?:::(\w+))?")
+TEST_NAME = re.compile(r"(?<![\w./-])(?:tests/)?(test_\w+\.py)(?:::(\w+))?")
 
 
 def prose_lines(text: str) -> list[str]:

@@ -339,3 +339,19 @@ def test_release_holds_student_notebooks_only(tmp_path):
     assert sorted(p.name for p in (out / "teacher").iterdir()) == ["01_gpt_model-autograder.zip"]
     assert not any("grading_spec" in name for name in zipfile.ZipFile(out / "student.zip").namelist())
     assert os.access(out / "teacher" / "01_gpt_model-autograder.zip", os.R_OK)
+
+
+def test_definitions_keep_literal_constants_and_drop_everything_else():
+    """The master's functions may read a notebook constant (exercise 11's ``INTRO``, ``PAD``): definitions
+    mode keeps names bound to literals, and still runs no call, not even one hidden in an assignment."""
+    from gptlora.teaching.run_submission import definitions_only
+
+    source = ('import math\nPAD = 50256\nINTRO = ("a" "b")\nPAIR = (1, [2.5, "x"])\nBAD = open("f")\n'
+              'X, Y = 1, 2\nobj.attr = 3\nprint("hi")\ndef f():\n    return PAD\n')
+    kept = definitions_only(source)
+    namespace = {}
+    exec(compile(kept, "<test>", "exec"), namespace)
+    assert (namespace["PAD"], namespace["INTRO"], namespace["PAIR"], namespace["f"]()) == (50256, "ab", (1, [2.5, "x"]),
+                                                                                          50256)
+    for dropped in ("BAD", "open(", "print(", "obj.attr", "X, Y"):
+        assert dropped not in kept

@@ -242,9 +242,23 @@ def routed_rows(function, n_in, n_out, x, names, seed):
         return function(layer, x, names)
 
 
+def training_state_bytes(function, cfg, rank, seed):
+    """``function(model, ids, ids)`` for a fresh GPTModel of ``cfg``, trained in full (``rank`` 0) or with LoRA
+    of that rank on every linear layer; ``ids`` is ``[2, context_length]`` of the seed's draws."""
+    from ..lora import apply_lora
+    from ..model import GPTModel
+
+    torch.manual_seed(seed)
+    model = GPTModel(cfg)
+    if rank:
+        model = apply_lora(model, rank=rank, alpha=rank, verbose=False)
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.context_length), generator=torch.Generator().manual_seed(seed))
+    return function(model, ids, ids)
+
+
 PROBES = {probe.__name__: probe for probe in (
     call, call_as_tensor, call_as_tensors, tensors_and_dtypes, dropout_rates, resumed_training, linear_outputs, head_tied_answers,
-    receptive_fields, accuracy_by_row, update_ranks, prompt_tuned_inputs, routed_rows)}
+    receptive_fields, accuracy_by_row, update_ranks, prompt_tuned_inputs, routed_rows, training_state_bytes)}
 
 
 # ---- observations as JSON ----------------------------------------------------------------------------------

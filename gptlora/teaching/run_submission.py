@@ -38,11 +38,23 @@ def code_cells(notebook: dict) -> list[str]:
 
 
 def definitions_only(source: str) -> str:
-    """The imports, functions and classes of ``source``: what defines the answers, without top-level calls."""
+    """The imports, functions, classes and literal constants (``PAD = 50256``, ``INTRO = "..."``) of
+    ``source``: what defines the answers, without top-level calls."""
     kept = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
     tree = ast.parse(source)
-    tree.body = [node for node in tree.body if isinstance(node, kept)]
+    tree.body = [node for node in tree.body if isinstance(node, kept) or literal_constant(node)]
     return ast.unparse(tree)
+
+
+def literal_constant(node: ast.stmt) -> bool:
+    """Whether ``node`` binds plain names to a literal (numbers, strings, tuples/lists of them): safe to run."""
+    if not isinstance(node, ast.Assign) or not all(isinstance(target, ast.Name) for target in node.targets):
+        return False
+    try:
+        ast.literal_eval(node.value)
+    except (ValueError, TypeError, SyntaxError, RecursionError):
+        return False
+    return True
 
 
 def run_cells(cells: list[str], mode: str, namespace: dict) -> list[str]:
