@@ -290,6 +290,10 @@ BAD_INPUTS = [
     Bad("score: not records", ("score", "{spam_empty}"), "is not a JSON file"),
     Bad("score: unreachable judge", ("score", "{responses}", "--judge-url", "http://127.0.0.1:9/v1"),
         "cannot reach the judge at http://127.0.0.1:9/v1/chat/completions"),
+    Bad("generate: bad device", ("generate", "--model", "{tiny}", "--device", "gpu"),
+        "argument --device: expected auto, cpu, cuda, cuda:N or another torch device, found 'gpu'"),
+    Bad("instruct: negative warmup", ("instruct", "--warmup-steps", "-2", "--out", "{tmp}/run"),
+        "argument --warmup-steps: expected a whole number of at least 0, found -2", RUN),
 ]
 
 

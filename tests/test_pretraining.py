@@ -272,7 +272,8 @@ def test_generate_on_a_run_samples_as_the_book_does_after_training(run_cli, shor
     options = ["--prompt", "Every effort moves you", "--max-new-tokens", "15", "--top-k", "25", "--temperature", "1.4"]
     samples = {}
     for seed in (123, 7):
-        status, printed = run_cli(["generate", "--model", str(run), *options, "--seed", str(seed)])
+        status, printed = run_cli(["generate", "--model", str(run), *options, "--seed", str(seed),
+                                   "--device", "cpu"])
         assert status == 0
         model, _ = load_language_model(run)
         torch.manual_seed(seed)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .checks import (SEED, CommandParser, add_debug_option, debug_requested, device_name, error_line,
-                     one_line_warnings, positive_float, probability, real_number, whole_number)
+                     one_line_warnings, real_number, whole_number)
 from ..infra.download import DownloadError  # light: the standard library and tqdm
 from .run_settings import finetune_settings, pretrain_settings, resumed_arguments, run_options
 from .instruct import (add_instruct_parser, add_instruction_arguments, check_instruction_arguments,
@@ -57,6 +57,7 @@ def cmd_generate(args) -> int:
         if lora_wrappers(model):  # a LoRA run: fold its adapters into the weights first, then quantize those
             model = merge_lora(model, unload=True)
         quantize_base(model.base if virtual else model, "int8", include_head=True, fused_int8=True)
+    model.to(pick_device(args.device))
     if args.random_init:
         print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)
     # Seeded again, right before sampling, as the book does (torch.manual_seed(123); generate(...)): building
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--int8", action="store_true",
                      help="store the linear layers and the head as int8 weights (per output channel) and use "
                           "PyTorch's fused int8 kernel where it has one: faster and smaller, slightly different")
+    gen.add_argument("--device", default="auto", type=device_name,
+                     help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add_instruction_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 

@@ -140,7 +140,7 @@ class ScheduleSettings(RunSettings):
 def schedule_keywords(schedule) -> dict:
     """A ``training.TrainingSchedule`` (or None) as settings keywords: how the recipes' keyword wrappers
     (``finetune_spam(..., schedule=...)``) take one."""
-    return {} if schedule is None else {name: getattr(schedule, name) for name in SCHEDULE_FIELDS}
+    return {} if schedule is None else schedule.to_dict()
 
 
 # --- chapter 6: fine-tuning a classifier (finetune.run_finetune, `gptlora finetune`) -----
