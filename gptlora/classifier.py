@@ -22,14 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .infra.atomic import replace_atomically
 from .infra.checkpoint import NoCheckpoints
 from .infra.distributed import sum_over_processes
 from .generation import END_OF_TEXT_ID
 from .lora import apply_lora, check_lora_hyperparameters
 from .model import GPTModel, evaluating
 from .prompt_tuning import PROMPT_METHODS, apply_virtual_tokens, check_virtual_tokens, prompt_method_options
-from .training import NO_SCHEDULE, TrainingSchedule, first_batches, mean_batch_loss, train_epochs
+from .training import NO_SCHEDULE, TrainingSchedule, first_batches, mean_batch_loss, plot_values, train_epochs
 
 METHODS = ("last-block", "full", "lora", *PROMPT_METHODS)
 LABEL_NAMES = ("not spam", "spam")  # index = class id (ham 0, spam 1)
@@ -101,7 +100,12 @@ def prepare_for_classification(model: GPTModel, method: str, num_classes: int = 
     ``torch.manual_seed`` first (the book uses 123). Modifies and returns ``model``
     (wrapped, for the prompt methods: use the returned model).
     """
-    options = method_settings(method, method_options)  # bad options fail before any change
+    return apply_method(model, method, method_settings(method, method_options), num_classes)
+
+
+def apply_method(model: GPTModel, method: str, options: dict | None, num_classes: int = 2) -> GPTModel:
+    """:func:`prepare_for_classification` with ``options`` already complete and checked (the output of
+    :func:`method_settings`, as ``recipes.settings.FinetuneSettings`` holds them): the head, then the method."""
     if method in PROMPT_METHODS:  # the virtual tokens must leave room in this model's context
         check_virtual_tokens(options["num_virtual_tokens"], model.cfg.context_length)
     add_classification_head(model, num_classes)
@@ -258,32 +262,6 @@ def train_classifier(model, train_loader, val_loader, optimizer, device, num_epo
 
 
 # --- plots -----------------------------------------------------------------------------
-
-def plot_values(epochs_seen, examples_seen, train_values, val_values, label: str, path: str | Path,
-                seen_label: str = "Examples seen") -> Path:
-    """Write a PNG of training and validation ``label`` against epochs (bottom) and examples seen (top).
-
-    ``epochs_seen`` and ``examples_seen`` give the x position of each value; ``seen_label``
-    names the top axis (``"Tokens seen"`` for pretraining).
-    Uses a bare matplotlib ``Figure``, so no display is needed.
-    """
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5, 3))
-    axes = figure.add_subplot()
-    axes.plot(epochs_seen, train_values, label=f"Training {label}")
-    axes.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
-    axes.set_xlabel("Epochs")
-    axes.set_ylabel(label.capitalize())
-    axes.legend()
-    top = axes.twiny()  # a second x axis, in examples; the invisible line only sets its range
-    top.plot(examples_seen, train_values, alpha=0)
-    top.set_xlabel(seen_label)
-    figure.tight_layout()
-    with replace_atomically(Path(path)) as tmp:
-        figure.savefig(tmp, format="png")
-    return Path(path)
-
 
 def plot_history(history: TrainingHistory, out_dir: str | Path) -> list[Path]:
     """``loss.png`` and ``accuracy.png`` of a finished run in ``out_dir``."""

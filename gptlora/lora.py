@@ -109,7 +109,8 @@ def _names_in_short(names: list[str]) -> str:
             "one block only")
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule called ``name`` (dotted, e.g. ``trf_blocks.0.att.W_query``)."""
     parent_name, _, child_name = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child_name, new)
 
@@ -211,13 +212,13 @@ def inject_adapter(model: nn.Module, adapter_name: str, targets: dict[str, tuple
         layer = modules[name]
         if not isinstance(layer, LinearWithLoRA):
             layer = LinearWithLoRA(layer)
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
         layer.add_adapter(adapter_name, rank, alpha, dropout, scaling, use_dora)
     for name in modules_to_save:
         module = modules[name]
         if not isinstance(module, ModuleToSave):
             module = ModuleToSave(module)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         module.add_adapter(adapter_name)
     _enable_mixed_batches(model)
 
@@ -334,9 +335,9 @@ def unload_lora(model: nn.Module, keep_merged: bool = False) -> nn.Module:
                 wrapper.unmerge()
             if isinstance(wrapper.linear, nn.Linear):
                 wrapper.linear.weight.requires_grad_(False)
-            _set_submodule(model, name, wrapper.linear)
+            set_submodule(model, name, wrapper.linear)
         else:
-            _set_submodule(model, name, wrapper.current() if keep_merged else wrapper.original)
+            set_submodule(model, name, wrapper.current() if keep_merged else wrapper.original)
     return model
 
 
@@ -389,3 +390,14 @@ def _enable_mixed_batches(model: nn.Module) -> None:
         model.register_forward_pre_hook(_take_adapter_names, with_kwargs=True)
         model.register_forward_hook(_clear_adapter_names, with_kwargs=True, always_call=True)
         model._takes_adapter_names = True
+
+
+def __getattr__(name: str):
+    """``from gptlora.lora import export_peft`` kept working when the export moved to
+    ``formats/lora_peft_export.py``: users' scripts import it from here. Looked up on use (PEP 562)
+    rather than imported at the top, because that module imports this one."""
+    if name == "export_peft":
+        from .formats.lora_peft_export import export_peft
+
+        return export_peft
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

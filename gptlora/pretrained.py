@@ -279,14 +279,15 @@ def _open_safetensors(path: str | Path, remedy: str = DOWNLOAD_AGAIN):
 
 
 # ---------------------------------------------------------------- export
-def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
+def save_hf(model: GPTModel, out_dir: str | Path, pad_token_id: int | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` in Hugging Face's ``GPT2LMHeadModel`` layout.
 
     ``transformers.GPT2LMHeadModel.from_pretrained(out_dir)`` loads the result. A tied
     head is stored once (as ``wte``). An untied head ``[V, D]`` is written as
     ``lm_head.weight`` with ``tie_word_embeddings: false``, so it round-trips. A model
     whose head is not a language-model head (e.g. a 2-class classifier) is refused.
-    Each file is written to a temporary name and renamed into place. Returns ``out_dir``.
+    ``pad_token_id`` goes into ``config.json`` (``config_to_hf``): the base of a classifier that
+    pads with it. Each file is written to a temporary name and renamed into place. Returns ``out_dir``.
     """
     head, embedding = model.out_head, model.tok_emb.weight
     if not isinstance(head, nn.Linear) or head.bias is not None or head.weight.shape != embedding.shape:
@@ -301,5 +302,6 @@ def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     with replace_atomically(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})  # transformers requires the "format" entry
-    write_json(config_to_hf(model.cfg, tie_word_embeddings=model.weights_tied), out_dir / "config.json")
+    write_json(config_to_hf(model.cfg, tie_word_embeddings=model.weights_tied, pad_token_id=pad_token_id),
+               out_dir / "config.json")
     return out_dir

@@ -27,11 +27,10 @@ from tqdm.auto import tqdm
 
 from .infra.checkpoint import (NoCheckpoints, load_optimizer_state, load_trainable_state, optimizer_state,
                                read_checkpoint, save_checkpoint)
-from .classifier import plot_values
 from .generation import generate, text_to_token_ids, token_ids_to_text
 from .prompt_tuning import VirtualTokenModel
 from .model import evaluating
-from .training import NO_SCHEDULE, TrainingSchedule, mean_batch_loss, train_epochs, unwrapped
+from .training import NO_SCHEDULE, TrainingSchedule, mean_batch_loss, plot_values, train_epochs, unwrapped
 
 
 def calc_loss_batch(input_batch, target_batch, model, device) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .lora import _set_submodule, lora_wrappers, select_names
+from .lora import set_submodule, lora_wrappers, select_names
 from .quantization import NF4_BLOCKSIZE, Int8Linear, NF4Linear, QuantizedLinear, check_blocksize
 
 METHODS = ("nf4", "int8")
@@ -93,7 +93,7 @@ def quantize_base(model: nn.Module, method: str, target_modules=None, exclude_mo
         linear = model.get_submodule(name)
         layer = (NF4Linear.from_linear(linear, blocksize, double_quant) if method == "nf4"
                  else Int8Linear.from_linear(linear, fused_int8))
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     return model.requires_grad_(False)
 
 
@@ -101,7 +101,7 @@ def dequantize_base(model: nn.Module) -> nn.Module:
     """Replace every quantized layer (LoRA-wrapped or not) by an ``nn.Linear`` holding its dequantized
     weight, in place; returns ``model``. Then ``merge_lora`` can fold adapters in exactly."""
     for name, layer in quantized_layers(model).items():
-        _set_submodule(model, name, layer.to_linear())
+        set_submodule(model, name, layer.to_linear())
     return model
 
 

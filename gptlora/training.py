@@ -42,13 +42,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from .infra.atomic import replace_atomically
 from .infra.checkpoint import NoCheckpoints
 from .infra.distributed import set_sampler_epoch, sum_over_processes, world_size
+from .infra.ranges import DECAYS, SCHEDULE_RANGES
 from .model import evaluating
 
 
@@ -102,17 +105,10 @@ class TrainingSchedule:
     accumulation_steps: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a whole number of 0 or more, found {self.warmup_steps!r}")
-        if not isinstance(self.accumulation_steps, int) or self.accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be a whole number of at least 1, "
-                             f"found {self.accumulation_steps!r}")
-        if self.decay not in ("none", "cosine"):
-            raise ValueError(f"decay must be 'none' or 'cosine', found {self.decay!r}")
-        if not (self.initial_lr >= 0 and self.min_lr >= 0):
-            raise ValueError(f"initial_lr and min_lr must be 0 or more, found {self.initial_lr} and {self.min_lr}")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise ValueError(f"clip_grad_norm must be above 0 (or None: no clipping), found {self.clip_grad_norm}")
+        for name, check in SCHEDULE_RANGES.items():  # the command line's ranges (infra.ranges)
+            check.check(name, getattr(self, name), optional=name == "clip_grad_norm")
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay: expected one of {', '.join(DECAYS)}, found {self.decay!r}")
 
     @property
     def sets_lr(self) -> bool:
@@ -221,3 +217,30 @@ def trainable_adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> t
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a ``DistributedDataParallel`` wrapper (the model itself when not wrapped)."""
     return getattr(model, "module", model)
+
+
+def plot_values(epochs_seen, examples_seen, train_values, val_values, label: str, path: str | Path,
+                seen_label: str = "Examples seen") -> Path:
+    """Write a PNG of training and validation ``label`` against epochs (bottom) and examples seen (top).
+
+    ``epochs_seen`` and ``examples_seen`` give the x position of each value; ``seen_label``
+    names the top axis (``"Tokens seen"`` for pretraining). The plot of both chapters' histories
+    (``classifier.plot_history``, ``pretraining.plot_losses``).
+    Uses a bare matplotlib ``Figure``, so no display is needed.
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 3))
+    axes = figure.add_subplot()
+    axes.plot(epochs_seen, train_values, label=f"Training {label}")
+    axes.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
+    axes.set_xlabel("Epochs")
+    axes.set_ylabel(label.capitalize())
+    axes.legend()
+    top = axes.twiny()  # a second x axis, in examples; the invisible line only sets its range
+    top.plot(examples_seen, train_values, alpha=0)
+    top.set_xlabel(seen_label)
+    figure.tight_layout()
+    with replace_atomically(Path(path)) as tmp:
+        figure.savefig(tmp, format="png")
+    return Path(path)

@@ -239,9 +239,16 @@ BAD_INPUTS = [
     Bad("pretrain: text too short", pretrain("{spam_two}"), "too few for one training window", RUN),
     Bad("pretrain: context too long", pretrain("{spam_two}", "--context-length", "129"),
         "--context-length 129 is not possible", RUN),
-    Bad("pretrain: zero epochs", pretrain("{spam_two}", "--epochs", "0"), "--epochs must be a whole number", RUN),
+    Bad("pretrain: zero epochs", pretrain("{spam_two}", "--epochs", "0"),
+        "argument --epochs: expected a whole number of at least 1, found 0", RUN),
     Bad("pretrain: --out holds a run", pretrain("{spam_two}", "--context-length", "2", "--train-ratio", "0.5",
                                                 out="{full_run}"), "already holds files"),
+    Bad("pretrain: negative seed", pretrain("{spam_two}", "--seed", "-1"),
+        "argument --seed: expected a whole number from 0 to 4294967295, found -1", RUN),
+    Bad("pretrain: infinite lr", pretrain("{spam_two}", "--lr", "inf"),
+        "argument --lr: expected a finite number above 0, found 'inf'", RUN),
+    Bad("pretrain: bad device", pretrain("{spam_two}", "--device", "gpu"),
+        "argument --device: expected auto, cpu, cuda, cuda:N or another torch device, found 'gpu'", RUN),
     Bad("finetune: --dora over a quantized base", finetune("--method", "lora", "--dora", "--quantize-base", "nf4"),
         "--dora needs the base weights themselves", RUN),
     Bad("finetune: --dora without lora", finetune("--method", "full", "--dora"),
@@ -283,6 +290,10 @@ BAD_INPUTS = [
     Bad("score: not records", ("score", "{spam_empty}"), "is not a JSON file"),
     Bad("score: unreachable judge", ("score", "{responses}", "--judge-url", "http://127.0.0.1:9/v1"),
         "cannot reach the judge at http://127.0.0.1:9/v1/chat/completions"),
+    Bad("generate: bad device", ("generate", "--model", "{tiny}", "--device", "gpu"),
+        "argument --device: expected auto, cpu, cuda, cuda:N or another torch device, found 'gpu'"),
+    Bad("instruct: negative warmup", ("instruct", "--warmup-steps", "-2", "--out", "{tmp}/run"),
+        "argument --warmup-steps: expected a whole number of at least 0, found -2", RUN),
 ]
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gptlora.cli import app as cli
+from gptlora.cli.run_settings import lora_method_options
 from gptlora.classifier import LORA_DEFAULTS, calc_accuracy_loader, classify, prepare_for_classification
 from gptlora.recipes.finetune import ADAPTER_DIR, load_classifier
 from gptlora.lora import lora_disabled, lora_layers
@@ -137,6 +138,33 @@ def test_export_peft_reproduces_the_run(lora_run, base_dir, tiny_spam_run, token
     assert "only a `--method lora` run has an adapter to export" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:fan_in_fan_out is set to True")
+def test_an_exported_classifier_classifies_a_padded_batch_in_peft(tiny_spam_run, small_spam_data_dir, tokenizer,
+                                                                  tmp_path, run_cli):
+    """The export of a random-base run writes pad_token_id (end-of-text, as the classifier pads) into the
+    base's config.json: GPT2ForSequenceClassification then classifies a batch of messages of several
+    lengths, each row read at its last real token, with our model's logits for each message alone."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    run, out = tmp_path / "run", tmp_path / "peft"
+    status, _ = run_cli(["finetune", "--model", str(tiny_spam_run.model_dir), "--random-init", "--method", "lora",
+                         "--rank", "2", "--epochs", "1", "--dynamic-padding", "--data-dir", str(small_spam_data_dir),
+                         "--out", str(run), "--device", "cpu"])
+    assert status == 0
+    assert run_cli(["export-peft", "--run", str(run), "--out", str(out)])[0] == 0
+    assert json.loads((out / "base" / "config.json").read_text())["pad_token_id"] == 50256
+    hf_model = transformers.GPT2ForSequenceClassification.from_pretrained(out / "base", num_labels=2).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf_model, str(out)).eval()
+    ours, _ = load_classifier(run)
+    messages = ["Hi", MESSAGE, "Are we still meeting at the station at six, or did the plan change again?"]
+    rows = [tokenizer.encode(message) for message in messages]
+    assert len({len(row) for row in rows}) == 3 and all(50256 not in row for row in rows)
+    width = max(len(row) for row in rows)
+    batch = torch.tensor([row + [50256] * (width - len(row)) for row in rows])
+    with torch.no_grad():
+        expected = torch.cat([ours(torch.tensor([row]))[:, -1, :] for row in rows])
+        torch.testing.assert_close(peft_model(input_ids=batch).logits, expected, atol=1e-4, rtol=0)
+
+
 def test_cli_lora_options_match_the_library(capsys):
     parser = cli.build_parser()
     finetune = parser._subparsers._group_actions[0].choices["finetune"]
@@ -150,7 +178,7 @@ def test_cli_lora_options_match_the_library(capsys):
     args = parser.parse_args(["finetune", "--method", "lora", "--rank", "2", "--alpha", "3", "--targets", "W_query",
                               "W_value", "--scaling", "alpha", "--lora-dropout", "0.1"])
     model = prepare_for_classification(GPTModel(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4,
-                                                          n_layers=1)), "lora", method_options=cli.lora_method_options(args))
+                                                          n_layers=1)), "lora", method_options=lora_method_options(args))
     layers = lora_layers(model)
     assert sorted(layers) == ["trf_blocks.0.att.W_query", "trf_blocks.0.att.W_value"]
     lora = layers["trf_blocks.0.att.W_query"].lora["default"]

@@ -97,15 +97,16 @@ def test_a_lora_instruct_run_resumes_to_the_same_end(run_cli, small_data, tmp_pa
 
 
 def test_instruct_settings_are_checked_when_made():
-    from gptlora.cli.instruct import InstructSettings
+    from gptlora.recipes.settings import InstructSettings
 
     assert InstructSettings(method="lora").method_options["rank"] == 16  # LoRA's defaults, completed
     for bad, message in [(dict(method="prompt-tuning"), "unknown instruction fine-tuning method"),
                          (dict(method="full", method_options={"rank": 4}), "takes no options"),
-                         (dict(epochs=0), "epochs must be a whole number of at least 1"),
-                         (dict(max_length=1), "max_length must be a whole number of at least 2"),
-                         (dict(lr=0.0), "lr must be above 0"),
-                         (dict(resume=True, overwrite=True), "choose one")]:
+                         (dict(epochs=0), "epochs: expected a whole number of at least 1, found 0"),
+                         (dict(max_length=1), "max_length: expected a whole number of at least 2, found 1"),
+                         (dict(lr=0.0), "lr: expected a finite number above 0, found 0.0"),
+                         (dict(response_tokens=-1), "response_tokens: expected a whole number of at least 0"),
+                         (dict(decay="linear"), "decay: expected one of none, cosine")]:
         with pytest.raises(ValueError, match=message):
             InstructSettings(**bad)
 

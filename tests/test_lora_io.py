@@ -155,3 +155,23 @@ def test_export_peft_reproduces_our_logits(tmp_path, task, options):
     ours = model(x) if task == "lm" else model(x)[:, -1, :]
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
+
+
+def test_export_peft_is_still_importable_from_lora():
+    """Users' scripts wrote ``from gptlora.lora import export_peft`` before it moved to formats.lora_peft_export;
+    in a fresh process too, whichever of the two modules is imported first."""
+    import subprocess
+    import sys
+
+    from gptlora.formats.lora_peft_export import export_peft as moved
+    from gptlora.lora import export_peft
+
+    assert export_peft is moved
+    for first in ("gptlora.formats.lora_peft_export", "gptlora.lora"):
+        code = f"import {first}; from gptlora.lora import export_peft; print(export_peft.__module__)"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == "gptlora.formats.lora_peft_export"
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        from gptlora import lora
+
+        lora.no_such_name

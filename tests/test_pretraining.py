@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gptlora.cli import app as cli
 from gptlora.generation import next_token, text_to_token_ids, token_ids_to_text
 from gptlora.model import GPTConfig, GPTModel
 from gptlora.pretraining import (calc_loss_loader, evaluate_model, load_model_and_optimizer, plot_losses,
@@ -258,6 +259,31 @@ def pretrain_args(text, model_dir, out, *extra):
             "--out", str(out), "--device", "cpu", *extra]
 
 
+def test_generate_on_a_run_samples_as_the_book_does_after_training(run_cli, short_text, tiny_model_dir, tmp_path,
+                                                                   tokenizer, one_thread):
+    """`gptlora generate --model RUN --top-k --temperature --seed` draws what the book's call draws on the
+    trained model: ``torch.manual_seed(seed); generate(model, ...)`` (test_pretraining_book's seeded sample).
+    The command once seeded before building the model, whose initial weights used up the seeded draws."""
+    from gptlora.generation import generate
+    from gptlora.recipes.pretrain_run import load_language_model
+
+    run = tmp_path / "run"
+    assert run_cli(pretrain_args(short_text, tiny_model_dir, run, "--epochs", "1"))[0] == 0
+    options = ["--prompt", "Every effort moves you", "--max-new-tokens", "15", "--top-k", "25", "--temperature", "1.4"]
+    samples = {}
+    for seed in (123, 7):
+        status, printed = run_cli(["generate", "--model", str(run), *options, "--seed", str(seed),
+                                   "--device", "cpu"])
+        assert status == 0
+        model, _ = load_language_model(run)
+        torch.manual_seed(seed)
+        ids = generate(model, text_to_token_ids("Every effort moves you", tokenizer), max_new_tokens=15,
+                       context_size=model.cfg.context_length, top_k=25, temperature=1.4)
+        samples[seed] = token_ids_to_text(ids, tokenizer)
+        assert printed == samples[seed] + "\n"  # print adds the line end
+    assert samples[123] != samples[7]  # the draws do depend on the seed: the comparison above can fail
+
+
 def test_pretrain_command_writes_a_run_that_generate_reads(run_cli, short_text, tiny_model_dir, tmp_path, tokenizer,
                                                            one_thread):
     status, out = run_cli(pretrain_args(short_text, tiny_model_dir, tmp_path / "run"))
@@ -374,19 +400,39 @@ def test_finetune_overwrite_removes_a_pretraining_runs_marker(tmp_path):
     assert list(run.iterdir()) == [] and not is_pretraining_run(run)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--context-length", "65"], "--context-length 65 is not possible .* whose context length is 64"),
-    (["--epochs", "0"], "--epochs must be a whole number of at least 1, found 0"),
-    (["--lr", "-1"], "--lr must be a number above 0, found -1.0"),
-    (["--train-ratio", "1"], "--train-ratio must lie strictly between 0 and 1"),
-    (["--batch-size", "100"], "fewer than one batch of 100"),
+def parse_status(args) -> int:
+    """The exit status of argparse refusing ``args`` (2), or 0 when they parse."""
+    try:
+        cli.build_parser().parse_args(args)
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
+@pytest.mark.parametrize("extra, message, status", [
+    (["--context-length", "65"], "--context-length 65 is not possible .* whose context length is 64", 1),
+    (["--batch-size", "100"], "fewer than one batch of 100", 1),
+    # Ranges known without the text or the model are checked while parsing (status 2, argparse's).
+    (["--context-length", "0"], "argument --context-length: expected a whole number of at least 1, found 0", 2),
+    (["--epochs", "0"], "argument --epochs: expected a whole number of at least 1, found 0", 2),
+    (["--lr", "-1"], "argument --lr: expected a finite number above 0, found '-1'", 2),
+    (["--lr", "inf"], "argument --lr: expected a finite number above 0, found 'inf'", 2),
+    (["--seed", "-1"], "argument --seed: expected a whole number from 0 to 4294967295, found -1", 2),
+    (["--train-ratio", "1"], "argument --train-ratio: expected a finite number above 0 and below 1, found '1'", 2),
+    (["--weight-decay", "nan"], "argument --weight-decay: expected a finite number of at least 0, found 'nan'", 2),
+    (["--sample-tokens", "0"], "argument --sample-tokens: expected a whole number of at least 1, found 0", 2),
+    (["--device", "cuda:7"], "argument --device: 'cuda:7' is not available", 2),
+    (["--device", "gpu"], "argument --device: expected auto, cpu, cuda, cuda:N or another torch device", 2),
 ])
 def test_bad_options_are_one_line_before_anything_is_written(run_cli, short_text, tiny_model_dir, tmp_path,
-                                                             capsys, extra, message):
-    args = pretrain_args(short_text, tiny_model_dir, tmp_path / "run")
-    status, _ = run_cli(args + extra)  # a repeated option: argparse takes the last
+                                                             capsys, extra, message, status):
+    args = pretrain_args(short_text, tiny_model_dir, tmp_path / "run") + extra  # argparse takes the last
+    if status == 2:
+        assert parse_status(args) == 2
+    else:
+        assert run_cli(args)[0] == 1
     error = capsys.readouterr().err.strip()
-    assert status == 1 and len(error.splitlines()) == 1 and re.search(message, error), error
+    assert len(error.splitlines()) == 1 and re.search(message, error), error
     assert not (tmp_path / "run").exists()
 
 

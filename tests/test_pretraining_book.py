@@ -133,3 +133,18 @@ def test_the_trained_model_generates_the_books_texts(book_run, tokenizer):
     sampled = generate(model, prompt, max_new_tokens=15, context_size=256, top_k=25, temperature=1.4)
     assert token_ids_to_text(sampled, tokenizer) == \
         "Every effort moves you stand to work on surprise, a one of us had gone with random-"
+
+
+def test_generate_on_the_saved_model_prints_the_books_sample(book_run, tmp_path, capsys):
+    """The README's command, `gptlora generate --model RUN --top-k 25 --temperature 1.4 --seed 123`, on the
+    book's trained model saved as a run directory (as `gptlora pretrain` saves it): the book's sample."""
+    from gptlora.cli import app as cli
+    from gptlora.recipes.pretrain_run import save_language_model
+
+    model, _ = book_run
+    run = save_language_model(model, tmp_path / "run", dict(method="full", method_options=None, seed=123))
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", str(run), "--prompt", "Every effort moves you", "--max-new-tokens", "15",
+                     "--top-k", "25", "--temperature", "1.4", "--seed", "123"]) == 0
+    book = "Every effort moves you stand to work on surprise, a one of us had gone with random-"
+    assert capsys.readouterr().out == book + "\n"

@@ -210,11 +210,11 @@ def test_a_run_with_a_schedule_resumes_mid_epoch_to_the_same_end(tokenizer, verd
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(warmup_steps=-1), "warmup_steps must be a whole number of 0 or more"),
-    (dict(accumulation_steps=0), "accumulation_steps must be a whole number of at least 1"),
-    (dict(decay="linear"), "decay must be 'none' or 'cosine'"),
-    (dict(clip_grad_norm=0), "clip_grad_norm must be above 0"),
-    (dict(min_lr=-1.0), "must be 0 or more"),
+    (dict(warmup_steps=-1), "warmup_steps: expected a whole number of at least 0, found -1"),
+    (dict(accumulation_steps=0), "accumulation_steps: expected a whole number of at least 1, found 0"),
+    (dict(decay="linear"), "decay: expected one of none, cosine, found 'linear'"),
+    (dict(clip_grad_norm=0), "clip_grad_norm: expected a finite number above 0, found 0"),
+    (dict(min_lr=-1.0), "min_lr: expected a finite number of at least 0, found -1.0"),
 ])
 def test_bad_schedules_are_refused_in_one_line(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 from .checks import (SEED, CommandParser, add_debug_option, debug_requested, device_name, error_line,
-                     one_line_warnings, positive_float, probability, real_number, whole_number)
+                     one_line_warnings, real_number, whole_number)
 from ..infra.download import DownloadError  # light: the standard library and tqdm
+from .run_settings import finetune_settings, pretrain_settings, resumed_arguments, run_options
 from .instruct import (add_instruct_parser, add_instruction_arguments, check_instruction_arguments,
                        generate_response, note_untuned)
-from .schedule_options import add_schedule_arguments, schedule_from_args
+from .run_arguments import add_lora_arguments, add_model_arguments, add_prompt_arguments, add_schedule_arguments
 
 # What a user can cause and fix (a bad option, a missing or existing file, no network): main() prints
 # these as one line, "error: ...", and exits with 1. Anything else is a bug and keeps its traceback.
@@ -40,7 +41,7 @@ def cmd_generate(args) -> int:
     if not args.prompt:
         raise ValueError("--prompt is empty: give some text to continue (or '<|endoftext|>' to start from nothing, "
                          "as GPT-2 was trained to)")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # --random-init: the same weights for the same seed
     info = None
     if Path(args.model).is_dir() and pretraining_run(args.model):  # the --out directory of `gptlora pretrain`
         from ..recipes.pretrain_run import load_language_model
@@ -56,8 +57,13 @@ def cmd_generate(args) -> int:
         if lora_wrappers(model):  # a LoRA run: fold its adapters into the weights first, then quantize those
             model = merge_lora(model, unload=True)
         quantize_base(model.base if virtual else model, "int8", include_head=True, fused_int8=True)
+    model.to(pick_device(args.device))
     if args.random_init:
         print(f"note: {args.model} with random weights (--random-init): expect gibberish", file=sys.stderr)
+    # Seeded again, right before sampling, as the book does (torch.manual_seed(123); generate(...)): building
+    # the model drew from the generator (its initial weights, before the saved ones replace them), so the
+    # seed above alone gave other draws than the book's and its sample "Every effort moves you stand to work ...".
+    torch.manual_seed(args.seed)
     if args.instruction is not None:  # an `instruct` run: the Alpaca prompt in, only the response out
         note_untuned(args.model, info)
         return generate_response(args, model)
@@ -75,79 +81,6 @@ def pick_device(name: str):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-# Each method's own options (argparse names); another method's, given, are refused rather than ignored.
-METHOD_OPTIONS = {"lora": ("rank", "alpha", "targets", "scaling", "lora_dropout", "dora"),
-                  "prompt-tuning/prefix-tuning/p-tuning": ("num_virtual_tokens", "prompt_init_text", "random_prompt",
-                                                           "prefix_hidden"),
-                  "p-tuning": ("prompt_encoder", "encoder_hidden")}
-
-
-def lora_method_options(args) -> dict | None:
-    """The ``--rank/--alpha/--targets/--scaling/--lora-dropout`` options as ``apply_lora`` keywords
-    (for the prompt methods: ``--num-virtual-tokens/--prompt-init-text/--random-prompt/--prefix-hidden``).
-    Options of another method than ``--method`` are a ValueError."""
-    given = options_given(args)
-    foreign = [f"--{name.replace('_', '-')} ({family})" for family, names in METHOD_OPTIONS.items()
-               if args.method not in family.split("/") for name in names if name in given]
-    if foreign:
-        raise ValueError(f"options of another method than --method {args.method}: {', '.join(foreign)}; "
-                         "leave them out or choose their method")
-    if args.method in ("prompt-tuning", "prefix-tuning", "p-tuning"):
-        if args.random_prompt and args.prompt_init_text is not None:
-            raise ValueError("--random-prompt and --prompt-init-text both say how the prompt starts: give one")
-        options = dict(num_virtual_tokens=args.num_virtual_tokens, hidden=args.prefix_hidden)
-        if args.method == "p-tuning":
-            if args.prefix_hidden is not None:
-                raise ValueError("--prefix-hidden is the width of prefix-tuning's MLP; the prompt encoder's width "
-                                 "is --encoder-hidden")
-            options.update(encoder=args.prompt_encoder, hidden=args.encoder_hidden)
-        if args.random_prompt or args.prompt_init_text is not None:  # else: the package's default text
-            options["init_text"] = None if args.random_prompt else args.prompt_init_text
-        return options
-    if args.method != "lora":
-        return None
-    return dict(rank=args.rank, alpha=args.alpha, target_modules=args.targets, scaling=args.scaling,
-                dropout=args.lora_dropout, use_dora=args.dora)
-
-
-# `finetune --resume` takes every option from the run's checkpoint; these few may be changed on the
-# command line, and these are never the run's (they say where the run is and how to start it).
-RESUME_MAY_CHANGE = {"epochs", "device", "save_every"}
-NOT_RUN_OPTIONS = {"resume", "overwrite", "out", "command", "func", "argv", "debug"}
-
-
-def options_given(args: argparse.Namespace) -> set[str]:
-    """The options written on the command line (``--name`` or ``--name=value``), or set to a value other
-    than their default (which also catches an abbreviated name)."""
-    defaults = vars(build_parser().parse_args([args.command]))
-    written = {token.split("=", 1)[0] for token in getattr(args, "argv", ()) if token.startswith("--")}
-    return {name for name, value in vars(args).items()
-            if f"--{name.replace('_', '-')}" in written or value != defaults.get(name)}
-
-
-def resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` with the options of the run in ``args.resume``, read from its checkpoint. ``--epochs``,
-    ``--device`` and ``--save-every`` may be given anew; any other option given with a value other than
-    the run's is a ValueError: resuming cannot change the run."""
-    from ..infra.checkpoint import CHECKPOINT_NAME, read_checkpoint_values
-
-    saved = read_checkpoint_values(Path(args.resume) / CHECKPOINT_NAME).get("extra")
-    if not saved:
-        raise ValueError(f"the checkpoint in {args.resume} records no command-line options (it was not written "
-                         f"by `gptlora {args.command}`); resume it from Python with resume=True")
-    if args.overwrite:
-        raise ValueError("--resume continues the run in its directory and --overwrite replaces it: choose one")
-    if args.out is not None and Path(args.out) != Path(args.resume):
-        raise ValueError(f"--out {args.out} and --resume {args.resume} differ; a resumed run stays in its directory")
-    given = options_given(args) - NOT_RUN_OPTIONS
-    for name in sorted(given - RESUME_MAY_CHANGE):
-        if name in saved and getattr(args, name) != saved[name]:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the run being resumed "
-                             f"({saved[name]!r}); leave it out to resume, or start a new run with another --out")
-    kept = {name: value for name, value in saved.items() if name not in given | NOT_RUN_OPTIONS}
-    return argparse.Namespace(**{**vars(args), **kept, "out": args.resume})
-
-
 def prepare_files(data_dir, spam_source, source: dict) -> None:
     """Put the spam splits and, for a GPT-2 name, its weights on disk (downloading what is missing)."""
     from ..pretrained import download_gpt2, preset_named
@@ -162,29 +95,19 @@ def prepare_files(data_dir, spam_source, source: dict) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from ..classifier import method_settings
     from ..infra.distributed import is_main_process, local_main_first, start_processes, stop_processes
-    from ..recipes.finetune import base_source, finetune_spam, load_base
+    from ..recipes.finetune import load_base, run_finetune
     from ..generation import get_tokenizer
 
     try:
         args = resumed_arguments(args) if args.resume else args
         out = args.out or f"runs/spam-{Path(args.model).name}-{args.method}"
-        method_settings(args.method, lora_method_options(args))  # bad options fail before any download
-        quantize = quantize_options(args)
-        source = base_source(args.model, args.models_dir, args.random_init, args.seed, quantize)
+        settings = finetune_settings(args)  # bad options fail before any download
         start_processes(pick_device(args.device))  # under torchrun: join now, so that one process prepares first
-        local_main_first(prepare_files, args.data_dir, args.spam_source, source)
-        model = load_base(source)
-        metrics = finetune_spam(model, get_tokenizer(), args.data_dir, out, args.method, epochs=args.epochs,
-                                lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-                                seed=args.seed, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
-                                dynamic_padding=args.dynamic_padding, device=pick_device(args.device),
-                                bucket_by_length=args.bucket_by_length, cache_prefix=args.cache_prefix,
-                                base_model=str(args.model), method_options=lora_method_options(args),
-                                base_source=source, save_every=args.save_every, resume=bool(args.resume),
-                                overwrite=args.overwrite, schedule=schedule_from_args(args),
-                                command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
+        local_main_first(prepare_files, args.data_dir, args.spam_source, settings.base_source)
+        model = load_base(settings.base_source)
+        metrics = run_finetune(model, get_tokenizer(), settings, out, device=pick_device(args.device),
+                               resume=bool(args.resume), overwrite=args.overwrite, command_options=run_options(args))
         if not is_main_process():  # under torchrun, rank 0 reports
             return 0
     finally:
@@ -195,22 +118,6 @@ def cmd_finetune(args) -> int:
     print(f"training took {metrics['training_seconds']:.1f} s; classifier, metrics.json, loss.png and "
           f"accuracy.png are in {out}")
     return 0
-
-
-def quantize_options(args) -> dict | None:
-    """``--quantize-base`` and ``--double-quant`` as ``qlora.quantize_base`` keywords (None: full precision)."""
-    from ..qlora import check_quantize_method
-
-    check_quantize_method(args.quantize_base, args.method)
-    if args.quantize_base is not None and getattr(args, "dora", False):
-        raise ValueError(f"--dora needs the base weights themselves (their row norms, at every step), found "
-                         f"--quantize-base {args.quantize_base}: leave out one of the two")
-    if args.double_quant and args.quantize_base != "nf4":
-        raise ValueError(f"--double-quant quantizes NF4's block scales, so it needs --quantize-base nf4, "
-                         f"found {args.quantize_base or 'no --quantize-base'}")
-    if args.quantize_base is None:
-        return None
-    return dict(method=args.quantize_base, double_quant=True) if args.double_quant else dict(method=args.quantize_base)
 
 
 def cmd_classify(args) -> int:
@@ -249,51 +156,27 @@ def cmd_export_peft(args) -> int:
     if existing:
         raise FileExistsError(f"{args.out} already holds files ({', '.join(existing[:5])}); choose another --out "
                               "or remove them")
-    export = export_pretraining_run_to_peft if pretraining_run(args.run) else export_run_to_peft
-    out = export(args.run, args.out)
+    classifier = not pretraining_run(args.run)
+    out = (export_run_to_peft if classifier else export_pretraining_run_to_peft)(args.run, args.out)
     print(f"peft adapter written to {out}; load it with peft.PeftModel.from_pretrained(hf_model, {str(out)!r})")
+    if classifier and not (Path(out) / "base").is_dir():  # an exported random base has it in its config.json
+        print("for batches of several messages, give the classifier GPT-2's end-of-text as padding token: "
+              "GPT2ForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=50256)")
     return 0
-
-
-PRETRAIN_POSITIVE = ("epochs", "batch_size", "eval_freq", "eval_iter", "sample_tokens", "context_length",
-                     "save_every")
-
-
-def check_pretrain_options(args) -> None:
-    """One-line ValueErrors for numeric ``pretrain`` options out of range (before any download or training)."""
-    for name in PRETRAIN_POSITIVE:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a whole number of at least 1, found {value}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be a number above 0, found {args.lr}")
-    if args.weight_decay < 0:
-        raise ValueError(f"--weight-decay must be 0 or more, found {args.weight_decay}")
-    if not 0 < args.train_ratio < 1:
-        raise ValueError(f"--train-ratio must lie strictly between 0 and 1, found {args.train_ratio}")
 
 
 def cmd_pretrain(args) -> int:
     from ..infra.distributed import is_main_process, stop_processes
-    from ..recipes.pretrain_run import base_source, pretrain_on_text
+    from ..recipes.pretrain_run import run_pretrain
     from ..text_data import load_text
 
-    check_pretrain_options(args)
     args = resumed_arguments(args) if args.resume else args  # the run's own options, as finetune does
-    random_init = args.random_init or args.model is None  # no --model: the book's model from random weights
-    source = base_source(args.model or "gpt2-small", args.models_dir, random_init, args.seed, args.context_length)
+    settings = pretrain_settings(args)
     text = load_text(args.text, args.data_dir)
-    options = lora_method_options(args)
     out = args.resume or args.out or "runs/pretrain"
     try:
-        metrics = pretrain_on_text(text, out, source, method=args.method, method_options=options,
-                                   context_length=args.context_length, epochs=args.epochs, lr=args.lr,
-                                   weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
-                                   eval_freq=args.eval_freq, eval_iter=args.eval_iter, train_ratio=args.train_ratio,
-                                   prompt=args.prompt, sample_tokens=args.sample_tokens,
-                                   device=pick_device(args.device), text_name=args.text, save_every=args.save_every,
-                                   resume=bool(args.resume), overwrite=args.overwrite,
-                                   schedule=schedule_from_args(args), command_options={k: v for k, v in vars(args).items() if k not in NOT_RUN_OPTIONS})
+        metrics = run_pretrain(text, settings, out, device=pick_device(args.device), resume=bool(args.resume),
+                               overwrite=args.overwrite, command_options=run_options(args))
         if not is_main_process():
             return 0
     finally:
@@ -305,51 +188,10 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def add_lora_arguments(parser: argparse.ArgumentParser, head_help: str) -> None:
-    """``--rank/--alpha/--targets/--scaling/--lora-dropout``, shared by finetune and pretrain."""
-    lora = parser.add_argument_group("LoRA (--method lora; defaults: the book's appendix E)")
-    lora.add_argument("--rank", type=whole_number(1), default=16, help="rank r of every adapter (default: 16)")
-    lora.add_argument("--alpha", type=positive_float(), default=16, help="LoRA alpha (default: 16)")
-    lora.add_argument("--targets", nargs="+", default=None, metavar="NAME",
-                      help="layers to adapt, by full name or suffix, e.g. W_query W_value (default: every "
-                           f"linear layer, {head_help})")
-    lora.add_argument("--scaling", default="alpha/rank", choices=("alpha/rank", "alpha", "alpha/sqrt(rank)"),
-                      help="the factor on x @ A @ B: alpha/rank (LoRA paper, peft; default), alpha (the book's "
-                           "original appendix), alpha/sqrt(rank) (rsLoRA)")
-    lora.add_argument("--lora-dropout", type=probability(), default=0.0,
-                      help="dropout on the adapters' input (default: 0)")
-    lora.add_argument("--dora", action="store_true",
-                      help="DoRA (weight-decomposed LoRA): also train a magnitude per output unit")
-
-
-def add_prompt_arguments(parser: argparse.ArgumentParser, title: str, default_text: str) -> None:
-    """The virtual-token options (``--num-virtual-tokens``, ``--prompt-init-text``, ...), shared by finetune
-    (prompt, prefix and P-tuning) and pretrain (P-tuning)."""
-    prompt = parser.add_argument_group(title)
-    prompt.add_argument("--num-virtual-tokens", type=whole_number(1), default=20, metavar="N",
-                        help="virtual tokens before every input (default: 20)")
-    prompt.add_argument("--prompt-init-text", default=None, metavar="TEXT",
-                        help="text whose tokens (repeated or cut to N) start the prompt; for a prefix, their keys "
-                             f"and values (default: {default_text})")
-    prompt.add_argument("--random-prompt", action="store_true",
-                        help="start from random vocabulary rows (prompt) or random numbers (prefix, P-tuning) instead")
-    prompt.add_argument("--prefix-hidden", type=whole_number(1), default=None, metavar="WIDTH",
-                        help="prefix-tuning: make the prefix with the paper's MLP of this hidden width (default: off)")
-    prompt.add_argument("--encoder-hidden", type=whole_number(1), default=None, metavar="WIDTH",
-                        help="p-tuning: the prompt encoder's hidden width (default: the model's width, as peft)")
-    prompt.add_argument("--prompt-encoder", choices=("mlp", "lstm"), default=None,
-                        help="p-tuning: the encoder that makes the prompt, as peft's (default: mlp)")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, random_init_help: str) -> None:
-    """``--model``, ``--models-dir`` and ``--random-init``, shared by the commands that load GPT-2."""
-    parser.add_argument("--model", default="gpt2-small",
-                        help="GPT-2 name (gpt2-small, 124M, ...: downloaded on first use) or a checkpoint directory")
-    parser.add_argument("--models-dir", default="weights", help="where named models are stored (default: weights)")
-    parser.add_argument("--random-init", action="store_true", help=random_init_help)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    # A run's numeric options take their range (type=) and default from its settings dataclass: one place.
+    from ..recipes.settings import PRETRAIN_METHODS, FinetuneSettings as FINE, PretrainSettings as PRE
+
     parser = CommandParser(prog="gptlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -373,29 +215,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--int8", action="store_true",
                      help="store the linear layers and the head as int8 weights (per output channel) and use "
                           "PyTorch's fused int8 kernel where it has one: faster and smaller, slightly different")
+    gen.add_argument("--device", default="auto", type=device_name,
+                     help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add_instruction_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     fine = sub.add_parser("finetune", help="fine-tune GPT-2 as an SMS spam classifier (book, chapter 6)")
     add_model_arguments(fine, random_init_help="start from random weights of that shape (a preset, or the "
                                                "directory's config.json)")
-    fine.add_argument("--method", default="last-block",
+    fine.add_argument("--method", default=FINE.default("method"),
                       help="last-block: last block + final norm + head (the book, default); full: everything; "
                            "lora: low-rank adapters; prompt-tuning: a soft prompt + the head; prefix-tuning: "
                            "learned keys and values at every layer + the head; p-tuning: a soft prompt made by a "
                            "small trained encoder + the head")
-    fine.add_argument("--epochs", type=whole_number(1), default=5,
+    fine.add_argument("--epochs", type=FINE.option_type("epochs"), default=FINE.default("epochs"),
                       help="passes over the training split (default: 5)")
-    fine.add_argument("--lr", type=positive_float(), default=None,
+    fine.add_argument("--lr", type=FINE.option_type("lr"), default=FINE.default("lr"),
                       help="AdamW learning rate (default: 8e-4 for lora, 5e-5 for the other methods)")
-    fine.add_argument("--weight-decay", type=real_number(0), default=0.1, help="AdamW weight decay (default: 0.1)")
-    fine.add_argument("--batch-size", type=whole_number(1), default=8,
+    fine.add_argument("--weight-decay", type=FINE.option_type("weight_decay"), default=FINE.default("weight_decay"),
+                      help="AdamW weight decay (default: 0.1)")
+    fine.add_argument("--batch-size", type=FINE.option_type("batch_size"), default=FINE.default("batch_size"),
                       help="messages per optimizer step, over all processes (default: 8)")
-    fine.add_argument("--seed", type=SEED, default=123,
+    fine.add_argument("--seed", type=FINE.option_type("seed"), default=FINE.default("seed"),
                       help="seeds shuffling and the new head, as the book does (default: 123)")
-    fine.add_argument("--eval-freq", type=whole_number(1), default=50,
+    fine.add_argument("--eval-freq", type=FINE.option_type("eval_freq"), default=FINE.default("eval_freq"),
                       help="log losses every N steps (default: 50)")
-    fine.add_argument("--eval-iter", type=whole_number(1), default=5,
+    fine.add_argument("--eval-iter", type=FINE.option_type("eval_iter"), default=FINE.default("eval_iter"),
                       help="batches per logged loss/accuracy (default: 5)")
     fine.add_argument("--dynamic-padding", action="store_true",
                       help="pad each batch to its longest text and classify from the last real token")
@@ -411,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--out", default=None, help="run directory (default: runs/spam-MODEL-METHOD)")
     fine.add_argument("--device", default="auto", type=device_name,
                       help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    fine.add_argument("--save-every", type=whole_number(1), default=None, metavar="STEPS",
+    fine.add_argument("--save-every", type=FINE.option_type("save_every"), default=None, metavar="STEPS",
                       help="also save a checkpoint every STEPS optimizer steps (always: at each epoch end)")
     fine.add_argument("--resume", default=None, metavar="RUN_DIR",
                       help="continue the run in RUN_DIR from its checkpoint, with its own options (--epochs, "
@@ -438,26 +283,35 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--models-dir", default="weights", help="where named models are stored (default: weights)")
     pre.add_argument("--random-init", action="store_true",
                      help="random weights of that shape, configured as the book (dropout 0.1, no qkv bias)")
-    pre.add_argument("--context-length", type=int, default=None,
+    pre.add_argument("--context-length", type=PRE.option_type("context_length"), default=None,
                      help="tokens per training window (default: 256 from random weights, else the model's)")
-    pre.add_argument("--method", default="full", choices=("full", "lora", "p-tuning"),
+    pre.add_argument("--method", default=PRE.default("method"), choices=PRETRAIN_METHODS,
                      help="full: every weight (the book, default); lora: low-rank adapters only; p-tuning: a soft "
                           "prompt made by a small trained encoder, before every window")
-    pre.add_argument("--epochs", type=int, default=10, help="passes over the training text (default: 10)")
-    pre.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate (default: 4e-4)")
-    pre.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    pre.add_argument("--batch-size", type=int, default=2, help="windows per optimizer step (default: 2)")
-    pre.add_argument("--train-ratio", type=float, default=0.9,
+    pre.add_argument("--epochs", type=PRE.option_type("epochs"), default=PRE.default("epochs"),
+                     help="passes over the training text (default: 10)")
+    pre.add_argument("--lr", type=PRE.option_type("lr"), default=PRE.default("lr"),
+                     help="AdamW learning rate (default: 4e-4)")
+    pre.add_argument("--weight-decay", type=PRE.option_type("weight_decay"), default=PRE.default("weight_decay"),
+                     help="AdamW weight decay (default: 0.1)")
+    pre.add_argument("--batch-size", type=PRE.option_type("batch_size"), default=PRE.default("batch_size"),
+                     help="windows per optimizer step (default: 2)")
+    pre.add_argument("--train-ratio", type=PRE.option_type("train_ratio"), default=PRE.default("train_ratio"),
                      help="share of the text's characters to train on; the rest validates (default: 0.9)")
-    pre.add_argument("--seed", type=int, default=123, help="seeds the weights and shuffles (default: 123)")
-    pre.add_argument("--eval-freq", type=int, default=5, help="print losses every N steps (default: 5)")
-    pre.add_argument("--eval-iter", type=int, default=5, help="batches per printed loss (default: 5)")
-    pre.add_argument("--prompt", default="Every effort moves you", help="start of each epoch's sample")
-    pre.add_argument("--sample-tokens", type=int, default=50, help="tokens of each epoch's sample (default: 50)")
+    pre.add_argument("--seed", type=PRE.option_type("seed"), default=PRE.default("seed"),
+                     help="seeds the weights and shuffles (default: 123)")
+    pre.add_argument("--eval-freq", type=PRE.option_type("eval_freq"), default=PRE.default("eval_freq"),
+                     help="print losses every N steps (default: 5)")
+    pre.add_argument("--eval-iter", type=PRE.option_type("eval_iter"), default=PRE.default("eval_iter"),
+                     help="batches per printed loss (default: 5)")
+    pre.add_argument("--prompt", default=PRE.default("prompt"), help="start of each epoch's sample")
+    pre.add_argument("--sample-tokens", type=PRE.option_type("sample_tokens"), default=PRE.default("sample_tokens"),
+                     help="tokens of each epoch's sample (default: 50)")
     pre.add_argument("--data-dir", default="data", help="where the-verdict is stored (default: data)")
     pre.add_argument("--out", default=None, help="run directory (default: runs/pretrain)")
-    pre.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    pre.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+    pre.add_argument("--device", default="auto", type=device_name,
+                     help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    pre.add_argument("--save-every", type=PRE.option_type("save_every"), default=None, metavar="STEPS",
                      help="also save a checkpoint every STEPS optimizer steps (always: at each epoch end)")
     pre.add_argument("--resume", default=None, metavar="RUN_DIR",
                      help="continue the run in RUN_DIR from its checkpoint (give the same options)")
@@ -467,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_schedule_arguments(pre)
     pre.set_defaults(func=cmd_pretrain)
 
-    add_instruct_parser(sub, add_model_arguments, add_lora_arguments)
+    add_instruct_parser(sub)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
     cls.add_argument("--run", required=True, action="append",
@@ -492,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
+    if hasattr(args, "resume"):  # a run's command: run_settings.options_given compares with its defaults
+        args.defaults = vars(parser.parse_args([args.command]))
     try:
         with one_line_warnings():
             return args.func(args)

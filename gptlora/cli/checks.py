@@ -2,7 +2,8 @@
 
 - ``type=`` helpers for argparse that check a number's range and name it in the
   message: ``whole_number(1)`` ("a whole number of at least 1"), ``real_number(above=0)``,
-  ``probability()`` (0 <= p < 1, for dropout), ``SEED``, ``device_name``. A bad value stops the command before
+  ``probability()`` (0 <= p < 1, for dropout), ``fraction()``, ``SEED`` (all from ``infra.ranges``, whose
+  ranges the settings dataclasses check too), and ``device_name``. A bad value stops the command before
   anything is loaded, with ``error: argument --epochs: expected ...``.
 - :class:`CommandParser`: argparse's own errors as that one line (no usage block).
 - :func:`one_line_warnings`: Python warnings as ``warning: message``, without the
@@ -16,86 +17,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import math
 import os
 import sys
 import warnings
 from pathlib import Path
 
+# The numeric types live below the command, in infra.ranges, because the settings dataclasses
+# (recipes.settings) check the same ranges in __post_init__; app.py takes them from here.
+from ..infra.ranges import SEED, fraction, positive_float, probability, real_number, whole_number  # noqa: F401
+
 DEBUG_ENV = "GPTLORA_DEBUG"
-
-
-# --- numbers in range ------------------------------------------------------------------
-
-def _number(value) -> str:
-    return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-def _range_words(minimum, maximum, above=None, below=None) -> str:
-    """The allowed range in words: "at least 1", "from 0 to 10", "at least 0 and below 1", ..."""
-    if minimum is not None and maximum is not None and above is None and below is None:
-        return f"from {_number(minimum)} to {_number(maximum)}"
-    low = f"above {_number(above)}" if above is not None else (
-        f"at least {_number(minimum)}" if minimum is not None else "")
-    high = f"below {_number(below)}" if below is not None else (
-        f"at most {_number(maximum)}" if maximum is not None else "")
-    return " and ".join(part for part in (low, high) if part)
-
-
-def _expected(noun: str, words: str) -> str:
-    """ "a whole number of at least 1", "a finite number above 0", "a whole number" """
-    return f"{noun} {'of ' if words.startswith('at ') else ''}{words}".strip()
-
-
-def whole_number(minimum: int | None = None, maximum: int | None = None):
-    """An argparse ``type`` accepting integers in ``[minimum, maximum]`` (None: no bound on that side)."""
-    expected = _expected("a whole number", _range_words(minimum, maximum))
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}") from None
-        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"expected {expected}, found {value}")
-        return value
-
-    parse.__name__ = "whole number"
-    return parse
-
-
-def real_number(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None,
-                below: float | None = None):
-    """An argparse ``type`` accepting finite floats within the bounds: ``minimum``/``maximum`` included,
-    ``above``/``below`` excluded (None: no bound). ``nan`` and ``inf`` are always refused."""
-    expected = _expected("a finite number", _range_words(minimum, maximum, above, below))
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}") from None
-        if (not math.isfinite(value) or (minimum is not None and value < minimum)
-                or (maximum is not None and value > maximum) or (above is not None and value <= above)
-                or (below is not None and value >= below)):
-            raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
-def positive_float():
-    """Finite numbers above 0 (learning rates, LoRA alpha)."""
-    return real_number(above=0)
-
-
-def probability():
-    """Finite numbers with 0 <= p < 1 (dropout: 1 would drop everything)."""
-    return real_number(minimum=0, below=1)
-
-
-SEED = whole_number(0, 2**32 - 1)  # the range numpy and most tools accept; torch takes it too
 
 
 def device_name(text: str) -> str:

@@ -83,9 +83,14 @@ def config_from_hf(hf_config: dict) -> GPTConfig:
         ) from None
 
 
-def config_to_hf(cfg: GPTConfig, tie_word_embeddings: bool = True) -> dict:
-    """A Hugging Face ``GPT2Config``-compatible dict for ``cfg`` (what ``config.json`` holds)."""
-    return {
+def config_to_hf(cfg: GPTConfig, tie_word_embeddings: bool = True, pad_token_id: int | None = None) -> dict:
+    """A Hugging Face ``GPT2Config``-compatible dict for ``cfg`` (what ``config.json`` holds).
+
+    ``pad_token_id`` (GPT-2 has none) lets ``GPT2ForSequenceClassification`` classify a padded
+    batch: it reads each row at its last token that is not padding, and without one it refuses
+    batches of more than one row."""
+    padding = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
+    return {**padding, 
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": cfg.vocab_size,

@@ -44,7 +44,8 @@ class BaseMismatchError(ValueError):
         return type(self), (self.mismatch, self.remedy)
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write ``tensors`` with ``metadata`` to ``path`` atomically (temporary file, then rename)."""
     with replace_atomically(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -157,7 +158,7 @@ def save_adapter(model: torch.nn.Module, path, adapter_name: str | None = None, 
 def write_adapter_files(path, tensors: dict[str, torch.Tensor], config: dict, file_format: str) -> dict:
     """Write the two files of an adapter directory (each atomically); ``{"path", "parameters", "bytes"}``."""
     path = Path(path)
-    _write_safetensors(path / ADAPTER_WEIGHTS, tensors, {"format": file_format})
+    write_safetensors(path / ADAPTER_WEIGHTS, tensors, {"format": file_format})
     write_json(config, path / ADAPTER_CONFIG)
     return {"path": str(path), "parameters": sum(t.numel() for t in tensors.values()),
             "bytes": sum((path / f).stat().st_size for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))}

@@ -17,7 +17,7 @@ import torch
 from ..infra.atomic import write_json
 from .hf_layout import BLOCK_RENAMES, QKV, TOP_RENAMES
 from ..lora import LinearWithLoRA, ModuleToSave, active_adapter, adapter_names, lora_layers, saved_modules
-from .lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _write_safetensors, base_state_dict
+from .lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_safetensors, base_state_dict
 from ..model import GPTConfig
 from ..quantization import QuantizedLinear
 
@@ -201,7 +201,7 @@ def export_peft(model, out_dir, adapter_name: str | None = None, base_model_name
     tensors.update({f"base_model.model.{k}": v for k, v in saved_params.items()})
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     out_dir = Path(out_dir)
-    _write_safetensors(out_dir / ADAPTER_WEIGHTS, tensors, {"format": "pt"})  # transformers wants "format"
+    write_safetensors(out_dir / ADAPTER_WEIGHTS, tensors, {"format": "pt"})  # transformers wants "format"
     write_json(config, out_dir / ADAPTER_CONFIG)
     return out_dir
 

@@ -1,6 +1,7 @@
 """The spam fine-tuning recipe end to end, and the run directories it writes.
 
-``finetune_spam`` is chapter 6 of "Build a Large Language Model (From Scratch)" as
+``run_finetune`` (with a ``settings.FinetuneSettings``; ``finetune_spam`` takes the settings as
+keywords) is chapter 6 of "Build a Large Language Model (From Scratch)" as
 one call: data, head, method, training, accuracies, plots, and a run directory
 that ``load_classifier`` (and ``gptlora classify --run``) reads back. The pieces
 it combines live in ``spam`` (data), ``classifier`` (head, loss, loop, plots) and
@@ -17,59 +18,31 @@ import torch
 from tqdm.auto import tqdm
 
 from ..infra.atomic import read_json_object, replace_atomically, write_json
-from ..infra.checkpoint import CHECKPOINT_NAME, Checkpointer, read_checkpoint_values
-from ..classifier import (LABEL_NAMES, add_classification_head, calc_accuracy_loader, method_settings,
+from ..infra.checkpoint import Checkpointer
+from ..classifier import (LABEL_NAMES, add_classification_head, apply_method, calc_accuracy_loader,
                           plot_history, prepare_for_classification, train_classifier, TrainingHistory)
 from ..infra.distributed import fail_together, shard_loaders, start_processes, wrap_for_training
 from ..infra.download import sha256_of
 from ..formats.lora_io import BaseMismatchError, load_adapter, save_adapter
 from ..formats.lora_peft_export import export_peft
-from ..model import GPTConfig, GPTModel, canonical_preset, count_parameters
+from ..generation import END_OF_TEXT_ID
+from ..model import GPTConfig, GPTModel, count_parameters
 from .prefix_cache import cache_frozen_prefix
-from ..pretrained import HUB_REPOS, pretrained_or_random, safetensors_shapes, save_hf
+from ..pretrained import pretrained_or_random, safetensors_shapes
 from ..prompt_tuning import PROMPT_METHODS, VirtualTokenModel, check_virtual_tokens
 from ..formats.prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
 from ..qlora import check_quantize_method, quantize_base, quantized_layers
-from ..infra.tensor_hash import tensors_sha256
-from ..training import NO_SCHEDULE, TrainingSchedule, schedule_fingerprint, trainable_adamw
 from ..spam import create_dataloaders, split_paths
-
-# AdamW learning rates per method. LoRA's is the book's appendix E rate with its original scaling
-# (alpha, 5e-5) carried over to alpha/rank: at rank 16, alpha 16 the update is 16 times smaller per
-# step, and Adam moves every entry by about the learning rate, so 16 x 5e-5 = 8e-4 (roughly equivalent).
-DEFAULT_LR = {"last-block": 5e-5, "full": 5e-5, "lora": 8e-4}
-# Prompt and prefix tuning move a few vectors far from where they start: Lester et al. use 0.3 (Adafactor);
-# peft's AdamW examples 3e-2 (prompt) and 1e-2 (prefix).
-DEFAULT_LR.update({"prompt-tuning": 3e-2, "prefix-tuning": 1e-2, "p-tuning": 1e-3})  # p-tuning: peft's example
-# Inside a LoRA, prompt- or prefix-tuning run directory: adapter_model.safetensors + adapter_config.json.
-ADAPTER_DIR = "adapter"
-# What a run writes in its directory (plot_history's two plots included), the checkpoint and the file
-# that load_classifier reads first coming first: --overwrite removes them in this order.
-# A pretraining run's marker and weights (pretrain_run.py) go too, so that no other run survives in it.
-RUN_FILES = (CHECKPOINT_NAME, "classifier.json", "language_model.json", "classifier.safetensors",
-             "model.safetensors", ADAPTER_DIR, "metrics.json", "loss.png", "accuracy.png")
+from ..training import schedule_fingerprint, trainable_adamw
+from .run_dir import ADAPTER_DIR, RUN_FILES, open_run_dir, frozen_weights_sha256, peft_base_name  # noqa: F401
+from .run_dir import base_source  # noqa: F401  (notebooks build a run's base_source next to finetune_spam)
+from .settings import DEFAULT_LR, FinetuneSettings, schedule_keywords  # noqa: F401  (DEFAULT_LR: the rates lr=None takes)
 
 
 # --- the base model of a run -----------------------------------------------------------
 
-def base_source(name_or_dir: str, models_dir: str | Path = "weights", random_init: bool = False,
-                seed: int = 123, quantize: dict | None = None) -> dict:
-    """How to rebuild a base with :func:`load_base`; a LoRA run records it, as it saves only its adapter.
-
-    Directories are stored as absolute paths, so the run loads from any working directory.
-    ``quantize`` (QLoRA) holds ``qlora.quantize_base`` keywords, e.g. ``{"method": "nf4"}``.
-    """
-    directory = Path(name_or_dir)
-    source = dict(model=str(directory.resolve()) if directory.is_dir() else str(name_or_dir),
-                  models_dir=str(Path(models_dir).resolve()), random_init=random_init, seed=seed)
-    if quantize:
-        check_quantize_method(quantize.get("method"), "lora")
-        source["quantize"] = dict(quantize)
-    return source
-
-
 def load_base(source: dict) -> GPTModel:
-    """The base described by ``source`` (from :func:`base_source`); random weights are drawn after
+    """The base described by ``source`` (from ``run_dir.base_source``); random weights are drawn after
     seeding with ``source["seed"]``, so the same source always gives the same weights. A source with
     ``quantize`` is quantized the same way again (quantization draws nothing at random)."""
     torch.manual_seed(source["seed"])
@@ -78,36 +51,6 @@ def load_base(source: dict) -> GPTModel:
 
 
 # --- run directories -------------------------------------------------------------------
-
-def open_run_dir(out_dir: str | Path, resume: bool, overwrite: bool, removes_old_run: bool = True,
-                 run_files: tuple[str, ...] = RUN_FILES) -> Path:
-    """Check that ``out_dir`` may receive this run; with ``overwrite``, remove the earlier run's files.
-
-    ``resume`` (which takes precedence) needs the checkpoint of an earlier run: its
-    header is read here, so a missing, damaged or foreign file fails before any slow
-    work. A fresh run needs a missing or empty directory, or ``overwrite``, which
-    removes every file of ``run_files`` (:data:`RUN_FILES`): a new run that stops early must leave
-    neither a checkpoint to be resumed nor a classifier to be loaded as its own.
-    Other files are left alone. ``removes_old_run=False`` only checks (under
-    ``torchrun``, on every process but the main one). Returns the checkpoint's path.
-    """
-    out_dir = Path(out_dir)
-    path = out_dir / CHECKPOINT_NAME
-    if resume:  # continues the run in the directory, so nothing is overwritten
-        read_checkpoint_values(path)
-        return path
-    existing = sorted(entry.name for entry in out_dir.iterdir()) if out_dir.is_dir() else []
-    if existing and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds files ({', '.join(existing[:5])}); pass --resume {out_dir} "
-                              "to continue that run, --overwrite to replace it, or choose another --out")
-    for name in run_files if removes_old_run else ():
-        stale = out_dir / name
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink(missing_ok=True)
-    return path
-
 
 def save_classifier(model: GPTModel, run_dir: str | Path, info: dict) -> Path:
     """Save ``classifier.safetensors`` (all weights) and ``classifier.json`` in ``run_dir``.
@@ -257,7 +200,11 @@ def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
 
     Its ``base_model_name_or_path`` names the base the run started from: the Hub
     repository of a GPT-2 name, or the checkpoint directory. A base of random weights
-    has neither, so it is written to ``out_dir/base`` (``save_hf``) and named instead.
+    has neither, so it is written to ``out_dir/base`` (``save_hf``) and named instead,
+    with ``pad_token_id`` 50256 in its ``config.json``: the classifier pads with GPT-2's
+    end-of-text, and ``transformers.GPT2ForSequenceClassification`` classifies a batch of
+    several messages only with a padding token (it reads each row at its last other token).
+    A Hub or directory base's config is not ours to change: load it with ``pad_token_id=50256``.
     A failed export removes ``out_dir`` if it created it.
     """
     run_dir = Path(run_dir)
@@ -280,134 +227,109 @@ def export_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 def _export(run_dir: Path, info: dict, source: dict, out_dir: str | Path) -> Path:
     base = load_base(source)  # built once: a random base is also written out, before its head is replaced
-    base_name = peft_base_name(source, lambda: base, out_dir)
+    base_name = peft_base_name(source, lambda: base, out_dir, pad_token_id=END_OF_TEXT_ID)  # as classify pads
     model = _load_adapter_classifier(run_dir, info, base, origin=f"rebuilt from {source}").eval()
     export = export_prompt_peft if isinstance(model, VirtualTokenModel) else export_peft
     return export(model, out_dir, base_model_name_or_path=base_name)
 
 
-def peft_base_name(source: dict, build_base, out_dir: str | Path) -> str:
-    """What an exported adapter names as its ``base_model_name_or_path``: the Hub repository of a GPT-2
-    name, or the checkpoint directory; a random base (``build_base()``) is first written to ``out_dir/base``."""
-    if source["random_init"]:
-        return str(save_hf(build_base(), Path(out_dir) / "base"))
-    if Path(source["model"]).is_dir():
-        return source["model"]
-    return HUB_REPOS[canonical_preset(source["model"])]
-
-
 # --- the whole recipe ------------------------------------------------------------------
 
 def finetune_spam(model: GPTModel, tokenizer, data_dir: str | Path, out_dir: str | Path, method: str = "last-block",
-                  *, epochs: int = 5, lr: float | None = None, weight_decay: float = 0.1, batch_size: int = 8,
-                  seed: int = 123, eval_freq: int = 50, eval_iter: int = 5, dynamic_padding: bool = False,
-                  device="cpu", base_model: str | None = None, method_options: dict | None = None,
-                  base_source: dict | None = None,
-                  progress: bool = True, bucket_by_length: bool = False, cache_prefix: bool = False,
-                  save_every: int | None = None, resume: bool = False, overwrite: bool = True,
-                  command_options: dict | None = None, schedule: TrainingSchedule = NO_SCHEDULE) -> dict:
-    """Chapter 6 end to end: fine-tune ``model`` on the spam splits in ``data_dir``, save the run.
+                  *, device="cpu", progress: bool = True, resume: bool = False, overwrite: bool = True,
+                  schedule=None, **settings) -> dict:
+    """Chapter 6 end to end, in the book's words: ``run_finetune`` with
+    ``FinetuneSettings(data_dir=data_dir, method=method, **settings)`` (``epochs``, ``lr``,
+    ``method_options``, ``base_source``, ...: the fields of :class:`~.settings.FinetuneSettings`;
+    ``schedule``, a ``training.TrainingSchedule``, gives the appendix-D fields at once)."""
+    settings = FinetuneSettings(data_dir=data_dir, method=method, **settings, **schedule_keywords(schedule))
+    return run_finetune(model, tokenizer, settings, out_dir, device=device, progress=progress, resume=resume,
+                        overwrite=overwrite)
+
+
+def run_finetune(model: GPTModel, tokenizer, settings: FinetuneSettings, out_dir: str | Path, *, device="cpu",
+                 progress: bool = True, resume: bool = False, overwrite: bool = True,
+                 command_options: dict | None = None) -> dict:
+    """Fine-tune ``model`` on the spam splits in ``settings.data_dir`` and save the run in ``out_dir``.
 
     Seeds as the book does (before the loaders, the new head and the optimizer),
     trains with AdamW, measures accuracy on the full train/validation/test
     splits and writes ``classifier.safetensors``, ``classifier.json``,
     ``metrics.json``, ``loss.png`` and ``accuracy.png`` to ``out_dir``.
-    Returns the metrics dict (accuracies 0 to 1, losses, timing).
+    Returns the metrics dict (accuracies 0 to 1, losses, timing, and the settings).
 
-    ``lr=None`` takes the method's ``DEFAULT_LR`` (8e-4 for LoRA, 5e-5 otherwise).
-    A LoRA run (``method_options`` override ``LORA_DEFAULTS``) writes ``adapter/``
-    instead of ``classifier.safetensors``; pass ``base_source`` (from
-    :func:`base_source`, describing ``model``) so that ``load_classifier`` can
-    rebuild the base on its own.
+    A LoRA run writes ``adapter/`` instead of ``classifier.safetensors``; give
+    ``settings.base_source`` (``run_dir.base_source``, describing ``model``) so that
+    ``load_classifier`` can rebuild the base on its own.
 
-    Speed options (see ``prefix_cache`` and ``spam``): ``cache_prefix`` runs the
+    Speed settings (see ``prefix_cache`` and ``spam``): ``cache_prefix`` runs the
     frozen blocks once per message instead of at every step (``last-block`` only;
     same numbers up to rounding); ``bucket_by_length`` (with ``dynamic_padding``)
     batches messages of similar length together.
 
     Checkpoints (see ``checkpoint``): ``checkpoint.safetensors`` in ``out_dir`` is
-    saved at each epoch end and every ``save_every`` steps; ``resume=True``
-    continues from it, to the same end as an uninterrupted run. A fresh run in an
-    ``out_dir`` that holds files needs ``overwrite=True`` (the default here; the
-    command asks for ``--overwrite``). ``command_options`` are stored in the
-    checkpoint for ``gptlora finetune --resume``.
+    saved at each epoch end and every ``settings.save_every`` steps, with the settings'
+    fingerprint; ``resume=True`` continues from it, to the same end as an uninterrupted
+    run, and refuses other settings. A fresh run in an ``out_dir`` that holds files needs
+    ``overwrite=True`` (the default here; the command asks for ``--overwrite``).
+    ``command_options`` are stored in the checkpoint for ``gptlora finetune --resume``.
 
     Under ``torchrun`` every process runs this with its share of each batch
     (``batch_size`` is the global batch; see ``distributed``); only rank 0 writes.
-    ``schedule``: appendix D's warmup, decay, clipping, accumulation (``training.TrainingSchedule``).
+    The settings' ``schedule`` adds appendix D's warmup, decay, clipping and accumulation.
     """
-    method_options = method_settings(method, method_options)  # complete: recorded in full in the run's files
-    if quantized_layers(model) and method != "lora":
-        check_quantize_method(next(iter(quantized_layers(model).values())).method, method)
-    if cache_prefix and method != "last-block":
-        why = ("its virtual tokens change what the frozen blocks compute at every step" if method in PROMPT_METHODS
-               else "it trains the lower blocks too, so their output changes at every step")
-        raise ValueError(f"cache_prefix works only with method 'last-block' (frozen blocks below the trained "
-                         f"one); {method!r} cannot cache them: {why}")
+    if settings.quantize_method is None and quantized_layers(model):  # a quantized model the settings do not know
+        check_quantize_method(next(iter(quantized_layers(model).values())).method, settings.method)
     processes = start_processes(device)
     device = processes.device
     show = progress and processes.is_main  # progress bars and log lines: one process shows them
-    lr = DEFAULT_LR[method] if lr is None else lr
-    torch.manual_seed(seed)
-    loaders = create_dataloaders(data_dir, tokenizer, batch_size, dynamic_padding=dynamic_padding,
-                                 bucket_by_length=bucket_by_length)
+    torch.manual_seed(settings.seed)
+    loaders = create_dataloaders(settings.data_dir, tokenizer, settings.batch_size,
+                                 dynamic_padding=settings.dynamic_padding, bucket_by_length=settings.bucket_by_length)
     max_length = loaders[0].dataset.max_length
     if max_length > model.cfg.context_length:
         raise ValueError(f"the longest training text has {max_length} tokens but the model's context length is "
                          f"{model.cfg.context_length}; use a model with a longer context")
-    if method in PROMPT_METHODS:  # the virtual tokens take room in the context too
-        check_virtual_tokens(method_options["num_virtual_tokens"], model.cfg.context_length, max_length)
+    if settings.method in PROMPT_METHODS:  # the virtual tokens take room in the context too
+        check_virtual_tokens(settings.method_options["num_virtual_tokens"], model.cfg.context_length, max_length)
     # After the checks above (they need the data), before anything changes: --overwrite removes the old run.
     # Every process checks (one that failed alone would leave the others waiting); one removes.
     checkpoint_path = fail_together(open_run_dir, out_dir, resume, overwrite, removes_old_run=processes.is_main)
-    torch.manual_seed(seed)
-    model = prepare_for_classification(model, method, len(LABEL_NAMES), method_options).to(device)
-    torch.manual_seed(seed)
-    optimizer = trainable_adamw(model, lr, weight_decay)  # foreach: about 2.5x faster for a small model
-    fingerprint = dict(config=model.cfg.to_dict(), method=method, method_options=method_options, seed=seed, lr=lr,
-                       weight_decay=weight_decay, batch_size=batch_size, eval_freq=eval_freq, eval_iter=eval_iter,
-                       dynamic_padding=dynamic_padding, bucket_by_length=bucket_by_length, cache_prefix=cache_prefix,
-                       frozen_weights=frozen_weights_sha256(model), data=data_sha256(data_dir),
-                       data_order="distributed" if processes.distributed else "book",
-                       **schedule_fingerprint(schedule))
-    checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, save_every,
+    torch.manual_seed(settings.seed)
+    model = apply_method(model, settings.method, settings.method_options, len(LABEL_NAMES)).to(device)
+    torch.manual_seed(settings.seed)
+    optimizer = trainable_adamw(model, settings.lr, settings.weight_decay)  # foreach: ~2.5x faster, small model
+    fingerprint = dict(config=model.cfg.to_dict(), **settings.fingerprint(), frozen_weights=frozen_weights_sha256(model),
+                       data=data_sha256(settings.data_dir), data_order="distributed" if processes.distributed else "book")
+    checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, settings.save_every,
                                writes_files=processes.is_main, extra=command_options)
     # Shard first: the cached loaders keep the samplers they are given (a DistributedSampler under torchrun).
-    loaders = shard_loaders(loaders, processes, seed)
+    loaders = shard_loaders(loaders, processes, settings.seed)
     trained_model = model  # with cache_prefix: the model's last block, norm and head, fed cached states
-    if cache_prefix:
+    if settings.cache_prefix:
         trained_model, loaders = cache_frozen_prefix(model, loaders, progress=show)
     history = TrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
     trained_model = wrap_for_training(trained_model, processes)
-    history = train_classifier(trained_model, loaders[0], loaders[1], optimizer, device, epochs, eval_freq,
-                               eval_iter, progress=show, history=history,
-                               checkpoints=checkpoints, schedule=schedule)
+    history = train_classifier(trained_model, loaders[0], loaders[1], optimizer, device, settings.epochs,
+                               settings.eval_freq, settings.eval_iter, progress=show, history=history,
+                               checkpoints=checkpoints, schedule=settings.schedule)
     seconds = checkpoints.training_seconds()
     # The final pass over every split takes minutes on a CPU: show it too.
     accuracy = {split: calc_accuracy_loader(tqdm(loader, desc=f"evaluating {split}", unit="batch", disable=not show),
                                             trained_model, device)
                 for split, loader in zip(("train", "validation", "test"), loaders)}
-    info = dict(method=method, method_options=method_options, max_length=max_length,
-                dynamic_padding=dynamic_padding, base_model=base_model, accuracy=accuracy,
-                seed=seed, base_source=base_source)
+    # classifier.json: what load_classifier needs; metrics.json: that, the settings and the results.
+    info = dict(method=settings.method, method_options=settings.method_options, max_length=max_length,
+                dynamic_padding=settings.dynamic_padding, base_model=settings.base_model, accuracy=accuracy,
+                seed=settings.seed, base_source=settings.base_source)
     if processes.is_main:  # under torchrun, one process writes the run directory
         save_classifier(model, out_dir, info)
-    metrics = dict(info, **schedule_fingerprint(schedule), training_seconds=round(seconds, 1), epochs=epochs, lr=lr,
-                   weight_decay=weight_decay,
-                   bucket_by_length=bucket_by_length, cache_prefix=cache_prefix,
-                   batch_size=batch_size, seed=seed, trainable_parameters=count_parameters(model, trainable_only=True),
-                   history=asdict(history))
+    metrics = dict(settings.to_json(), **info, **schedule_fingerprint(settings.schedule),
+                   training_seconds=round(seconds, 1), trainable_parameters=count_parameters(model, trainable_only=True), history=asdict(history))
     if processes.is_main:
         write_json(metrics, Path(out_dir) / "metrics.json")
         plot_history(history, out_dir)
     return metrics
-
-
-def frozen_weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 of the parameters that do not train, and of the buffers (a quantized base's codes): a
-    checkpoint holds only the others, so resuming needs these exactly as they were (the same base model)."""
-    frozen = [(name, parameter) for name, parameter in model.named_parameters() if not parameter.requires_grad]
-    return tensors_sha256(frozen + list(model.named_buffers()))
 
 
 def data_sha256(data_dir: str | Path) -> dict[str, str]:

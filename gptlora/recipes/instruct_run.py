@@ -6,7 +6,7 @@ GPT-2 (every weight, or ``lora`` adapters only) with AdamW at lr 5e-5 for 2 epoc
 then write the responses to the test split as the book's
 ``instruction-data-with-response.json`` does.
 
-The training is chapter 5's recipe (``pretrain_run.pretrain_on_text``) given the
+The training is chapter 5's recipe (``pretrain_run.run_pretrain``) given the
 instruction loaders instead of text windows: the same loop, checkpoints,
 ``--resume``, ``torchrun`` and run directory, so ``gptlora generate --model RUN``
 and ``export-peft`` read an instruction run as they read a pretraining run. Its
@@ -27,62 +27,70 @@ from ..infra.atomic import write_json
 from ..infra.distributed import is_main_process
 from ..instruction_scoring import score_responses
 from ..instruction_data import extract_response, format_input, instruction_loaders, split_instruction_data
-from ..training import NO_SCHEDULE, TrainingSchedule
-from .pretrain_run import base_context_length, load_language_model, pretrain_on_text
+from .pretrain_run import base_context_length, load_language_model, run_pretrain
+from .settings import InstructSettings, schedule_keywords
 
 RESPONSES_FILE = "test-responses.json"  # the book's instruction-data-with-response.json
 
 
-def instruct_finetune(data: list[dict], out_dir: str | Path, source: dict, *, method: str = "full",
-                      method_options: dict | None = None, epochs: int = 2, lr: float = 5e-5,
-                      weight_decay: float = 0.1, batch_size: int = 8, seed: int = 123, eval_freq: int = 5,
-                      eval_iter: int = 5, max_length: int | None = None, mask_prompt: bool = False,
-                      response_tokens: int = 256, device="cpu", tokenizer=None, data_name: str | None = None,
-                      progress: bool = True, verbose: bool = True, save_every: int | None = None,
-                      resume: bool = False, overwrite: bool = True, command_options: dict | None = None,
-                      schedule: TrainingSchedule = NO_SCHEDULE, judge_url: str | None = None,
-                      judge_model: str = "llama3") -> dict:
-    """Fine-tune the base of ``source`` (``pretrain_run.base_source``) to follow the ``data`` records.
+def instruct_finetune(data: list[dict], out_dir: str | Path, source: dict, *, device="cpu", tokenizer=None,
+                      data_name: str | None = None, progress: bool = True, verbose: bool = True, resume: bool = False,
+                      overwrite: bool = True, schedule=None, **settings) -> dict:
+    """Chapter 7 end to end, settings as keywords: :func:`run_instruct` with
+    ``InstructSettings(base_source=source, data=data_name, **settings)`` (``method``, ``epochs``, ``lr``,
+    ``max_length``, ``mask_prompt``, ...; ``schedule``, a ``training.TrainingSchedule``, gives the
+    appendix-D fields at once)."""
+    settings = InstructSettings(base_source=source, data=data_name, **settings, **schedule_keywords(schedule))
+    return run_instruct(data, settings, out_dir, device=device, tokenizer=tokenizer, progress=progress,
+                        verbose=verbose, resume=resume, overwrite=overwrite)
+
+
+def run_instruct(data: list[dict], settings: InstructSettings, out_dir: str | Path, *, device="cpu", tokenizer=None,
+                 progress: bool = True, verbose: bool = True, resume: bool = False, overwrite: bool = True,
+                 command_options: dict | None = None) -> dict:
+    """Fine-tune the base of ``settings.base_source`` (``run_dir.base_source``) to follow the ``data`` records.
 
     The book's defaults: batch 8, AdamW lr 5e-5 and weight decay 0.1, 2 epochs,
     losses every 5 steps over 5 batches, a greedy sample of the first validation
     prompt after each epoch. ``max_length`` cuts every example (default: the
     model's context length; the book's 1024). ``mask_prompt`` takes the loss over
-    the response tokens only. After training, ``response_tokens`` greedy tokens
-    answer each test record (stopping at ``<|endoftext|>``); the records with their
-    ``model_response`` go to ``test-responses.json`` in ``out_dir``
-    (``response_tokens=0``: none), and their scores into the metrics: exact match and token F1
-    against the reference outputs, and with ``judge_url`` the judge's 0-100 score
-    (``instruction_scoring``). Returns the metrics dict (``metrics.json``).
+    the response tokens only. The training is ``pretrain_run.run_pretrain`` with
+    ``settings.pretrain_settings(...)`` and the instruction loaders. After training,
+    ``response_tokens`` greedy tokens answer each test record (stopping at
+    ``<|endoftext|>``); the records with their ``model_response`` go to
+    ``test-responses.json`` in ``out_dir`` (``response_tokens=0``: none), and their scores
+    into the metrics: exact match and token F1 against the reference outputs, and with
+    ``judge_url`` the judge's 0-100 score (``instruction_scoring``). ``resume``, ``overwrite``,
+    ``command_options`` and ``torchrun`` work as in ``pretrain_run.run_pretrain``.
+    Returns the metrics dict (``metrics.json``).
     """
     tokenizer = tokenizer or get_tokenizer()
+    source = settings.base_source
     train, val, test = split_instruction_data(data)
-    if len(train) < batch_size or not val:
+    if len(train) < settings.batch_size or not val:
         raise ValueError(f"{len(data)} records give {len(train)} to train on and {len(val)} to validate on; "
-                         f"one training batch needs {batch_size} (85% of the records) and validation at least "
-                         "one: use more records or a smaller --batch-size")
+                         f"one training batch needs {settings.batch_size} (85% of the records) and validation at "
+                         "least one: use more records or a smaller --batch-size")
     limit = base_context_length(source)
-    max_length = max_length or limit
+    max_length = settings.max_length or limit
     if not 1 < max_length <= limit:
         raise ValueError(f"--max-length {max_length} is not possible for {source['model']}, whose context length "
                          f"is {limit}; choose a value from 2 to {limit}")
-    loaders = instruction_loaders(train, val, test, tokenizer, batch_size, max_length, mask_prompt)[:2]
-    instruction = dict(mask_prompt=mask_prompt, max_length=max_length, data=data_name,
+    loaders = instruction_loaders(train, val, test, tokenizer, settings.batch_size, max_length,
+                                  settings.mask_prompt)[:2]
+    instruction = dict(mask_prompt=settings.mask_prompt, max_length=max_length, data=settings.data,
                        split=dict(train=len(train), validation=len(val), test=len(test)))
     data_text = json.dumps(data, sort_keys=True)  # identifies the records in the checkpoint's fingerprint
-    metrics = pretrain_on_text(data_text, out_dir, source, method=method, method_options=method_options,
-                               context_length=limit, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                               batch_size=batch_size, seed=seed, eval_freq=eval_freq, eval_iter=eval_iter,
-                               prompt=format_input(val[0]), device=device, tokenizer=tokenizer,
-                               text_name=data_name, progress=progress, verbose=verbose, save_every=save_every,
-                               resume=resume, overwrite=overwrite, command_options=command_options,
-                               schedule=schedule, loaders=loaders, info_extra=dict(instruction=instruction))
-    if is_main_process() and response_tokens and test:
+    metrics = run_pretrain(data_text, settings.pretrain_settings(limit, format_input(val[0])), out_dir,
+                           device=device, tokenizer=tokenizer, progress=progress, verbose=verbose, resume=resume,
+                           overwrite=overwrite, command_options=command_options, loaders=loaders,
+                           info_extra=dict(instruction=instruction))
+    if is_main_process() and settings.response_tokens and test:
         model = load_language_model(out_dir, device=device)[0]
-        answered = respond_to_records(model, test, tokenizer, response_tokens, progress=progress)
+        answered = respond_to_records(model, test, tokenizer, settings.response_tokens, progress=progress)
         write_json(answered, Path(out_dir) / RESPONSES_FILE)
         metrics["test_responses"] = RESPONSES_FILE
-        metrics["test_scores"] = score_responses(answered, judge_url, judge_model)
+        metrics["test_scores"] = score_responses(answered, settings.judge_url, settings.judge_model)
         write_json(metrics, Path(out_dir) / "metrics.json")
     return metrics
 

@@ -1,6 +1,7 @@
 """The pretraining recipe end to end, and the run directories it writes (``gptlora pretrain``).
 
-``pretrain_on_text`` is the first half of chapter 5 of "Build a Large Language
+``run_pretrain`` (with a ``settings.PretrainSettings``; ``pretrain_on_text`` takes the
+settings as keywords) is the first half of chapter 5 of "Build a Large Language
 Model (From Scratch)" as one call: split the text 90/10, cut it into windows,
 build the model, train with AdamW, print the book's log, and save a run directory
 that ``load_language_model`` (and ``gptlora generate --model RUN_DIR``) reads back.
@@ -31,9 +32,7 @@ import torch
 
 from ..infra.atomic import replace_atomically, write_json
 from ..infra.checkpoint import Checkpointer
-from ..classifier import lora_options
 from ..infra.distributed import fail_together, shard_loaders, start_processes, wrap_for_training
-from .finetune import ADAPTER_DIR, RUN_FILES as FINETUNE_RUN_FILES, frozen_weights_sha256, open_run_dir, peft_base_name
 from ..generation import get_tokenizer
 from ..formats.hf_layout import config_from_hf
 from ..lora import apply_lora
@@ -43,16 +42,15 @@ from ..formats.prompt_tuning_io import export_prompt_peft, load_prompt, save_pro
 from ..model import GPTConfig, GPTModel, count_parameters
 from ..pretrained import load_pretrained
 from ..pretraining import PretrainingHistory, perplexity, plot_history, train_language_model
-from ..prompt_tuning import apply_virtual_tokens, check_virtual_tokens, prompt_method_options
+from ..prompt_tuning import apply_virtual_tokens, check_virtual_tokens
 from ..text_data import create_dataloader, split_text
-from ..training import NO_SCHEDULE, TrainingSchedule, schedule_fingerprint, trainable_adamw
+from ..training import schedule_fingerprint, trainable_adamw
+from .run_dir import ADAPTER_DIR, frozen_weights_sha256, open_run_dir, peft_base_name
+from .run_dir import base_source  # noqa: F401  (notebooks build a run's base_source next to pretrain_on_text)
+from .settings import PretrainSettings, schedule_keywords
 
-METHODS = ("full", "lora", "p-tuning")
 RUN_INFO = "language_model.json"  # marks a pretraining run directory
 WEIGHTS = "model.safetensors"
-# What --overwrite removes: one list for both kinds of run (a spam run's files and ours), so that no
-# other run survives in the directory.
-RUN_FILES = FINETUNE_RUN_FILES
 BOOK_CONTEXT_LENGTH = 256
 
 
@@ -82,20 +80,11 @@ def check_context_length(wanted: int, available: int, model_name: str) -> None:
                          f"{available}; choose a value from 1 to {available}")
 
 
-def base_source(model: str = "gpt2-small", models_dir: str | Path = "weights", random_init: bool = True,
-                seed: int = 123, context_length: int | None = None) -> dict:
-    """How to rebuild a run's base with :func:`load_base` (recorded in its ``language_model.json``)."""
-    directory = Path(model)
-    return dict(model=str(directory.resolve()) if directory.is_dir() else str(model),
-                models_dir=str(Path(models_dir).resolve()), random_init=random_init, seed=seed,
-                context_length=context_length)
-
-
 def base_context_length(source: dict, limit: bool = False) -> int:
     """The context length of the base :func:`load_base` builds, read without building it; with
     ``limit``, the longest its shape allows (a random base may be built shorter, as the book's 256)."""
     if source["random_init"] and not limit:
-        return book_config(source["model"], source["context_length"]).context_length
+        return book_config(source["model"], source.get("context_length")).context_length
     directory = Path(source["model"])
     if directory.is_dir() and (directory / "config.json").is_file():
         return config_from_hf(json.loads((directory / "config.json").read_text())).context_length
@@ -103,11 +92,11 @@ def base_context_length(source: dict, limit: bool = False) -> int:
 
 
 def load_base(source: dict) -> GPTModel:
-    """The base of :func:`base_source`: seeded with ``source["seed"]``, then :func:`book_config` random
+    """The base of ``run_dir.base_source``: seeded with ``source["seed"]``, then :func:`book_config` random
     weights (as the book draws them after ``torch.manual_seed(123)``) or the pretrained checkpoint."""
     torch.manual_seed(source["seed"])
     if source["random_init"]:
-        return GPTModel(book_config(source["model"], source["context_length"]))
+        return GPTModel(book_config(source["model"], source.get("context_length")))
     return load_pretrained(source["model"], source["models_dir"])
 
 
@@ -180,16 +169,6 @@ def export_pretraining_run_to_peft(run_dir: str | Path, out_dir: str | Path) -> 
 
 # --- the whole recipe ------------------------------------------------------------------
 
-def method_settings(method: str, method_options: dict | None) -> dict | None:
-    """The checked options of a pretraining ``method``: LoRA's, P-tuning's (its soft prompt starts from
-    random numbers, as peft's, unless ``init_text`` is given), None for ``full``."""
-    if method == "lora":
-        return lora_options(method_options)
-    if method == "p-tuning":
-        return prompt_method_options(method, {"init_text": None, **(method_options or {})})
-    return None
-
-
 def text_loaders(text: str, tokenizer, context_length: int, batch_size: int, train_ratio: float = 0.90):
     """The book's ``(train, validation)`` loaders: windows of ``context_length`` tokens, stride the same.
 
@@ -213,82 +192,79 @@ def text_loaders(text: str, tokenizer, context_length: int, batch_size: int, tra
     return loaders
 
 
-def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, method: str = "full",
-                     method_options: dict | None = None, context_length: int | None = None, epochs: int = 10,
-                     lr: float = 4e-4, weight_decay: float = 0.1, batch_size: int = 2, seed: int = 123,
-                     eval_freq: int = 5, eval_iter: int = 5, train_ratio: float = 0.90,
-                     prompt: str = "Every effort moves you", sample_tokens: int = 50, device="cpu",
-                     tokenizer=None, text_name: str | None = None, progress: bool = True, verbose: bool = True,
-                     save_every: int | None = None, resume: bool = False, overwrite: bool = True,
-                     command_options: dict | None = None, schedule: TrainingSchedule = NO_SCHEDULE,
-                     loaders: tuple | None = None, info_extra: dict | None = None) -> dict:
-    """Chapter 5 end to end: train the base described by ``source`` (:func:`base_source`) on ``text``.
+def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, device="cpu", tokenizer=None,
+                     progress: bool = True, verbose: bool = True, resume: bool = False, overwrite: bool = True,
+                     schedule=None, **settings) -> dict:
+    """Chapter 5 end to end, settings as keywords: ``run_pretrain`` with
+    ``PretrainSettings(base_source=source, **settings)`` (``method``, ``epochs``, ``lr``, ``context_length``, ...;
+    ``schedule``, a ``training.TrainingSchedule``, gives the appendix-D fields at once)."""
+    settings = PretrainSettings(base_source=source, **settings, **schedule_keywords(schedule))
+    return run_pretrain(text, settings, out_dir, device=device, tokenizer=tokenizer, progress=progress,
+                        verbose=verbose, resume=resume, overwrite=overwrite)
+
+
+def run_pretrain(text: str, settings: PretrainSettings, out_dir: str | Path, *, device="cpu", tokenizer=None,
+                 progress: bool = True, verbose: bool = True, resume: bool = False, overwrite: bool = True,
+                 command_options: dict | None = None, loaders: tuple | None = None,
+                 info_extra: dict | None = None) -> dict:
+    """Train the base of ``settings.base_source`` (``run_dir.base_source``) on ``text``; save the run in ``out_dir``.
 
     Seeds as the book does (``seed`` before the loaders and again before the
     model), trains with AdamW, prints the book's log, and writes the model (or the
     LoRA adapter), ``language_model.json``, ``metrics.json`` and ``loss.png`` to
-    ``out_dir``. ``context_length`` (default: the model's) sets the window length.
-    Checkpoints, ``resume``, ``overwrite`` and ``torchrun`` work as in
-    ``finetune.finetune_spam``; ``schedule`` adds appendix D (``training.TrainingSchedule``).
+    ``out_dir``. ``settings.context_length`` (default: the model's, less a P-tuning prompt's
+    virtual tokens) sets the window length. Checkpoints, ``resume``, ``overwrite``, ``command_options``
+    and ``torchrun`` work as in ``finetune.run_finetune``; the settings' schedule adds appendix D.
     Returns the metrics dict.
 
     ``loaders``, ``(train, validation)`` loaders of ``(inputs, targets)`` batches, replace the
     windows of ``text`` (instruction fine-tuning brings its own; ``text`` then only identifies
     the data in the checkpoint's fingerprint); ``info_extra`` adds entries to ``language_model.json``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown pretraining method {method!r}; choose one of {', '.join(METHODS)}")
-    if method_options and method == "full":
-        raise ValueError(f"method {method!r} takes no options, found {sorted(method_options)}")
-    method_options = method_settings(method, method_options)
+    source, method = settings.base_source, settings.method
     tokenizer = tokenizer or get_tokenizer()
     processes = start_processes(device)
     device = processes.device
-    virtual = method_options["num_virtual_tokens"] if method == "p-tuning" else 0  # room for the prompt
+    virtual = settings.method_options["num_virtual_tokens"] if method == "p-tuning" else 0  # room for the prompt
     if virtual:  # n virtual tokens and a window (of at least one token) must fit in the model's context
-        check_virtual_tokens(virtual, base_context_length(source), context_length or 1)
-    context_length = context_length or base_context_length(source) - virtual
+        check_virtual_tokens(virtual, base_context_length(source), settings.context_length or 1)
+    context_length = settings.context_length or base_context_length(source) - virtual
     check_context_length(context_length, base_context_length(source, limit=True), source["model"])
-    torch.manual_seed(seed)  # the book seeds before the loaders (their shuffles draw later) ...
+    torch.manual_seed(settings.seed)  # the book seeds before the loaders (their shuffles draw later) ...
     windows = loaders is None
-    loaders = text_loaders(text, tokenizer, context_length, batch_size, train_ratio) if windows else loaders
+    if windows:
+        loaders = text_loaders(text, tokenizer, context_length, settings.batch_size, settings.train_ratio)
     model = load_base(source)  # ... and again before the model: load_base seeds with source["seed"]
     # Every process checks (one that failed alone would leave the others waiting); one removes. After the
     # checks of the text and options and after the base is loaded (or failed to download), so that a bad
     # one leaves an old run untouched even with --overwrite. open_run_dir draws no random numbers.
-    checkpoint_path = fail_together(open_run_dir, out_dir, resume, overwrite, removes_old_run=processes.is_main,
-                                    run_files=RUN_FILES)
+    checkpoint_path = fail_together(open_run_dir, out_dir, resume, overwrite, removes_old_run=processes.is_main)
     if method == "lora":
-        apply_lora(model, **method_options, verbose=False)
+        apply_lora(model, **settings.method_options, verbose=False)
     elif method == "p-tuning":  # the base frozen and wrapped: the prompt goes before every window
-        model = apply_virtual_tokens(model, method, method_options)
+        model = apply_virtual_tokens(model, method, settings.method_options)
     model.to(device)
-    optimizer = trainable_adamw(model, lr, weight_decay)
-    fingerprint = dict(config=model.cfg.to_dict(), method=method, method_options=method_options, seed=seed, lr=lr,
-                       weight_decay=weight_decay, batch_size=batch_size, eval_freq=eval_freq, eval_iter=eval_iter,
-                       context_length=context_length, train_ratio=train_ratio, prompt=prompt,
-                       sample_tokens=sample_tokens, frozen_weights=frozen_weights_sha256(model),
-                       text=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                       data_order="distributed" if processes.distributed else "book",
-                       **schedule_fingerprint(schedule))
-    checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, save_every,
+    optimizer = trainable_adamw(model, settings.lr, settings.weight_decay)
+    fingerprint = dict(config=model.cfg.to_dict(), **{**settings.fingerprint(), "context_length": context_length},
+                       frozen_weights=frozen_weights_sha256(model), text=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                       data_order="distributed" if processes.distributed else "book")
+    checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, settings.save_every,
                                writes_files=processes.is_main, extra=command_options)
     # Tokens per epoch, as the book counts them (batches x rows x tokens), before sharding.
-    train_tokens = len(loaders[0]) * batch_size * context_length if windows else None
+    train_tokens = len(loaders[0]) * settings.batch_size * context_length if windows else None
     val_tokens = len(loaders[1].dataset) * context_length if windows else None
-    loaders = shard_loaders(loaders, processes, seed)
+    loaders = shard_loaders(loaders, processes, settings.seed)
     history = PretrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
     history = train_language_model(wrap_for_training(model, processes), loaders[0], loaders[1], optimizer, device,
-                                   epochs, eval_freq, eval_iter, prompt, tokenizer, sample_tokens=sample_tokens,
-                                   progress=progress and processes.is_main, verbose=verbose and processes.is_main,
-                                   history=history, checkpoints=checkpoints, schedule=schedule)
-    info = dict(method=method, method_options=method_options, base_source=source, seed=seed,
-                context_length=context_length, text=text_name, prompt=prompt, **(info_extra or {}))
+                                   settings.epochs, settings.eval_freq, settings.eval_iter, settings.prompt, tokenizer,
+                                   sample_tokens=settings.sample_tokens, progress=progress and processes.is_main,
+                                   verbose=verbose and processes.is_main, history=history, checkpoints=checkpoints,
+                                   schedule=settings.schedule)
+    info = dict(method=method, method_options=settings.method_options, base_source=source, seed=settings.seed,
+                context_length=context_length, text=settings.text_name, prompt=settings.prompt, **(info_extra or {}))
     final = dict(train_loss=history.train_losses[-1], val_loss=history.val_losses[-1]) if history.train_losses else {}
-    metrics = dict(info, **final, **{f"{k}_perplexity": perplexity(v) for k, v in list(final.items())},
-                   **schedule_fingerprint(schedule),
-                   training_seconds=round(checkpoints.training_seconds(), 1), epochs=epochs, lr=lr,
-                   weight_decay=weight_decay, batch_size=batch_size, train_ratio=train_ratio,
+    metrics = dict(settings.to_json(), **info, **final, **{f"{k}_perplexity": perplexity(v) for k, v in final.items()},
+                   **schedule_fingerprint(settings.schedule), training_seconds=round(checkpoints.training_seconds(), 1),
                    trainable_parameters=count_parameters(model, trainable_only=True),
                    train_tokens=train_tokens, val_tokens=val_tokens, history=asdict(history))
     if processes.is_main:  # under torchrun, one process writes the run directory
