@@ -127,3 +127,30 @@ def test_two_processes_instruct_and_rank_0_answers(small_data, tmp_path, group_o
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["history"]["global_step"] == 34 // 4 - 1 and metrics["test_scores"]["records"] == 4
     assert len(json.loads((tmp_path / "two" / "test-responses.json").read_text())) == 4
+
+
+def test_instruct_seeds_again_right_before_training_as_the_book_s_chapter_7(small_data, tmp_path, monkeypatch):
+    """The book loads GPT-2, then calls torch.manual_seed(123) right before train_model_simple: the first
+    epoch's shuffle must not depend on the numbers that building and loading the model drew."""
+    from gptlora.recipes import pretrain_run
+    from gptlora.recipes.instruct_run import instruct_finetune
+    from gptlora.recipes.run_dir import base_source
+
+    states = []
+
+    def capture(*args, **kwargs):
+        states.append(torch.get_rng_state())
+        raise KeyboardInterrupt  # stop here: only the generator's state at the loop's start matters
+
+    monkeypatch.setattr(pretrain_run, "train_language_model", capture)
+    from gptlora.formats.hf_layout import config_to_hf
+
+    directory = tmp_path / "tiny"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config_to_hf(TINY)))
+    with pytest.raises(KeyboardInterrupt):
+        instruct_finetune(read_instruction_file(small_data), tmp_path / "run",
+                          base_source(str(directory), random_init=True, seed=123), method="lora", seed=123,
+                          response_tokens=0, progress=False, verbose=False)
+    torch.manual_seed(123)
+    assert torch.equal(states[0], torch.get_rng_state())

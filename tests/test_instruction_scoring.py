@@ -115,7 +115,28 @@ def test_the_score_command(run_cli, tmp_path):
     assert status == 0 and out.strip() == "test split (2 records): exact match 50.0%, token F1 0.786"
     with FakeJudge(["85", "40"]) as judge:
         status, out = run_cli(["score", str(path), "--judge-url", judge.url])
-    assert status == 0 and out.strip().endswith("judge (llama3) 62.5/100")
+    assert status == 0 and out.strip().splitlines() == ["test split (2 records): exact match 50.0%, token F1 0.786",
+                                                        "judge (llama3): 62.5/100"]
+
+
+def test_the_score_command_keeps_the_offline_line_when_the_judge_fails(run_cli, tmp_path, capsys):
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(RECORDS))
+    with FakeJudge([], status=500) as judge:
+        status, out = run_cli(["score", str(path), "--judge-url", judge.url])
+    assert status == 1 and out.strip() == "test split (2 records): exact match 50.0%, token F1 0.786"
+    assert "answered HTTP 500" in capsys.readouterr().err
+
+
+def test_the_score_command_refuses_judging_records_without_an_instruction(run_cli, tmp_path, capsys):
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps([{key: value for key, value in record.items() if key != "instruction"}
+                                for record in RECORDS]))
+    status, _ = run_cli(["score", str(path), "--judge-url", "http://127.0.0.1:9/v1"])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(errors) == 1 and "records without a text field instruction" in errors[0]
+    status, _ = run_cli(["score", str(path), "--judge-url", "file:///etc/passwd"])
+    assert status == 1 and "http" in capsys.readouterr().err
 
 
 class NotHTTP:

@@ -121,18 +121,22 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def print_scores(scores: dict) -> None:
-    """One line of mean scores."""
-    judge = (f", judge ({scores['judge_model']}) {scores['judge']:.1f}/100"
-             + (f" ({scores['judge_unparsed']} replies without a score)" if scores["judge_unparsed"] else "")
-             if "judge" in scores else "")
+    """The mean scores: the offline ones on a line, the judge's (when asked) on the next."""
     print(f"test split ({scores['records']} records): exact match {scores['exact_match']:.1%}, token F1 "
-          f"{scores['token_f1']:.3f}{judge}")
+          f"{scores['token_f1']:.3f}")
+    if "judge" in scores:
+        print_judge_score(scores)
+
+
+def print_judge_score(scores: dict) -> None:
+    unparsed = f" ({scores['judge_unparsed']} replies without a score)" if scores["judge_unparsed"] else ""
+    print(f"judge ({scores['judge_model']}): {scores['judge']:.1f}/100{unparsed}")
 
 
 def cmd_score(args) -> int:
     import json
 
-    from ..instruction_scoring import score_responses
+    from ..instruction_scoring import check_judge_url, offline_scores, with_judge_scores
 
     path = Path(args.responses)
     if not path.is_file():
@@ -146,7 +150,15 @@ def cmd_score(args) -> int:
             for r in records):
         raise ValueError(f"{path} is not a non-empty JSON list of records with the text fields output and "
                          "model_response")
-    print_scores(score_responses(records, args.judge_url, args.judge_model))
+    if args.judge_url is not None:
+        check_judge_url(args.judge_url)
+        if not all(isinstance(r.get("instruction"), str) and isinstance(r.get("input", ""), str) for r in records):
+            raise ValueError(f"the judge is shown each record's instruction, but {path} has records without a text "
+                             "field instruction (or with an input that is not text); score it without --judge-url")
+    scores = offline_scores(records)
+    print_scores(scores)  # first: a judge that fails leaves these on screen
+    if args.judge_url is not None:
+        print_judge_score(with_judge_scores(scores, records, args.judge_url, args.judge_model))
     return 0
 
 

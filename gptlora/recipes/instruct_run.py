@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..generation import END_OF_TEXT_ID, generate, get_tokenizer, text_to_token_ids, token_ids_to_text
 from ..infra.atomic import write_json
 from ..infra.distributed import is_main_process
-from ..instruction_scoring import score_responses
+from ..instruction_scoring import offline_scores, with_judge_scores
 from ..instruction_data import extract_response, format_input, instruction_loaders, split_instruction_data
 from .pretrain_run import base_context_length, load_language_model, run_pretrain
 from .settings import InstructSettings, schedule_keywords
@@ -84,14 +84,18 @@ def run_instruct(data: list[dict], settings: InstructSettings, out_dir: str | Pa
     metrics = run_pretrain(data_text, settings.pretrain_settings(limit, format_input(val[0])), out_dir,
                            device=device, tokenizer=tokenizer, progress=progress, verbose=verbose, resume=resume,
                            overwrite=overwrite, command_options=command_options, loaders=loaders,
-                           info_extra=dict(instruction=instruction))
+                           info_extra=dict(instruction=instruction), seed_before_training=True)
     if is_main_process() and settings.response_tokens and test:
         model = load_language_model(out_dir, device=device)[0]
         answered = respond_to_records(model, test, tokenizer, settings.response_tokens, progress=progress)
         write_json(answered, Path(out_dir) / RESPONSES_FILE)
         metrics["test_responses"] = RESPONSES_FILE
-        metrics["test_scores"] = score_responses(answered, settings.judge_url, settings.judge_model)
-        write_json(metrics, Path(out_dir) / "metrics.json")
+        metrics["test_scores"] = offline_scores(answered)
+        write_json(metrics, Path(out_dir) / "metrics.json")  # the offline scores stay whatever the judge does
+        if settings.judge_url:
+            metrics["test_scores"] = with_judge_scores(metrics["test_scores"], answered, settings.judge_url,
+                                                       settings.judge_model)
+            write_json(metrics, Path(out_dir) / "metrics.json")
     return metrics
 
 

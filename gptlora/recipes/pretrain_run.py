@@ -206,7 +206,7 @@ def pretrain_on_text(text: str, out_dir: str | Path, source: dict, *, device="cp
 def run_pretrain(text: str, settings: PretrainSettings, out_dir: str | Path, *, device="cpu", tokenizer=None,
                  progress: bool = True, verbose: bool = True, resume: bool = False, overwrite: bool = True,
                  command_options: dict | None = None, loaders: tuple | None = None,
-                 info_extra: dict | None = None) -> dict:
+                 info_extra: dict | None = None, seed_before_training: bool = False) -> dict:
     """Train the base of ``settings.base_source`` (``run_dir.base_source``) on ``text``; save the run in ``out_dir``.
 
     Seeds as the book does (``seed`` before the loaders and again before the
@@ -220,6 +220,8 @@ def run_pretrain(text: str, settings: PretrainSettings, out_dir: str | Path, *, 
     ``loaders``, ``(train, validation)`` loaders of ``(inputs, targets)`` batches, replace the
     windows of ``text`` (instruction fine-tuning brings its own; ``text`` then only identifies
     the data in the checkpoint's fingerprint); ``info_extra`` adds entries to ``language_model.json``.
+    ``seed_before_training`` seeds once more right before the loop, as the book's chapter 7 does after
+    loading GPT-2 (so the first epoch's shuffle does not depend on how many numbers loading drew).
     """
     source, method = settings.base_source, settings.method
     tokenizer = tokenizer or get_tokenizer()
@@ -254,6 +256,8 @@ def run_pretrain(text: str, settings: PretrainSettings, out_dir: str | Path, *, 
     train_tokens = len(loaders[0]) * settings.batch_size * context_length if windows else None
     val_tokens = len(loaders[1].dataset) * context_length if windows else None
     loaders = shard_loaders(loaders, processes, settings.seed)
+    if seed_before_training:
+        torch.manual_seed(settings.seed)
     history = PretrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
     history = train_language_model(wrap_for_training(model, processes), loaders[0], loaders[1], optimizer, device,
                                    settings.epochs, settings.eval_freq, settings.eval_iter, settings.prompt, tokenizer,

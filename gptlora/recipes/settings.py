@@ -307,6 +307,10 @@ class InstructSettings(ScheduleSettings):
         if self.method_options and self.method != "lora":
             raise ValueError(f"method {self.method!r} takes no options, found {sorted(self.method_options)}")
         self.method_options = lora_options(self.method_options) if self.method == "lora" else None
+        if self.judge_url is not None:  # before any training: a bad address would fail only after it
+            from ..instruction_scoring import check_judge_url
+
+            check_judge_url(self.judge_url)
 
     def pretrain_settings(self, context_length: int, prompt: str) -> PretrainSettings:
         """The settings of the training itself: chapter 5's loop over the instruction batches, with windows
