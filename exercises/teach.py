@@ -26,6 +26,7 @@ import argparse
 import csv
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import zipfile
@@ -82,14 +83,31 @@ def release(out_dir: Path, masters: list[Path] | None = None) -> Path:
     return out_dir
 
 
-def submissions_in(folder: Path) -> dict[str, bytes]:
-    """Every ``*.ipynb`` of ``folder``, read once before any is graded (a submission can change no other)."""
+def submissions_in(folder: Path) -> dict:
+    """Every ``*.ipynb`` entry of ``folder``, read once before any is graded (a submission can change no other):
+    its bytes, or, for what is not a regular file (a symbolic link, even to the master notebook; a folder),
+    an ``Unreadable`` that becomes a row of its own rather than being followed or skipped."""
+    from scoring import MAX_NOTEBOOK_BYTES, Unreadable
+
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder; expected a folder of submitted notebooks")
-    paths = sorted(p for p in folder.glob("*.ipynb") if p.is_file())
+    paths = sorted(folder.glob("*.ipynb"))
     if not paths:
         raise ValueError(f"no submissions (*.ipynb) found in {folder}; expected one notebook per student")
-    return {path.name: path.read_bytes() for path in paths}
+    submissions = {}
+    for path in paths:
+        try:  # O_NOFOLLOW: a link swapped in after glob is refused too, not followed
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            submissions[path.name] = Unreadable("not a regular file")
+            continue
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            submissions[path.name] = Unreadable("not a regular file")
+            continue
+        with os.fdopen(descriptor, "rb") as file:
+            submissions[path.name] = file.read(MAX_NOTEBOOK_BYTES + 1)
+    return submissions
 
 
 def master_of(exercise: str) -> Path:
@@ -105,7 +123,7 @@ def grade_folder(submissions_dir: Path, exercise: str, out_csv: Path, limits=Non
     """Grade every notebook of ``submissions_dir`` as answers to ``exercise`` into ``out_csv`` (written at the
     end, atomically). Refuses to run without bubblewrap unless ``unsafe``."""
     from sandbox import Limits, bwrap_path, describe_isolation
-    from scoring import grade_submissions, table
+    from scoring import grade_submissions, safe_text, table
 
     limits = limits or Limits()
     master = master_of(exercise)
@@ -117,7 +135,7 @@ def grade_folder(submissions_dir: Path, exercise: str, out_csv: Path, limits=Non
     questions, rows = grade_submissions(submissions, master.stem, master, limits, unsafe, jobs)
     for row in rows:
         if row.status:
-            print(f"teach.py: {row.file}: {'; '.join(row.status)}", file=sys.stderr)
+            print(f"teach.py: {safe_text(row.file)}: {safe_text('; '.join(row.status), 1000)}", file=sys.stderr)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with replace_atomically(out_csv) as tmp:
         with open(tmp, "w", newline="") as file:

@@ -137,6 +137,8 @@ for name in ("results.jsonl", "results.pkl", "results.pickle"):
     "endless_loop": ("solution", "while True:\n    pass", 4),
     "large_allocation": ("solution", "hog = bytearray(64 * 2**30)\nimport torch\nbig = torch.empty(2**40)", 4),
     "megabytes_of_output": ("solution", "for _ in range(400):\n    print('x' * 250_000)", 4),
+    "deeply_nested_results_line": ("student", "open('results.jsonl', 'a').write('\\n' + '[' * 200000 + '\\n')", 0),
+    "unhashable_question": ("student", "open('results.jsonl', 'a').write('\\n{\"question\": []}\\n')", 0),
     "one_function_kills_the_process": ("solution", """
 import os
 def set_dropout_rates(model, embedding, shortcut, attention):
@@ -206,6 +208,8 @@ def test_attacks_get_what_their_answers_deserve(built, tmp_path):
     (submissions / "alice.ipynb").write_bytes((folder / "autograder" / "01_gpt_model.ipynb").read_bytes())
     (submissions / "bob.ipynb").write_bytes((folder / "student" / "01_gpt_model.ipynb").read_bytes())
     (submissions / "dan.ipynb").write_text("not json")
+    (submissions / "deep.ipynb").write_text("[" * 200000)
+    (submissions / "mallory.ipynb").symlink_to(folder / "autograder" / "01_gpt_model.ipynb")
     before, start = snapshot(submissions, teacher), time.monotonic()
     sandboxes_before = set(Path(tempfile.gettempdir()).glob("gptlora-grade-*"))
 
@@ -214,12 +218,14 @@ def test_attacks_get_what_their_answers_deserve(built, tmp_path):
     seconds = time.monotonic() - start
     names = questions_of(EXERCISE_DIR / "01_gpt_model.ipynb")
     assert status == 0, printed
-    assert list(rows) == ["points-per-question"] + sorted(["alice.ipynb", "bob.ipynb", "dan.ipynb"] +
+    assert list(rows) == ["points-per-question"] + sorted(["alice.ipynb", "bob.ipynb", "dan.ipynb", "deep.ipynb", "mallory.ipynb"] +
                                                           [f"{n}.ipynb" for n in attacks])
     assert list(rows["alice.ipynb"]) == ["file"] + names + ["total", "status"], "a submission changed the columns"
     assert scores(rows["alice.ipynb"], names) == [1] * 4 and rows["alice.ipynb"]["status"] == "graded"
     assert scores(rows["bob.ipynb"], names) == [0] * 4
     assert rows["dan.ipynb"]["total"] == "0" and rows["dan.ipynb"]["status"].startswith("invalid notebook")
+    assert (rows["deep.ipynb"]["total"], rows["deep.ipynb"]["status"]) == ("0", "invalid notebook: RecursionError")
+    assert (rows["mallory.ipynb"]["total"], rows["mallory.ipynb"]["status"]) == ("0", "invalid notebook: not a regular file")
     got = {name: float(rows[f"{name}.ipynb"]["total"]) for name in attacks}
     assert got == {name: float(attack[2]) for name, attack in attacks.items()}, printed
     assert rows["endless_loop.ipynb"]["status"].startswith(f"timeout: ran past {TIMEOUT} s")
@@ -355,3 +361,56 @@ def test_definitions_keep_literal_constants_and_drop_everything_else():
                                                                                           50256)
     for dropped in ("BAD", "open(", "print(", "obj.attr", "X, Y"):
         assert dropped not in kept
+
+
+def test_entries_that_are_not_regular_files_get_a_row_and_are_not_followed(tmp_path):
+    """A link to the master notebook scored full marks when links were followed; a dangling link or a folder
+    named x.ipynb was skipped without a row."""
+    import scoring
+
+    (tmp_path / "alice.ipynb").write_text("{}")
+    (tmp_path / "mallory.ipynb").symlink_to(EXERCISE_DIR / "01_gpt_model.ipynb")
+    (tmp_path / "dangling.ipynb").symlink_to(tmp_path / "nowhere.ipynb")
+    (tmp_path / "folder.ipynb").mkdir()
+    found = teach.submissions_in(tmp_path)
+    assert found == {"alice.ipynb": b"{}", "dangling.ipynb": scoring.Unreadable("not a regular file"),
+                     "folder.ipynb": scoring.Unreadable("not a regular file"),
+                     "mallory.ipynb": scoring.Unreadable("not a regular file")}
+    questions = scoring.master_questions(EXERCISE_DIR / "01_gpt_model.ipynb")
+    row = scoring.grade_one("mallory.ipynb", found["mallory.ipynb"], "01_gpt_model", questions, {}, sandbox.Limits(), True)
+    assert row.status == ["invalid notebook: not a regular file"] and row.total == 0
+
+
+def test_one_submission_cannot_stop_the_grading_of_the_others(monkeypatch):
+    """What broke the whole run (no CSV for anyone): a results line nested 200000 deep (RecursionError), a
+    question that is a list (TypeError: unhashable), a submitted file of 200000 '[' ; and any other error of
+    the grader on one submission becomes that submission's row."""
+    import scoring
+
+    questions = scoring.master_questions(EXERCISE_DIR / "01_gpt_model.ipynb")
+    expected = {q.name: [None] for q in questions}
+    lines = ["[" * 200000, '{"question": []}', '{"question": {"a": 1}}', '{"cells": "cells"}',
+             '{"question": "q1", "missing": "' + "\\u001b[2J" * 1000 + '"}', '{"finished": true}']
+    monkeypatch.setattr(scoring, "run_submission", lambda *args: sandbox.Run(lines=lines, returncode=0))
+    row = scoring.grade_one("x.ipynb", b'{"cells": []}', "01_gpt_model", questions, expected, sandbox.Limits(), True)
+    assert row.total == 0 and row.status == ["q1: missing function block_parameters"], row.status
+    deep = scoring.grade_one("deep.ipynb", b"[" * 200000, "01_gpt_model", questions, {}, sandbox.Limits(), True)
+    assert deep.status == ["invalid notebook: RecursionError"]
+
+    def broken(*args):
+        raise RuntimeError("something the submission chose to say")
+
+    monkeypatch.setattr(scoring, "run_submission", broken)
+    row = scoring.grade_one("x.ipynb", b'{"cells": []}', "01_gpt_model", questions, {}, sandbox.Limits(), True)
+    assert row.status == ["grader error: RuntimeError"] and row.total == 0
+
+
+def test_text_a_submission_chooses_is_made_safe_for_the_csv_and_the_terminal():
+    import scoring
+
+    questions = [scoring.Question("q1", 1.0, False)]
+    rows = scoring.table(questions, [scoring.Row("=HYPERLINK(\"http://x\")\x1b[2J" + "a" * 5000 + ".ipynb", {"q1": 0.0}),
+                                     scoring.Row("@sum.ipynb", {"q1": 1.0}, ["ok"]), scoring.Row("-1.ipynb", {"q1": 0.0})])
+    files = [row[0] for row in rows[2:]]
+    assert files[0].startswith("'=HYPERLINK") and "\x1b" not in files[0] and len(files[0]) <= scoring.MAX_TEXT + 1
+    assert files[1:] == ["'@sum.ipynb", "'-1.ipynb"]
