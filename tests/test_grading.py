@@ -31,7 +31,17 @@ sys.path.insert(0, str(EXERCISE_DIR))
 import grading_spec  # noqa: E402  (exercises/ is a folder of scripts, on the path since load_teach)
 import sandbox  # noqa: E402
 
-ISOLATED = sandbox.bwrap_path() is not None
+def _bwrap_works() -> bool:
+    """bubblewrap installed and able to make its namespaces here (some containers forbid them)."""
+    import subprocess
+
+    if sandbox.bwrap_path() is None:
+        return False
+    probe = [sandbox.bwrap_path(), "--unshare-all", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true"]
+    return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+
+ISOLATED = _bwrap_works()
 TIMEOUT = 15  # seconds per run of a submission in these tests (the default is minutes)
 
 
@@ -414,3 +424,61 @@ def test_text_a_submission_chooses_is_made_safe_for_the_csv_and_the_terminal():
     files = [row[0] for row in rows[2:]]
     assert files[0].startswith("'=HYPERLINK") and "\x1b" not in files[0] and len(files[0]) <= scoring.MAX_TEXT + 1
     assert files[1:] == ["'@sum.ipynb", "'-1.ipynb"]
+
+
+LIMITS_PROBE = r"""
+import os, shutil
+def attempt(label, action):
+    try:
+        action()
+        print(label, "allowed")
+    except OSError as error:
+        print(label, "refused", error.errno)
+def fill(path, mib):
+    with open(path, "wb") as file:
+        for _ in range(mib):
+            file.write(b"x" * 2**20)
+attempt("FOLDER", lambda: [fill(f"big{i}", 40) for i in range(3)])  # each file under the 64 MiB file limit
+attempt("TMP", lambda: [fill(f"/tmp/big{i}", 40) for i in range(3)])
+attempt("SHM", lambda: fill("/dev/shm/big", 40))
+attempt("ROOT", lambda: fill("/usr/big", 1))
+children = []
+for _ in range(3):  # 3 x 400 MiB touched: over a 1024 MiB group, under the per-process 1024 MiB
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(400 * 2**20)
+        block[::4096] = b"y" * len(block[::4096])
+        import time; time.sleep(2); os._exit(0)
+    children.append(pid)
+print("KILLED", sum(os.WEXITSTATUS(s) != 0 or os.WIFSIGNALED(s) for s in (os.waitpid(p, 0)[1] for p in children)))
+started = 0
+try:
+    for _ in range(1000):
+        if os.fork() == 0:
+            import time; time.sleep(3); os._exit(0)
+        started += 1
+except OSError:
+    pass
+print("FORKED", started)
+"""
+
+
+@pytest.mark.skipif(not ISOLATED, reason="the folder, /tmp, /dev/shm and read-only root limits come with bubblewrap")
+def test_limits_hold_for_the_whole_submission_not_per_process():
+    """Writing hundreds of MB reached the host's disk (and /dev/shm); forked children each had the full
+    memory limit and could be as many as they liked. Now its folders are size-limited tmpfs, the root is
+    read-only and (where cgroup v1 is writable) one group bounds the memory and processes of them all."""
+    import cgroup_limits
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [cell(LIMITS_PROBE)]
+    run = sandbox.run_submission(json.dumps(notebook).encode(), [], "cells", sandbox.Limits(timeout_s=60, memory_mib=1024),
+                                 unsafe=False)
+    said = dict(line.split(" ", 1) for line in run.output_head.splitlines() if line.split(" ")[0] in
+                ("FOLDER", "TMP", "SHM", "ROOT", "KILLED", "FORKED"))
+    assert said["FOLDER"] == said["TMP"] == said["SHM"] == "refused 28", run.output_head  # ENOSPC
+    assert said["ROOT"].startswith("refused"), run.output_head
+    if cgroup_limits.available():
+        assert int(said["KILLED"]) >= 1 and "memory" in run.notes, run.output_head
+        assert int(said["FORKED"]) < cgroup_limits.PIDS_MAX, run.output_head
+        assert not list(Path("/sys/fs/cgroup/pids").glob("gptlora-grade-*")), "a control group was left"
