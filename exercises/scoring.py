@@ -187,20 +187,27 @@ def _grade(file: str, notebook: bytes | Unreadable, exercise: str, questions: li
         return row
     by_name, specs = {q.name: q for q in questions}, SPEC[exercise]
     remaining, mode, records = tasks_for(exercise), "cells", {}
-    for _ in range(len(questions) + 2):
+    stopped_after_cells = ""  # why a run in cells mode stopped while its questions were asked
+    for _ in range(len(questions) + 3):
         run = run_submission(notebook, remaining, mode, limits, unsafe)
         found, cells_ran, finished = _records(run.lines, {t["question"] for t in remaining})
         records.update(found)
         if not cells_ran:
-            row.status.append(f"{_ending(run, limits)} while running its cells" + ("; its definitions were graded"
-                                                                                   if mode == "cells" else ""))
+            row.status.append(f"{_ending(run, limits)} while running its {mode}" + ("; its definitions were graded"
+                                                                                    if mode == "cells" else ""))
             if mode == "cells":
                 mode = "definitions"
                 continue
             break
         remaining = [t for t in remaining if t["question"] not in found]
         if finished or not remaining:
+            if stopped_after_cells:
+                row.status.append(f"{stopped_after_cells} after its cells had run; its definitions were graded")
             break
+        if mode == "cells":  # its cells may have used the time (or broken the state): ask again without them
+            stopped_after_cells, mode = _ending(run, limits), "definitions"
+            continue
+        stopped_after_cells = ""  # it stopped without its cells too: the question asked first is to blame
         stuck = remaining.pop(0)  # the question whose function stopped the process
         row.status.append(f"{_ending(run, limits)} in {stuck['question']}")
         if not remaining:

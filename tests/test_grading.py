@@ -482,3 +482,28 @@ def test_limits_hold_for_the_whole_submission_not_per_process():
         assert int(said["KILLED"]) >= 1 and "memory" in run.notes, run.output_head
         assert int(said["FORKED"]) < cgroup_limits.PIDS_MAX, run.output_head
         assert not list(Path("/sys/fs/cgroup/pids").glob("gptlora-grade-*")), "a control group was left"
+
+
+def test_a_stop_after_long_cells_is_retried_without_them_before_a_question_is_blamed(monkeypatch):
+    """Cells that use most of the timeout stopped the run while q2 was asked: q2, then q3, were blamed and
+    the long cells run again each time. Now the questions left are asked again in definitions mode first."""
+    import scoring
+
+    master = EXERCISE_DIR / "01_gpt_model.ipynb"
+    questions, expected = scoring.master_questions(master), scoring.expected_answers("01_gpt_model", master)
+    answers = {name: json.dumps({"question": name, "observations": [{"value": v} for v in values]})
+               for name, values in expected.items()}
+    modes = []
+
+    def fake_run(notebook, tasks, mode, limits, unsafe):
+        modes.append(mode)
+        if mode == "cells":  # its cells ran, q1 was answered, then the time ran out
+            return sandbox.Run(lines=['{"cells": "cells"}', answers["q1"]], returncode=None)
+        return sandbox.Run(lines=['{"cells": "definitions"}'] + [answers[t["question"]] for t in tasks] +
+                           ['{"finished": true}'], returncode=0)
+
+    monkeypatch.setattr(scoring, "run_submission", fake_run)
+    row = scoring.grade_one("slow.ipynb", b'{"cells": []}', "01_gpt_model", questions, expected,
+                            sandbox.Limits(timeout_s=15), True)
+    assert row.total == 4 and modes == ["cells", "definitions"], (row, modes)
+    assert row.status == ["timeout: ran past 15 s after its cells had run; its definitions were graded"]
