@@ -37,6 +37,9 @@ FILE_LIMIT = 64 * 1024 * 1024  # RLIMIT_FSIZE: the largest file a submission may
 FOLDER_LIMIT = 64 * 1024 * 1024  # bytes of its own folder (and of its /tmp), in memory, never the host disk
 SHM_LIMIT = 16 * 1024 * 1024  # bytes of its /dev/shm
 TOKEN_VARIABLE = "GPTLORA_GRADING_RUN"
+_running: set = set()  # the submission processes now running (bubblewrap or the child), for stop_all
+_running_lock = threading.Lock()
+_stopping = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -165,8 +168,21 @@ def kill_tagged_processes(token: str) -> int:
     return killed
 
 
+def stop_all() -> None:
+    """Kill every running submission now and start no other (Ctrl-C): their runs end at once and clean up."""
+    _stopping.set()
+    with _running_lock:
+        for process in _running:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def run_submission(notebook: bytes, tasks: list[dict], mode: str, limits: Limits, unsafe: bool) -> Run:
     """Run ``notebook`` (its bytes) once in a fresh sandbox in ``mode`` (``cells`` or ``definitions``)."""
+    if _stopping.is_set():
+        raise RuntimeError("grading was stopped")
     token = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="gptlora-grade-") as folder:
         box = Path(folder) / "box"
@@ -185,6 +201,8 @@ def run_submission(notebook: bytes, tasks: list[dict], mode: str, limits: Limits
         process = subprocess.Popen(command, cwd=box, env=_child_environment(token), stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=preexec)
+        with _running_lock:
+            _running.add(process)
         reader = threading.Thread(target=_read_capped, args=(process.stdout, run), daemon=True)
         reader.start()
         try:
@@ -202,6 +220,8 @@ def run_submission(notebook: bytes, tasks: list[dict], mode: str, limits: Limits
             except ProcessLookupError:
                 pass
             process.wait()
+            with _running_lock:
+                _running.discard(process)
             if group:
                 if group.ran_out_of_memory():
                     run.notes.append("memory")

@@ -22,7 +22,7 @@ from gptlora.teaching.grading_probes import PROBES, build, from_plain, to_plain
 from gptlora.teaching.run_submission import code_cells, definitions_only
 
 from grading_spec import SPEC
-from sandbox import Limits, run_submission
+from sandbox import Limits, run_submission, stop_all
 
 MAX_NOTEBOOK_BYTES = 20 * 1024 * 1024
 MAX_TEXT = 200  # characters of any one CSV/terminal field that a file name can put there
@@ -237,9 +237,15 @@ def grade_submissions(submissions: dict[str, bytes], exercise: str, master: Path
     """Every submission's row (sorted by file name); the expected answers are computed first, once."""
     questions, expected = master_questions(master), expected_answers(exercise, master)
     check_sandbox(limits, unsafe)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         rows = list(pool.map(lambda item: grade_one(item[0], item[1], exercise, questions, expected, limits, unsafe),
                              sorted(submissions.items())))
+    except KeyboardInterrupt:  # Ctrl-C: kill the running sandboxes now rather than wait for their timeouts
+        stop_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     return questions, rows
 
 

@@ -189,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as error:
         print(f"teach.py: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from sandbox import stop_all
+
+        stop_all()  # a run in this thread (the first, empty one) has already been killed by its own clean-up
+        print("teach.py: interrupted: the running submissions were stopped; no CSV was written", file=sys.stderr)
+        return 130
     return 0
 
 
