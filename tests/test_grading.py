@@ -242,7 +242,9 @@ def test_attacks_get_what_their_answers_deserve(built, tmp_path):
     assert rows["killed_kernel.ipynb"]["status"].startswith("crash: the process ended (signal 9)")
     assert rows["one_function_kills_the_process.ipynb"]["status"] == "crash: the process ended (exit status 1) in q3"
     assert rows["writes_a_results_file.ipynb"]["status"] == "graded"  # its forged lines are ignored, not fatal
-    assert seconds < 3 * TIMEOUT * len(attacks), "grading outlived its timeouts"
+    # the one endless loop costs one timeout (its definitions then run at once); the rest a few seconds each
+    assert seconds < 3 * TIMEOUT + 6 * len(rows), f"grading took {seconds:.0f} s: longer than its timeouts explain"
+    assert len(printed) < 64 * 1024 and out.stat().st_size < 16 * 1024, "a submission's printing reached the grader's output"
     time.sleep(6)  # longer than the background attack waits before writing
     assert snapshot(submissions, teacher) == before, "a submission changed files outside its sandbox"
     assert "FORGED-IN-BACKGROUND" not in out.read_text()
@@ -252,8 +254,10 @@ def test_attacks_get_what_their_answers_deserve(built, tmp_path):
     assert not leftover, f"processes of a submission survived grading: {leftover}"
     some = tmp_path / "again"  # graded again (a few, to keep the test short): the same rows
     some.mkdir()
-    for name in ("alice", "bob", "dan", "os_exit_last", "one_function_kills_the_process", "writes_a_results_file"):
+    for name in ("alice", "bob", "dan", "deep", "os_exit_last", "one_function_kills_the_process", "writes_a_results_file",
+                 "endless_loop", "killed_kernel", "megabytes_of_output", "large_allocation", "unhashable_question"):
         (some / f"{name}.ipynb").write_bytes((submissions / f"{name}.ipynb").read_bytes())
+    (some / "mallory.ipynb").symlink_to(folder / "autograder" / "01_gpt_model.ipynb")
     status, again, _ = grade(some, "01_gpt_model", tmp_path / "again.csv")
     assert again == {name: row for name, row in rows.items() if name in again}, "a second run gave other rows"
 
@@ -472,6 +476,7 @@ def test_limits_hold_for_the_whole_submission_not_per_process():
 
     notebook = nbformat.v4.new_notebook()
     notebook.cells = [cell(LIMITS_PROBE)]
+    groups_before = set(Path("/sys/fs/cgroup/pids").glob("gptlora-grade-*"))
     run = sandbox.run_submission(json.dumps(notebook).encode(), [], "cells", sandbox.Limits(timeout_s=60, memory_mib=1024),
                                  unsafe=False)
     said = dict(line.split(" ", 1) for line in run.output_head.splitlines() if line.split(" ")[0] in
@@ -481,7 +486,7 @@ def test_limits_hold_for_the_whole_submission_not_per_process():
     if cgroup_limits.available():
         assert int(said["KILLED"]) >= 1 and "memory" in run.notes, run.output_head
         assert int(said["FORKED"]) < cgroup_limits.PIDS_MAX, run.output_head
-        assert not list(Path("/sys/fs/cgroup/pids").glob("gptlora-grade-*")), "a control group was left"
+        assert set(Path("/sys/fs/cgroup/pids").glob("gptlora-grade-*")) <= groups_before, "a control group was left"
 
 
 def test_a_stop_after_long_cells_is_retried_without_them_before_a_question_is_blamed(monkeypatch):
@@ -507,3 +512,71 @@ def test_a_stop_after_long_cells_is_retried_without_them_before_a_question_is_bl
                             sandbox.Limits(timeout_s=15), True)
     assert row.total == 4 and modes == ["cells", "definitions"], (row, modes)
     assert row.status == ["timeout: ran past 15 s after its cells had run; its definitions were graded"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_submissions_at_once(built, tmp_path):
+    """Ctrl-C waited for the running submission's timeout and printed a traceback: now the sandboxes are
+    killed at once, nothing of theirs is left, no CSV is written, and one line says so."""
+    import signal
+    import subprocess
+
+    folder = built(EXERCISE_DIR / "01_gpt_model.ipynb")
+    (tmp_path / "submissions").mkdir()
+    notebook_for(ATTACKS["endless_loop"], folder, "loop", submissions=tmp_path / "submissions")
+    command = [sys.executable, str(EXERCISE_DIR / "teach.py"), "grade", str(tmp_path / "submissions"), "--exercise",
+               "01_gpt_model", "--out", str(tmp_path / "scores.csv"), "--timeout", "300"] + ([] if ISOLATED else ["--unsafe"])
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, started = time.monotonic() + 120, []
+    while not started and time.monotonic() < deadline:  # its own processes only (other graders may be running)
+        time.sleep(0.2)
+        started = [p for p in _descendants(process.pid) if "run_submission" in _command_line(p)]
+    time.sleep(8)  # past the first (empty) run: the loop's own run is under way
+    running = _descendants(process.pid)
+    assert any("run_submission" in _command_line(p) for p in running), "the submission's run did not start"
+    interrupted = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    try:
+        out, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()  # the grader itself; its sandboxes die with it (--die-with-parent) or by the next test's clean-up
+        process.communicate()
+        pytest.fail("Ctrl-C waited for the submission's timeout")
+    assert time.monotonic() - interrupted < 20, "Ctrl-C waited for the submission's timeout"
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "teach.py: interrupted: the running submissions were stopped; no CSV was written"
+    assert not (tmp_path / "scores.csv").exists()
+    time.sleep(2)  # a killed PID namespace is torn down by the kernel shortly after
+    left = {pid: _command_line(pid) + " " + _state(pid) for pid in running if Path(f"/proc/{pid}").exists()}
+    assert not left, f"a submission survived Ctrl-C: {left}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _descendants(root: int) -> list[int]:
+    """The processes below ``root`` now (by their parent ids)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                parents[int(entry.name)] = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
