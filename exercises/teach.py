@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                               help=f"seconds one run of a submission may take (default {Limits.timeout_s:g})")
     grade_parser.add_argument("--memory", type=_positive(int), default=Limits.memory_mib,
                               help=f"MiB of address space per submission (default {Limits.memory_mib})")
-    grade_parser.add_argument("--jobs", type=_positive(int), default=min(4, os.cpu_count() or 1),
-                              help="submissions graded at once (default: up to 4)")
+    grade_parser.add_argument("--jobs", type=_positive(int), default=None,
+                              help="submissions graded at once (default: up to 4 with a control group per "
+                                   "submission, else 1: without one a CPU hog can slow its neighbours)")
     grade_parser.add_argument("--unsafe", action="store_true",
                               help="grade without bubblewrap: submissions can then read and change your files")
     args = parser.parse_args(argv)
@@ -184,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError(f"master notebook {master} not found; expected a path like exercises/01_gpt_model.ipynb")
                 print(f"built {build(master, args.out)}")
         else:
+            import cgroup_limits
+
             limits = Limits(timeout_s=args.timeout, memory_mib=args.memory)
-            print(f"wrote {grade_folder(args.submissions, args.exercise, args.out, limits, args.unsafe, args.jobs)}")
+            jobs = args.jobs or (min(4, os.cpu_count() or 1) if cgroup_limits.available() else 1)
+            print(f"wrote {grade_folder(args.submissions, args.exercise, args.out, limits, args.unsafe, jobs)}")
     except (ValueError, RuntimeError) as error:
         print(f"teach.py: error: {error}", file=sys.stderr)
         return 2
