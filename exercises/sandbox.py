@@ -1,5 +1,7 @@
 """Run one submission's untrusted process: own temporary copy, own session, time and memory limits,
-capped output, and (where bubblewrap is installed) its own user, PID, network and mount namespaces.
+capped output, (where bubblewrap is installed) its own user, PID, network and mount namespaces with a
+read-only root and size-limited folders in memory, and (where cgroup v1 is writable) one control group
+per run limiting the memory, process count and CPU share of all its processes together.
 
 The process runs ``python -m gptlora.teaching.run_submission`` on a copy of the notebook and writes
 its observations to a file in its folder; :func:`run_submission` returns them as text lines for the
@@ -26,11 +28,18 @@ from pathlib import Path
 
 import gptlora
 
+import cgroup_limits
+
 OUTPUT_HEAD = 32_768  # bytes of a submission's printing kept (the rest is read and dropped)
 OUTPUT_TAIL = 8_192
 RESULTS_LIMIT = 16 * 1024 * 1024  # bytes of observations read back
 FILE_LIMIT = 64 * 1024 * 1024  # RLIMIT_FSIZE: the largest file a submission may write
+FOLDER_LIMIT = 64 * 1024 * 1024  # bytes of its own folder (and of its /tmp), in memory, never the host disk
+SHM_LIMIT = 16 * 1024 * 1024  # bytes of its /dev/shm
 TOKEN_VARIABLE = "GPTLORA_GRADING_RUN"
+_running: set = set()  # the submission processes now running (bubblewrap or the child), for stop_all
+_running_lock = threading.Lock()
+_stopping = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -57,14 +66,24 @@ def bwrap_path() -> str | None:
 
 
 def describe_isolation(unsafe: bool, limits: Limits) -> str:
-    """The one line the grader prints first: which isolation it uses."""
-    common = (f"timeout {limits.timeout_s:g} s, memory {limits.memory_mib} MiB, "
-              f"output kept up to {OUTPUT_HEAD // 1024} KiB, own session and temporary copy per submission")
+    """The one line the grader prints first: which isolation it uses, and what is limited per what."""
+    if cgroup_limits.available():
+        group = (f"per submission (cgroup v1): memory {limits.memory_mib} MiB for all its processes together, "
+                 f"at most {cgroup_limits.PIDS_MAX} processes, one equal CPU share")
+    else:
+        group = ("no cgroup (cgroup v1 not writable here): memory, process count and CPU share are not limited per "
+                 "submission, only per process")
+    common = (f"{group}; per process: {limits.memory_mib} MiB of address space, files up to {FILE_LIMIT >> 20} MiB; "
+              f"timeout {limits.timeout_s:g} s per run, output kept up to {OUTPUT_HEAD // 1024} KiB, "
+              f"everything it started killed after each run")
     if not unsafe:
-        return (f"isolation: bubblewrap ({bwrap_path()}): own user, PID, network and mount namespaces, sees only "
-                f"Python, gptlora and its own copy; {common}")
+        owner = "root outside, without capabilities" if os.geteuid() == 0 else "your user outside"
+        return (f"isolation: bubblewrap ({bwrap_path()}): user nobody inside its own user namespace ({owner}), own PID, "
+                f"network and mount namespaces; reads only /usr, the Python environment, gptlora and the tokenizer "
+                f"cache, all read-only; writes only its own {FOLDER_LIMIT >> 20} MiB folder and /tmp, and a "
+                f"{SHM_LIMIT >> 20} MiB /dev/shm, all in memory; {common}")
     return (f"isolation: NONE (--unsafe): submissions run as you and can read and change your files (the other "
-            f"submissions, the solutions) and reach the network; only {common} apply")
+            f"submissions, the solutions), fill your disk and reach the network; what remains: {common}")
 
 
 def _read_capped(stream, run: Run):
@@ -92,7 +111,9 @@ def _limited(command: list[str], memory_mib: int) -> tuple[list[str], object]:
 
 
 def _bwrap_command(box: Path, bound: list[Path]) -> list[str]:
-    """bubblewrap with a root holding /usr (and its links), the Python runtime, gptlora and ``box`` only."""
+    """bubblewrap with a read-only root holding /usr (and its links), the Python runtime, gptlora and, at
+    ``box``'s path, a size-limited tmpfs with the notebook (read-only) and the results file (writable) only:
+    what a submission writes lands in memory, capped, not on the teacher's disk."""
     command = [bwrap_path(), "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
                "--uid", "65534", "--gid", "65534", "--ro-bind", "/usr", "/usr"]
     for name in ("bin", "lib", "lib64", "sbin"):
@@ -103,8 +124,11 @@ def _bwrap_command(box: Path, bound: list[Path]) -> list[str]:
             command += ["--ro-bind", str(path), str(path)]
     for path in bound:
         command += ["--ro-bind", str(path), str(path)]
-    return command + ["--proc", "/proc", "--dev", "/dev", "--size", str(FILE_LIMIT), "--tmpfs", "/tmp",
-                      "--bind", str(box), str(box), "--chdir", str(box), "--"]
+    return command + ["--proc", "/proc", "--dev", "/dev", "--size", str(SHM_LIMIT), "--tmpfs", "/dev/shm",
+                      "--size", str(FOLDER_LIMIT), "--tmpfs", "/tmp", "--size", str(FOLDER_LIMIT), "--tmpfs", str(box),
+                      "--ro-bind", str(box / "submission.ipynb"), str(box / "submission.ipynb"),
+                      "--bind", str(box / "results.jsonl"), str(box / "results.jsonl"),
+                      "--chdir", str(box), "--remount-ro", "/", "--"]
 
 
 def _python_folders(limits: Limits) -> list[Path]:
@@ -144,8 +168,21 @@ def kill_tagged_processes(token: str) -> int:
     return killed
 
 
+def stop_all() -> None:
+    """Kill every running submission now and start no other (Ctrl-C): their runs end at once and clean up."""
+    _stopping.set()
+    with _running_lock:
+        for process in _running:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def run_submission(notebook: bytes, tasks: list[dict], mode: str, limits: Limits, unsafe: bool) -> Run:
     """Run ``notebook`` (its bytes) once in a fresh sandbox in ``mode`` (``cells`` or ``definitions``)."""
+    if _stopping.is_set():
+        raise RuntimeError("grading was stopped")
     token = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="gptlora-grade-") as folder:
         box = Path(folder) / "box"
@@ -158,10 +195,14 @@ def run_submission(notebook: bytes, tasks: list[dict], mode: str, limits: Limits
                  str(box / "results.jsonl")]
         command, preexec = _limited(child if unsafe else _bwrap_command(box, _python_folders(limits)) + child,
                                     limits.memory_mib)
+        group = cgroup_limits.create(f"gptlora-grade-{token}", limits.memory_mib)
+        command = group.wrap(command) if group else command
         run, start = Run(lines=[], returncode=None), time.perf_counter()
         process = subprocess.Popen(command, cwd=box, env=_child_environment(token), stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=preexec)
+        with _running_lock:
+            _running.add(process)
         reader = threading.Thread(target=_read_capped, args=(process.stdout, run), daemon=True)
         reader.start()
         try:
@@ -179,6 +220,12 @@ def run_submission(notebook: bytes, tasks: list[dict], mode: str, limits: Limits
             except ProcessLookupError:
                 pass
             process.wait()
+            with _running_lock:
+                _running.discard(process)
+            if group:
+                if group.ran_out_of_memory():
+                    run.notes.append("memory")
+                group.kill_and_remove()
             kill_tagged_processes(token)
             reader.join(timeout=10)
         if not unsafe and run.returncode is not None and run.returncode > 128:

@@ -22,9 +22,18 @@ from gptlora.teaching.grading_probes import PROBES, build, from_plain, to_plain
 from gptlora.teaching.run_submission import code_cells, definitions_only
 
 from grading_spec import SPEC
-from sandbox import Limits, run_submission
+from sandbox import Limits, run_submission, stop_all
 
 MAX_NOTEBOOK_BYTES = 20 * 1024 * 1024
+MAX_TEXT = 200  # characters of any one CSV/terminal field that a file name can put there
+PARSE_ERRORS = (ValueError, RecursionError)  # what json.loads raises on a broken or a deeply nested line
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A submitted entry that is no notebook file (a link, a folder): why, in the grader's own words."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -103,8 +112,8 @@ def judge(record: dict | None, expected: list, spec, question: Question) -> tupl
     """Points for one question's record from the sandbox, and what was wrong (empty when right)."""
     if record is None:
         return 0.0, "no answer"
-    if "missing" in record:
-        return 0.0, f"missing function {record['missing']}"
+    if "missing" in record:  # the function's name from the grader's spec: nothing the sandbox wrote is echoed
+        return 0.0, f"missing function {spec.function}"
     observations = record.get("observations")
     if not isinstance(observations, list) or len(observations) != len(expected):
         return 0.0, "malformed answer"
@@ -128,13 +137,13 @@ def _records(lines: list[str], questions: set[str]) -> tuple[dict, bool, bool]:
     for line in lines:
         try:
             record = json.loads(line)
-        except ValueError:
+        except PARSE_ERRORS:
             continue
         if not isinstance(record, dict):
             continue
         cells_ran |= "cells" in record
         finished |= record.get("finished") is True
-        if record.get("question") in questions:
+        if isinstance(record.get("question"), str) and record["question"] in questions:
             records[record["question"]] = record
     return records, cells_ran, finished
 
@@ -144,42 +153,61 @@ def _ending(run, limits: Limits) -> str:
     printed = run.output_head + run.output_tail
     if run.returncode is None:
         return f"timeout: ran past {limits.timeout_s:g} s"
-    if "MemoryError" in printed or "can't allocate memory" in printed or "Cannot allocate memory" in printed:
+    if "memory" in run.notes or "MemoryError" in printed or "can't allocate memory" in printed or "Cannot allocate memory" in printed:
         return f"memory: ran out of its {limits.memory_mib} MiB"
     how = f"signal {-run.returncode}" if run.returncode < 0 else f"exit status {run.returncode}"
     return f"crash: the process ended ({how})"
 
 
-def grade_one(file: str, notebook: bytes, exercise: str, questions: list[Question], expected: dict,
+def grade_one(file: str, notebook: bytes | Unreadable, exercise: str, questions: list[Question], expected: dict,
               limits: Limits, unsafe: bool) -> Row:
-    """One submission's row: run it (again in ``definitions`` mode when its cells stop the process, and
-    again for the remaining questions when one question's function does), then score what it answered."""
+    """One submission's row, whatever it holds: a grader error on it becomes its row's status (its type only,
+    no text the submission could choose), so that the others are graded."""
+    try:
+        return _grade(file, notebook, exercise, questions, expected, limits, unsafe)
+    except Exception as error:
+        return Row(file, {q.name: 0.0 for q in questions}, [f"grader error: {type(error).__name__}"])
+
+
+def _grade(file: str, notebook: bytes | Unreadable, exercise: str, questions: list[Question], expected: dict,
+           limits: Limits, unsafe: bool) -> Row:
+    """Run a submission (again in ``definitions`` mode when its cells stop the process, and again for the
+    remaining questions when one question's function does), then score what it answered."""
     row = Row(file, {q.name: 0.0 for q in questions})
+    if isinstance(notebook, Unreadable):
+        return Row(file, row.scores, [f"invalid notebook: {notebook.reason}"])
     try:
         if len(notebook) > MAX_NOTEBOOK_BYTES:
             raise ValueError(f"larger than {MAX_NOTEBOOK_BYTES // 2**20} MB")
         parsed = json.loads(notebook)
         if not isinstance(parsed, dict) or not isinstance(parsed.get("cells"), list):
             raise ValueError("no list of cells")
-    except ValueError as error:
-        row.status.append(f"invalid notebook: {type(error).__name__ if isinstance(error, json.JSONDecodeError) else error}")
+    except PARSE_ERRORS as error:
+        row.status.append(f"invalid notebook: {error if type(error) is ValueError else type(error).__name__}")
         return row
     by_name, specs = {q.name: q for q in questions}, SPEC[exercise]
     remaining, mode, records = tasks_for(exercise), "cells", {}
-    for _ in range(len(questions) + 2):
+    stopped_after_cells = ""  # why a run in cells mode stopped while its questions were asked
+    for _ in range(len(questions) + 3):
         run = run_submission(notebook, remaining, mode, limits, unsafe)
         found, cells_ran, finished = _records(run.lines, {t["question"] for t in remaining})
         records.update(found)
         if not cells_ran:
-            row.status.append(f"{_ending(run, limits)} while running its cells" + ("; its definitions were graded"
-                                                                                   if mode == "cells" else ""))
+            row.status.append(f"{_ending(run, limits)} while running its {mode}" + ("; its definitions were graded"
+                                                                                    if mode == "cells" else ""))
             if mode == "cells":
                 mode = "definitions"
                 continue
             break
         remaining = [t for t in remaining if t["question"] not in found]
         if finished or not remaining:
+            if stopped_after_cells:
+                row.status.append(f"{stopped_after_cells} after its cells had run; its definitions were graded")
             break
+        if mode == "cells":  # its cells may have used the time (or broken the state): ask again without them
+            stopped_after_cells, mode = _ending(run, limits), "definitions"
+            continue
+        stopped_after_cells = ""  # it stopped without its cells too: the question asked first is to blame
         stuck = remaining.pop(0)  # the question whose function stopped the process
         row.status.append(f"{_ending(run, limits)} in {stuck['question']}")
         if not remaining:
@@ -209,9 +237,15 @@ def grade_submissions(submissions: dict[str, bytes], exercise: str, master: Path
     """Every submission's row (sorted by file name); the expected answers are computed first, once."""
     questions, expected = master_questions(master), expected_answers(exercise, master)
     check_sandbox(limits, unsafe)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         rows = list(pool.map(lambda item: grade_one(item[0], item[1], exercise, questions, expected, limits, unsafe),
                              sorted(submissions.items())))
+    except KeyboardInterrupt:  # Ctrl-C: kill the running sandboxes now rather than wait for their timeouts
+        stop_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     return questions, rows
 
 
@@ -222,5 +256,13 @@ def table(questions: list[Question], rows: list[Row]) -> list[list[str]]:
 
     header = ["file"] + [q.name for q in questions] + ["total", "status"]
     possible = ["points-per-question"] + [number(q.points) for q in questions] + [number(sum(q.points for q in questions)), ""]
-    return [header, possible] + [[row.file] + [number(row.scores[q.name]) for q in questions] + [number(row.total),
-                                  "; ".join(row.status) or "graded"] for row in rows]
+    return [header, possible] + [[safe_text(row.file)] + [number(row.scores[q.name]) for q in questions] +
+                                 [number(row.total), safe_text("; ".join(row.status) or "graded", 1000)] for row in rows]
+
+
+def safe_text(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` fit for a CSV cell and a terminal: no control characters, at most ``limit`` characters, and
+    no leading ``= + - @`` that a spreadsheet would run as a formula (a file name is the student's choice)."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text

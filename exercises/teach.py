@@ -26,6 +26,7 @@ import argparse
 import csv
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import zipfile
@@ -82,14 +83,31 @@ def release(out_dir: Path, masters: list[Path] | None = None) -> Path:
     return out_dir
 
 
-def submissions_in(folder: Path) -> dict[str, bytes]:
-    """Every ``*.ipynb`` of ``folder``, read once before any is graded (a submission can change no other)."""
+def submissions_in(folder: Path) -> dict:
+    """Every ``*.ipynb`` entry of ``folder``, read once before any is graded (a submission can change no other):
+    its bytes, or, for what is not a regular file (a symbolic link, even to the master notebook; a folder),
+    an ``Unreadable`` that becomes a row of its own rather than being followed or skipped."""
+    from scoring import MAX_NOTEBOOK_BYTES, Unreadable
+
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder; expected a folder of submitted notebooks")
-    paths = sorted(p for p in folder.glob("*.ipynb") if p.is_file())
+    paths = sorted(folder.glob("*.ipynb"))
     if not paths:
         raise ValueError(f"no submissions (*.ipynb) found in {folder}; expected one notebook per student")
-    return {path.name: path.read_bytes() for path in paths}
+    submissions = {}
+    for path in paths:
+        try:  # O_NOFOLLOW: a link swapped in after glob is refused too, not followed
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            submissions[path.name] = Unreadable("not a regular file")
+            continue
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            submissions[path.name] = Unreadable("not a regular file")
+            continue
+        with os.fdopen(descriptor, "rb") as file:
+            submissions[path.name] = file.read(MAX_NOTEBOOK_BYTES + 1)
+    return submissions
 
 
 def master_of(exercise: str) -> Path:
@@ -105,7 +123,7 @@ def grade_folder(submissions_dir: Path, exercise: str, out_csv: Path, limits=Non
     """Grade every notebook of ``submissions_dir`` as answers to ``exercise`` into ``out_csv`` (written at the
     end, atomically). Refuses to run without bubblewrap unless ``unsafe``."""
     from sandbox import Limits, bwrap_path, describe_isolation
-    from scoring import grade_submissions, table
+    from scoring import grade_submissions, safe_text, table
 
     limits = limits or Limits()
     master = master_of(exercise)
@@ -117,7 +135,7 @@ def grade_folder(submissions_dir: Path, exercise: str, out_csv: Path, limits=Non
     questions, rows = grade_submissions(submissions, master.stem, master, limits, unsafe, jobs)
     for row in rows:
         if row.status:
-            print(f"teach.py: {row.file}: {'; '.join(row.status)}", file=sys.stderr)
+            print(f"teach.py: {safe_text(row.file)}: {safe_text('; '.join(row.status), 1000)}", file=sys.stderr)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with replace_atomically(out_csv) as tmp:
         with open(tmp, "w", newline="") as file:
@@ -152,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                               help=f"seconds one run of a submission may take (default {Limits.timeout_s:g})")
     grade_parser.add_argument("--memory", type=_positive(int), default=Limits.memory_mib,
                               help=f"MiB of address space per submission (default {Limits.memory_mib})")
-    grade_parser.add_argument("--jobs", type=_positive(int), default=min(4, os.cpu_count() or 1),
-                              help="submissions graded at once (default: up to 4)")
+    grade_parser.add_argument("--jobs", type=_positive(int), default=None,
+                              help="submissions graded at once (default: up to 4 with a control group per "
+                                   "submission, else 1: without one a CPU hog can slow its neighbours)")
     grade_parser.add_argument("--unsafe", action="store_true",
                               help="grade without bubblewrap: submissions can then read and change your files")
     args = parser.parse_args(argv)
@@ -166,11 +185,20 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError(f"master notebook {master} not found; expected a path like exercises/01_gpt_model.ipynb")
                 print(f"built {build(master, args.out)}")
         else:
+            import cgroup_limits
+
             limits = Limits(timeout_s=args.timeout, memory_mib=args.memory)
-            print(f"wrote {grade_folder(args.submissions, args.exercise, args.out, limits, args.unsafe, args.jobs)}")
+            jobs = args.jobs or (min(4, os.cpu_count() or 1) if cgroup_limits.available() else 1)
+            print(f"wrote {grade_folder(args.submissions, args.exercise, args.out, limits, args.unsafe, jobs)}")
     except (ValueError, RuntimeError) as error:
         print(f"teach.py: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from sandbox import stop_all
+
+        stop_all()  # a run in this thread (the first, empty one) has already been killed by its own clean-up
+        print("teach.py: interrupted: the running submissions were stopped; no CSV was written", file=sys.stderr)
+        return 130
     return 0
 
 

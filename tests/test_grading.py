@@ -31,7 +31,17 @@ sys.path.insert(0, str(EXERCISE_DIR))
 import grading_spec  # noqa: E402  (exercises/ is a folder of scripts, on the path since load_teach)
 import sandbox  # noqa: E402
 
-ISOLATED = sandbox.bwrap_path() is not None
+def _bwrap_works() -> bool:
+    """bubblewrap installed and able to make its namespaces here (some containers forbid them)."""
+    import subprocess
+
+    if sandbox.bwrap_path() is None:
+        return False
+    probe = [sandbox.bwrap_path(), "--unshare-all", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true"]
+    return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+
+ISOLATED = _bwrap_works()
 TIMEOUT = 15  # seconds per run of a submission in these tests (the default is minutes)
 
 
@@ -137,6 +147,8 @@ for name in ("results.jsonl", "results.pkl", "results.pickle"):
     "endless_loop": ("solution", "while True:\n    pass", 4),
     "large_allocation": ("solution", "hog = bytearray(64 * 2**30)\nimport torch\nbig = torch.empty(2**40)", 4),
     "megabytes_of_output": ("solution", "for _ in range(400):\n    print('x' * 250_000)", 4),
+    "deeply_nested_results_line": ("student", "open('results.jsonl', 'a').write('\\n' + '[' * 200000 + '\\n')", 0),
+    "unhashable_question": ("student", "open('results.jsonl', 'a').write('\\n{\"question\": []}\\n')", 0),
     "one_function_kills_the_process": ("solution", """
 import os
 def set_dropout_rates(model, embedding, shortcut, attention):
@@ -206,6 +218,8 @@ def test_attacks_get_what_their_answers_deserve(built, tmp_path):
     (submissions / "alice.ipynb").write_bytes((folder / "autograder" / "01_gpt_model.ipynb").read_bytes())
     (submissions / "bob.ipynb").write_bytes((folder / "student" / "01_gpt_model.ipynb").read_bytes())
     (submissions / "dan.ipynb").write_text("not json")
+    (submissions / "deep.ipynb").write_text("[" * 200000)
+    (submissions / "mallory.ipynb").symlink_to(folder / "autograder" / "01_gpt_model.ipynb")
     before, start = snapshot(submissions, teacher), time.monotonic()
     sandboxes_before = set(Path(tempfile.gettempdir()).glob("gptlora-grade-*"))
 
@@ -214,19 +228,23 @@ def test_attacks_get_what_their_answers_deserve(built, tmp_path):
     seconds = time.monotonic() - start
     names = questions_of(EXERCISE_DIR / "01_gpt_model.ipynb")
     assert status == 0, printed
-    assert list(rows) == ["points-per-question"] + sorted(["alice.ipynb", "bob.ipynb", "dan.ipynb"] +
+    assert list(rows) == ["points-per-question"] + sorted(["alice.ipynb", "bob.ipynb", "dan.ipynb", "deep.ipynb", "mallory.ipynb"] +
                                                           [f"{n}.ipynb" for n in attacks])
     assert list(rows["alice.ipynb"]) == ["file"] + names + ["total", "status"], "a submission changed the columns"
     assert scores(rows["alice.ipynb"], names) == [1] * 4 and rows["alice.ipynb"]["status"] == "graded"
     assert scores(rows["bob.ipynb"], names) == [0] * 4
     assert rows["dan.ipynb"]["total"] == "0" and rows["dan.ipynb"]["status"].startswith("invalid notebook")
+    assert (rows["deep.ipynb"]["total"], rows["deep.ipynb"]["status"]) == ("0", "invalid notebook: RecursionError")
+    assert (rows["mallory.ipynb"]["total"], rows["mallory.ipynb"]["status"]) == ("0", "invalid notebook: not a regular file")
     got = {name: float(rows[f"{name}.ipynb"]["total"]) for name in attacks}
     assert got == {name: float(attack[2]) for name, attack in attacks.items()}, printed
     assert rows["endless_loop.ipynb"]["status"].startswith(f"timeout: ran past {TIMEOUT} s")
     assert rows["killed_kernel.ipynb"]["status"].startswith("crash: the process ended (signal 9)")
     assert rows["one_function_kills_the_process.ipynb"]["status"] == "crash: the process ended (exit status 1) in q3"
     assert rows["writes_a_results_file.ipynb"]["status"] == "graded"  # its forged lines are ignored, not fatal
-    assert seconds < 3 * TIMEOUT * len(attacks), "grading outlived its timeouts"
+    # the one endless loop costs one timeout (its definitions then run at once); the rest a few seconds each
+    assert seconds < 3 * TIMEOUT + 6 * len(rows), f"grading took {seconds:.0f} s: longer than its timeouts explain"
+    assert len(printed) < 64 * 1024 and out.stat().st_size < 16 * 1024, "a submission's printing reached the grader's output"
     time.sleep(6)  # longer than the background attack waits before writing
     assert snapshot(submissions, teacher) == before, "a submission changed files outside its sandbox"
     assert "FORGED-IN-BACKGROUND" not in out.read_text()
@@ -236,8 +254,10 @@ def test_attacks_get_what_their_answers_deserve(built, tmp_path):
     assert not leftover, f"processes of a submission survived grading: {leftover}"
     some = tmp_path / "again"  # graded again (a few, to keep the test short): the same rows
     some.mkdir()
-    for name in ("alice", "bob", "dan", "os_exit_last", "one_function_kills_the_process", "writes_a_results_file"):
+    for name in ("alice", "bob", "dan", "deep", "os_exit_last", "one_function_kills_the_process", "writes_a_results_file",
+                 "endless_loop", "killed_kernel", "megabytes_of_output", "large_allocation", "unhashable_question"):
         (some / f"{name}.ipynb").write_bytes((submissions / f"{name}.ipynb").read_bytes())
+    (some / "mallory.ipynb").symlink_to(folder / "autograder" / "01_gpt_model.ipynb")
     status, again, _ = grade(some, "01_gpt_model", tmp_path / "again.csv")
     assert again == {name: row for name, row in rows.items() if name in again}, "a second run gave other rows"
 
@@ -355,3 +375,208 @@ def test_definitions_keep_literal_constants_and_drop_everything_else():
                                                                                           50256)
     for dropped in ("BAD", "open(", "print(", "obj.attr", "X, Y"):
         assert dropped not in kept
+
+
+def test_entries_that_are_not_regular_files_get_a_row_and_are_not_followed(tmp_path):
+    """A link to the master notebook scored full marks when links were followed; a dangling link or a folder
+    named x.ipynb was skipped without a row."""
+    import scoring
+
+    (tmp_path / "alice.ipynb").write_text("{}")
+    (tmp_path / "mallory.ipynb").symlink_to(EXERCISE_DIR / "01_gpt_model.ipynb")
+    (tmp_path / "dangling.ipynb").symlink_to(tmp_path / "nowhere.ipynb")
+    (tmp_path / "folder.ipynb").mkdir()
+    found = teach.submissions_in(tmp_path)
+    assert found == {"alice.ipynb": b"{}", "dangling.ipynb": scoring.Unreadable("not a regular file"),
+                     "folder.ipynb": scoring.Unreadable("not a regular file"),
+                     "mallory.ipynb": scoring.Unreadable("not a regular file")}
+    questions = scoring.master_questions(EXERCISE_DIR / "01_gpt_model.ipynb")
+    row = scoring.grade_one("mallory.ipynb", found["mallory.ipynb"], "01_gpt_model", questions, {}, sandbox.Limits(), True)
+    assert row.status == ["invalid notebook: not a regular file"] and row.total == 0
+
+
+def test_one_submission_cannot_stop_the_grading_of_the_others(monkeypatch):
+    """What broke the whole run (no CSV for anyone): a results line nested 200000 deep (RecursionError), a
+    question that is a list (TypeError: unhashable), a submitted file of 200000 '[' ; and any other error of
+    the grader on one submission becomes that submission's row."""
+    import scoring
+
+    questions = scoring.master_questions(EXERCISE_DIR / "01_gpt_model.ipynb")
+    expected = {q.name: [None] for q in questions}
+    lines = ["[" * 200000, '{"question": []}', '{"question": {"a": 1}}', '{"cells": "cells"}',
+             '{"question": "q1", "missing": "' + "\\u001b[2J" * 1000 + '"}', '{"finished": true}']
+    monkeypatch.setattr(scoring, "run_submission", lambda *args: sandbox.Run(lines=lines, returncode=0))
+    row = scoring.grade_one("x.ipynb", b'{"cells": []}', "01_gpt_model", questions, expected, sandbox.Limits(), True)
+    assert row.total == 0 and row.status == ["q1: missing function block_parameters"], row.status
+    deep = scoring.grade_one("deep.ipynb", b"[" * 200000, "01_gpt_model", questions, {}, sandbox.Limits(), True)
+    assert deep.status == ["invalid notebook: RecursionError"]
+
+    def broken(*args):
+        raise RuntimeError("something the submission chose to say")
+
+    monkeypatch.setattr(scoring, "run_submission", broken)
+    row = scoring.grade_one("x.ipynb", b'{"cells": []}', "01_gpt_model", questions, {}, sandbox.Limits(), True)
+    assert row.status == ["grader error: RuntimeError"] and row.total == 0
+
+
+def test_text_a_submission_chooses_is_made_safe_for_the_csv_and_the_terminal():
+    import scoring
+
+    questions = [scoring.Question("q1", 1.0, False)]
+    rows = scoring.table(questions, [scoring.Row("=HYPERLINK(\"http://x\")\x1b[2J" + "a" * 5000 + ".ipynb", {"q1": 0.0}),
+                                     scoring.Row("@sum.ipynb", {"q1": 1.0}, ["ok"]), scoring.Row("-1.ipynb", {"q1": 0.0})])
+    files = [row[0] for row in rows[2:]]
+    assert files[0].startswith("'=HYPERLINK") and "\x1b" not in files[0] and len(files[0]) <= scoring.MAX_TEXT + 1
+    assert files[1:] == ["'@sum.ipynb", "'-1.ipynb"]
+
+
+LIMITS_PROBE = r"""
+import os, shutil
+def attempt(label, action):
+    try:
+        action()
+        print(label, "allowed")
+    except OSError as error:
+        print(label, "refused", error.errno)
+def fill(path, mib):
+    with open(path, "wb") as file:
+        for _ in range(mib):
+            file.write(b"x" * 2**20)
+attempt("FOLDER", lambda: [fill(f"big{i}", 40) for i in range(3)])  # each file under the 64 MiB file limit
+attempt("TMP", lambda: [fill(f"/tmp/big{i}", 40) for i in range(3)])
+attempt("SHM", lambda: fill("/dev/shm/big", 40))
+attempt("ROOT", lambda: fill("/usr/big", 1))
+children = []
+for _ in range(3):  # 3 x 400 MiB touched: over a 1024 MiB group, under the per-process 1024 MiB
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(400 * 2**20)
+        block[::4096] = b"y" * len(block[::4096])
+        import time; time.sleep(2); os._exit(0)
+    children.append(pid)
+print("KILLED", sum(os.WEXITSTATUS(s) != 0 or os.WIFSIGNALED(s) for s in (os.waitpid(p, 0)[1] for p in children)))
+started = 0
+try:
+    for _ in range(1000):
+        if os.fork() == 0:
+            import time; time.sleep(3); os._exit(0)
+        started += 1
+except OSError:
+    pass
+print("FORKED", started)
+"""
+
+
+@pytest.mark.skipif(not ISOLATED, reason="the folder, /tmp, /dev/shm and read-only root limits come with bubblewrap")
+def test_limits_hold_for_the_whole_submission_not_per_process():
+    """Writing hundreds of MB reached the host's disk (and /dev/shm); forked children each had the full
+    memory limit and could be as many as they liked. Now its folders are size-limited tmpfs, the root is
+    read-only and (where cgroup v1 is writable) one group bounds the memory and processes of them all."""
+    import cgroup_limits
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [cell(LIMITS_PROBE)]
+    groups_before = set(Path("/sys/fs/cgroup/pids").glob("gptlora-grade-*"))
+    run = sandbox.run_submission(json.dumps(notebook).encode(), [], "cells", sandbox.Limits(timeout_s=60, memory_mib=1024),
+                                 unsafe=False)
+    said = dict(line.split(" ", 1) for line in run.output_head.splitlines() if line.split(" ")[0] in
+                ("FOLDER", "TMP", "SHM", "ROOT", "KILLED", "FORKED"))
+    assert said["FOLDER"] == said["TMP"] == said["SHM"] == "refused 28", run.output_head  # ENOSPC
+    assert said["ROOT"].startswith("refused"), run.output_head
+    if cgroup_limits.available():
+        assert int(said["KILLED"]) >= 1 and "memory" in run.notes, run.output_head
+        assert int(said["FORKED"]) < cgroup_limits.PIDS_MAX, run.output_head
+        assert set(Path("/sys/fs/cgroup/pids").glob("gptlora-grade-*")) <= groups_before, "a control group was left"
+
+
+def test_a_stop_after_long_cells_is_retried_without_them_before_a_question_is_blamed(monkeypatch):
+    """Cells that use most of the timeout stopped the run while q2 was asked: q2, then q3, were blamed and
+    the long cells run again each time. Now the questions left are asked again in definitions mode first."""
+    import scoring
+
+    master = EXERCISE_DIR / "01_gpt_model.ipynb"
+    questions, expected = scoring.master_questions(master), scoring.expected_answers("01_gpt_model", master)
+    answers = {name: json.dumps({"question": name, "observations": [{"value": v} for v in values]})
+               for name, values in expected.items()}
+    modes = []
+
+    def fake_run(notebook, tasks, mode, limits, unsafe):
+        modes.append(mode)
+        if mode == "cells":  # its cells ran, q1 was answered, then the time ran out
+            return sandbox.Run(lines=['{"cells": "cells"}', answers["q1"]], returncode=None)
+        return sandbox.Run(lines=['{"cells": "definitions"}'] + [answers[t["question"]] for t in tasks] +
+                           ['{"finished": true}'], returncode=0)
+
+    monkeypatch.setattr(scoring, "run_submission", fake_run)
+    row = scoring.grade_one("slow.ipynb", b'{"cells": []}', "01_gpt_model", questions, expected,
+                            sandbox.Limits(timeout_s=15), True)
+    assert row.total == 4 and modes == ["cells", "definitions"], (row, modes)
+    assert row.status == ["timeout: ran past 15 s after its cells had run; its definitions were graded"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_submissions_at_once(built, tmp_path):
+    """Ctrl-C waited for the running submission's timeout and printed a traceback: now the sandboxes are
+    killed at once, nothing of theirs is left, no CSV is written, and one line says so."""
+    import signal
+    import subprocess
+
+    folder = built(EXERCISE_DIR / "01_gpt_model.ipynb")
+    (tmp_path / "submissions").mkdir()
+    notebook_for(ATTACKS["endless_loop"], folder, "loop", submissions=tmp_path / "submissions")
+    command = [sys.executable, str(EXERCISE_DIR / "teach.py"), "grade", str(tmp_path / "submissions"), "--exercise",
+               "01_gpt_model", "--out", str(tmp_path / "scores.csv"), "--timeout", "300"] + ([] if ISOLATED else ["--unsafe"])
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, started = time.monotonic() + 120, []
+    while not started and time.monotonic() < deadline:  # its own processes only (other graders may be running)
+        time.sleep(0.2)
+        started = [p for p in _descendants(process.pid) if "run_submission" in _command_line(p)]
+    time.sleep(8)  # past the first (empty) run: the loop's own run is under way
+    running = _descendants(process.pid)
+    assert any("run_submission" in _command_line(p) for p in running), "the submission's run did not start"
+    interrupted = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    try:
+        out, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()  # the grader itself; its sandboxes die with it (--die-with-parent) or by the next test's clean-up
+        process.communicate()
+        pytest.fail("Ctrl-C waited for the submission's timeout")
+    assert time.monotonic() - interrupted < 20, "Ctrl-C waited for the submission's timeout"
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "teach.py: interrupted: the running submissions were stopped; no CSV was written"
+    assert not (tmp_path / "scores.csv").exists()
+    time.sleep(2)  # a killed PID namespace is torn down by the kernel shortly after
+    left = {pid: _command_line(pid) + " " + _state(pid) for pid in running if Path(f"/proc/{pid}").exists()}
+    assert not left, f"a submission survived Ctrl-C: {left}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _descendants(root: int) -> list[int]:
+    """The processes below ``root`` now (by their parent ids)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                parents[int(entry.name)] = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
