@@ -83,15 +83,12 @@ def pick_device(name: str):
 
 def prepare_files(data_dir, spam_source, source: dict) -> None:
     """Put the spam splits and, for a GPT-2 name, its weights on disk (downloading what is missing)."""
-    from ..pretrained import download_gpt2, preset_named
+    from ..recipes.run_dir import download_base, preset_to_download
     from ..spam import prepare_spam_data
 
-    named = not source["random_init"] and not Path(source["model"]).is_dir()
-    if named:
-        preset_named(source["model"])  # a typo fails before the data is downloaded
+    preset_to_download(source)  # a typo fails before the data is downloaded
     prepare_spam_data(data_dir, spam_source)
-    if named:
-        download_gpt2(source["model"], source["models_dir"])
+    download_base(source)
 
 
 def cmd_finetune(args) -> int:

@@ -15,18 +15,11 @@ from .run_arguments import add_lora_arguments, add_model_arguments, add_schedule
 from .run_settings import instruct_settings, options_given, resumed_arguments, run_options
 
 
-def download_named_model(source: dict) -> None:
-    """Download a named GPT-2 the run will load (nothing for a directory or random weights)."""
-    from ..pretrained import download_gpt2, preset_named
-
-    if not source["random_init"] and not Path(source["model"]).is_dir():
-        download_gpt2(preset_named(source["model"]), source["models_dir"])
-
-
 def cmd_instruct(args) -> int:
     from ..infra.distributed import is_main_process, local_main_first, start_processes, stop_processes
     from ..instruction_data import load_instruction_data
     from ..recipes.instruct_run import run_instruct
+    from ..recipes.run_dir import download_base
     from .app import pick_device
 
     args = resumed_arguments(args) if args.resume else args  # the run's own options
@@ -36,7 +29,7 @@ def cmd_instruct(args) -> int:
     try:
         start_processes(device)  # under torchrun: join now, so that one process downloads first
         data = local_main_first(load_instruction_data, settings.data, settings.data_dir)
-        local_main_first(download_named_model, settings.base_source)
+        local_main_first(download_base, settings.base_source)
         metrics = run_instruct(data, settings, out, device=device, resume=bool(args.resume),
                                overwrite=args.overwrite, command_options=run_options(args))
         if not is_main_process():  # under torchrun, rank 0 reports

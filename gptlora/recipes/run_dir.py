@@ -49,6 +49,25 @@ def base_source(name_or_dir: str, models_dir: str | Path = "weights", random_ini
     return source
 
 
+def preset_to_download(source: dict) -> str | None:
+    """The GPT-2 preset a base source (:func:`base_source`) must download (canonical name), or None for a
+    directory or random weights. An unknown name is a ValueError, before anything is downloaded."""
+    from ..pretrained import preset_named
+
+    if source["random_init"] or Path(source["model"]).is_dir():
+        return None
+    return preset_named(source["model"])
+
+
+def download_base(source: dict) -> None:
+    """Download the named GPT-2 a run will load, if any (``pretrained.download_gpt2``: verified, resumable)."""
+    from ..pretrained import download_gpt2
+
+    name = preset_to_download(source)
+    if name is not None:
+        download_gpt2(name, source["models_dir"])
+
+
 def open_run_dir(out_dir: str | Path, resume: bool, overwrite: bool, removes_old_run: bool = True,
                  run_files: tuple[str, ...] = RUN_FILES) -> Path:
     """Check that ``out_dir`` may receive this run; with ``overwrite``, remove the earlier run's files.
