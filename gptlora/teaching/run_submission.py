@@ -117,6 +117,7 @@ def observe(task: dict, namespace: dict, probes: TrustedProbes) -> dict:
             observations.append({"tag": case.get("tag"), "value": to_plain(found)})
         except BaseException as error:  # the student's code raised: no answer for this input
             observations.append({"tag": case.get("tag"), "error": f"{type(error).__name__}: {str(error)[:200]}"})
+        changed += probes.restore()  # and after: what the function changed while it answered
     record = {"question": task["question"], "observations": observations}
     return {**record, "changed": sorted(set(changed))} if changed else record
 
