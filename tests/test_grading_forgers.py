@@ -144,7 +144,8 @@ def _replaces_the_probes(*args, **kwargs):
     return args[0] if args else None
 
 
-CONSTANTS = [0, 1, 0.0, 1.0, True, False, None, "", [], (), {}, (0, 0), torch.tensor(0.0), torch.zeros(3)]
+CONSTANTS = [0, 1, 0.0, 1.0, True, False, None, "", [], (), {}, (0, 0), torch.tensor(0.0), torch.zeros(3),
+             [False, True, False]]  # the last: 04 q3's answer, whatever the model, before issue 26
 FORGERS = {"echo the first input": lambda *a, **k: a[0] if a else None,
            "echo all inputs": lambda *a, **k: a,
            **{f"constant {c!r}": (lambda c: lambda *a, **k: c)(c) for c in CONSTANTS},
