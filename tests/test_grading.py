@@ -304,7 +304,8 @@ def test_unsafe_grading_says_so_and_leaves_no_process(built, tmp_path):
     notebook_for(("solution", FILESYSTEM_ATTACKS["background_process"][1], 4), folder, "daemon",
                  submissions=tmp_path / "submissions", teacher=tmp_path, out=tmp_path / "scores.csv")
     command = [sys.executable, str(EXERCISE_DIR / "teach.py"), "grade", str(tmp_path / "submissions"), "--exercise",
-               "01_gpt_model", "--out", str(tmp_path / "scores.csv"), "--timeout", str(TIMEOUT), "--unsafe"]
+               "01_gpt_model", "--out", str(tmp_path / "scores.csv"), "--timeout", str(TIMEOUT), "--unsafe",
+               "--key-file", str(tmp_path / "grading-key")]
     import subprocess
 
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -568,7 +569,8 @@ def test_ctrl_c_stops_the_running_submissions_at_once(built, tmp_path):
     (tmp_path / "submissions").mkdir()
     notebook_for(ATTACKS["endless_loop"], folder, "loop", submissions=tmp_path / "submissions")
     command = [sys.executable, str(EXERCISE_DIR / "teach.py"), "grade", str(tmp_path / "submissions"), "--exercise",
-               "01_gpt_model", "--out", str(tmp_path / "scores.csv"), "--timeout", "300"] + ([] if ISOLATED else ["--unsafe"])
+               "01_gpt_model", "--out", str(tmp_path / "scores.csv"), "--timeout", "300", "--key-file",
+               str(tmp_path / "grading-key")] + ([] if ISOLATED else ["--unsafe"])
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, started = time.monotonic() + 120, []
     while not started and time.monotonic() < deadline:  # its own processes only (other graders may be running)
