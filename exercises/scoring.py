@@ -2,15 +2,19 @@
 
 This process imports gptlora and the teacher's master notebook, never a submission: each submission
 runs in its own sandboxed process (sandbox.py) that only reports, as JSON, what its functions answered
-on the grader's inputs (grading_spec.py). Here those answers are rebuilt as numbers and tensors and
-compared with what the master's solutions answer through the same probes. Question names and points
-come from the master notebook alone; whatever else a submission writes is ignored.
+on the grader's inputs (grading_spec.py, drawn for this run from the teacher's secret: secret_inputs.py).
+Here those answers are rebuilt as numbers and tensors and compared with what the master's solutions
+answer through the same probes. Question names and points come from the master notebook. The results
+must be exactly the sequence the sandboxed process writes (a header, one record per question asked, in
+order, each case with the tag it was sent with, then ``finished``); any other line marks the row as
+tampered and scores it 0.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +27,13 @@ from gptlora.teaching.run_submission import code_cells, definitions_only
 
 from grading_spec import SPEC
 from sandbox import Limits, run_submission, stop_all
+from secret_inputs import Secret, resolve
 
 MAX_NOTEBOOK_BYTES = 20 * 1024 * 1024
 MAX_TEXT = 200  # characters of any one CSV/terminal field that a file name can put there
 PARSE_ERRORS = (ValueError, RecursionError)  # what json.loads raises on a broken or a deeply nested line
+DRAWS = 20  # draws of a question's inputs before its spec is refused (a good spec needs one or two)
+MAX_TASKS_BYTES = 60_000  # the task list fits the pipe's buffer: the sandbox writes it before the cells end
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,15 @@ class Question:
     name: str
     points: float
     all_or_nothing: bool
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """One question's cases as drawn for this grading run (plain JSON, sent to the sandbox) and the master
+    solution's observation of each (plain JSON, never sent)."""
+
+    cases: list
+    answers: list
 
 
 @dataclass
@@ -81,14 +97,18 @@ def solution_namespace(master: Path) -> dict:
     return namespace
 
 
-def tasks_for(exercise: str) -> list[dict]:
-    """What the sandboxed process is asked: per question, the function, the probe and the inputs."""
-    return [{"question": name, "function": spec.function, "probe": spec.probe, "cases": list(spec.cases)}
-            for name, spec in SPEC[exercise].items()]
+def tasks_for(exercise: str, drawn: dict[str, Drawn], questions=None) -> list[dict]:
+    """What the sandboxed process is asked: per question, the function, the probe and the drawn inputs, each
+    case with a fresh random tag (so that an answer names the one case it answers, in this run only)."""
+    return [{"question": name, "function": spec.function, "probe": spec.probe,
+             "cases": [{**case, "tag": secrets.token_hex(8)} for case in drawn[name].cases]}
+            for name, spec in SPEC[exercise].items() if questions is None or name in questions]
 
 
-def expected_answers(exercise: str, master: Path) -> dict[str, list]:
-    """The solution's observation of every input, as JSON-able data (as a submission's would be)."""
+def expected_answers(exercise: str, master: Path, secret: Secret) -> dict[str, Drawn]:
+    """Each question's inputs drawn for ``secret`` and the solution's observation of each, as JSON-able data
+    (as a submission's would be). A draw whose answers are all equal, or one of which equals an input of its
+    case, is drawn again: an echo or a constant would score on it."""
     if exercise not in SPEC:
         raise ValueError(f"no grading spec for {exercise}; add its questions to exercises/grading_spec.py")
     names = [q.name for q in master_questions(master)]
@@ -97,55 +117,128 @@ def expected_answers(exercise: str, master: Path) -> dict[str, list]:
                          f"its master notebook {names}; list each question of the notebook once")
     solutions, expected = solution_namespace(master), {}
     for name, spec in SPEC[exercise].items():
-        try:
-            expected[name] = [to_plain(PROBES[spec.probe](solutions[spec.function], *build(case["args"]),
-                                                          **build(case.get("kwargs", {}))))
-                              for case in spec.cases]
-        except Exception as error:
-            raise ValueError(f"the expected answers of {exercise} {name} cannot be computed here "
-                             f"({type(error).__name__}: {error}); provide what it names (the GPT-2 tokenizer "
-                             f"files: TIKTOKEN_CACHE_DIR) before grading, no submission was scored") from None
+        for attempt in range(DRAWS):
+            cases = [resolve(case, secret, exercise, name, index, attempt) for index, case in enumerate(spec.cases)]
+            try:
+                answers = [to_plain(PROBES[spec.probe](solutions[spec.function], *build(case["args"]),
+                                                       **build(case.get("kwargs", {})))) for case in cases]
+            except Exception as error:
+                raise ValueError(f"the expected answers of {exercise} {name} cannot be computed here "
+                                 f"({type(error).__name__}: {error}); provide what it names (the GPT-2 tokenizer "
+                                 f"files: TIKTOKEN_CACHE_DIR) before grading, no submission was scored") from None
+            flaw = answer_flaw(spec, cases, answers)
+            if not flaw:
+                break
+        else:
+            raise ValueError(f"exercises/grading_spec.py: {exercise} {name}: {flaw} in {DRAWS} draws; give it at "
+                             f"least two cases whose answers differ from each other and from their inputs")
+        expected[name] = Drawn(cases, answers)
+    if len(json.dumps(tasks_for(exercise, expected))) > MAX_TASKS_BYTES:
+        raise ValueError(f"exercises/grading_spec.py: the inputs of {exercise} take more than {MAX_TASKS_BYTES} "
+                         f"bytes as JSON; describe them by seeds and shapes rather than values")
     return expected
 
 
-def judge(record: dict | None, expected: list, spec, question: Question) -> tuple[float, str]:
-    """Points for one question's record from the sandbox, and what was wrong (empty when right)."""
+def answer_flaw(spec, cases: list, answers: list) -> str:
+    """Why these answers would let a submission score without computing them (empty when none)."""
+    if len(cases) < 2:
+        return "fewer than two cases"
+    if all(answer == answers[0] for answer in answers):
+        return "the same answer to every case"
+    for case, answer in zip(cases, answers):
+        inputs = build(case["args"]) + list(build(case.get("kwargs", {})).values())
+        for given in inputs + [inputs]:
+            try:
+                expect(spec.function, given, from_plain(answer), atol=spec.atol, rtol=spec.rtol)
+                return "an answer equal to its input"
+            except Exception:  # AssertionError: they differ (anything else: they cannot even be compared)
+                continue
+    return ""
+
+
+def _booleans_only(value) -> bool:
+    if isinstance(value, list):
+        return all(_booleans_only(v) for v in value)
+    return isinstance(value, bool)
+
+
+def judge(record: dict | None, expected: Drawn, spec, question: Question) -> tuple[float, str]:
+    """Points for one question's record from the sandbox, and what was wrong (empty when right).
+
+    The same answer to every case, where the expected answers differ, is a constant: 0. Yes/no answers
+    score all or nothing (a share of them right is what guessing gets)."""
     if record is None:
         return 0.0, "no answer"
     if "missing" in record:  # the function's name from the grader's spec: nothing the sandbox wrote is echoed
         return 0.0, f"missing function {spec.function}"
-    observations = record.get("observations")
-    if not isinstance(observations, list) or len(observations) != len(expected):
+    observations, wanted = record.get("observations"), expected.answers
+    if not isinstance(observations, list) or len(observations) != len(wanted):
         return 0.0, "malformed answer"
+    values = [o.get("value") if isinstance(o, dict) else None for o in observations]
+    if all(isinstance(o, dict) and "value" in o for o in observations) and all(v == values[0] for v in values):
+        return 0.0, "the same answer to every input"
     right = 0
-    for observation, wanted in zip(observations, expected):
+    for value, answer in zip(values, wanted):
         try:
-            found = from_plain(observation["value"])
-            expect(spec.function, found, from_plain(wanted), atol=spec.atol, rtol=spec.rtol)
+            expect(spec.function, from_plain(value), from_plain(answer), atol=spec.atol, rtol=spec.rtol)
             right += 1
         except Exception:  # AssertionError for a wrong answer; anything a malformed one raises: no point
             continue
-    if right == len(expected):
+    if right == len(wanted):
         return question.points, ""
-    share = 0.0 if question.all_or_nothing else right / len(expected)
+    share = 0.0 if question.all_or_nothing or _booleans_only(wanted) else right / len(wanted)
     return question.points * share, "wrong answer"
 
 
-def _records(lines: list[str], questions: set[str]) -> tuple[dict, bool, bool]:
-    """The last record of each question in ``lines``, whether the cells ran and whether the run finished."""
-    records, cells_ran, finished = {}, False, False
-    for line in lines:
+@dataclass
+class Results:
+    """What one run's results file holds, read as the one sequence an untouched run writes."""
+
+    records: dict = field(default_factory=dict)
+    cells_ran: bool = False
+    finished: bool = False
+    tampered: str = ""
+
+
+def read_results(lines: list[str], tasks: list[dict]) -> Results:
+    """The records of ``tasks`` in ``lines``, which must be: a header, one record per task in order (each case
+    with the tag it was sent with), ``{"finished": true}``, and nothing else. The first record of a question
+    is the one read; a line out of that order (written by a cell, a thread or a child of the submission,
+    before, between or after the answers) marks the run as tampered."""
+    found, expected = Results(), ["header"] + tasks + ["finished"]
+    for line in (line for line in lines if line.strip()):
+        step = len(found.records) + found.cells_ran + found.finished
         try:
             record = json.loads(line)
         except PARSE_ERRORS:
-            continue
-        if not isinstance(record, dict):
-            continue
-        cells_ran |= "cells" in record
-        finished |= record.get("finished") is True
-        if isinstance(record.get("question"), str) and record["question"] in questions:
-            records[record["question"]] = record
-    return records, cells_ran, finished
+            record = None
+        if step >= len(expected) or not isinstance(record, dict):
+            found.tampered = "a line the grader did not ask for in its results"
+        elif step == 0:
+            found.cells_ran = "cells" in record or _tamper(found, "results before its cells had run")
+        elif step == len(expected) - 1:
+            found.finished = record == {"finished": True} or _tamper(found, "a line after its last answer")
+        elif record.get("question") != expected[step]["question"]:
+            found.tampered = "an answer out of order"
+        elif record.get("changed"):
+            found.tampered = f"it changed the grader's probes ({', '.join(map(str, record['changed']))[:100]})"
+        elif "missing" not in record and _tags(record) != [case["tag"] for case in expected[step]["cases"]]:
+            found.tampered = "an answer to a case it was not asked"
+        else:
+            found.records[record["question"]] = record
+        if found.tampered:
+            break
+    return found
+
+
+def _tags(record: dict) -> list:
+    observations = record.get("observations")
+    return [o.get("tag") if isinstance(o, dict) else None for o in observations] if isinstance(observations, list) else []
+
+
+def _tamper(found: Results, why: str) -> bool:
+    found.tampered = why
+    return False
 
 
 def _ending(run, limits: Limits) -> str:
@@ -186,11 +279,15 @@ def _grade(file: str, notebook: bytes | Unreadable, exercise: str, questions: li
         row.status.append(f"invalid notebook: {error if type(error) is ValueError else type(error).__name__}")
         return row
     by_name, specs = {q.name: q for q in questions}, SPEC[exercise]
-    remaining, mode, records = tasks_for(exercise), "cells", {}
+    remaining, mode, records = list(specs), "cells", {}
     stopped_after_cells = ""  # why a run in cells mode stopped while its questions were asked
     for _ in range(len(questions) + 3):
-        run = run_submission(notebook, remaining, mode, limits, unsafe)
-        found, cells_ran, finished = _records(run.lines, {t["question"] for t in remaining})
+        tasks = tasks_for(exercise, expected, remaining)  # fresh tags for every run
+        run = run_submission(notebook, tasks, mode, limits, unsafe)
+        results = read_results(run.lines, tasks)
+        if results.tampered:
+            return Row(file, row.scores, row.status + [f"tampered: {results.tampered}; its answers were not scored"])
+        found, cells_ran, finished = results.records, results.cells_ran, results.finished
         records.update(found)
         if not cells_ran:
             row.status.append(f"{_ending(run, limits)} while running its {mode}" + ("; its definitions were graded"
@@ -199,7 +296,7 @@ def _grade(file: str, notebook: bytes | Unreadable, exercise: str, questions: li
                 mode = "definitions"
                 continue
             break
-        remaining = [t for t in remaining if t["question"] not in found]
+        remaining = [name for name in remaining if name not in found]
         if finished or not remaining:
             if stopped_after_cells:
                 row.status.append(f"{stopped_after_cells} after its cells had run; its definitions were graded")
@@ -209,7 +306,7 @@ def _grade(file: str, notebook: bytes | Unreadable, exercise: str, questions: li
             continue
         stopped_after_cells = ""  # it stopped without its cells too: the question asked first is to blame
         stuck = remaining.pop(0)  # the question whose function stopped the process
-        row.status.append(f"{_ending(run, limits)} in {stuck['question']}")
+        row.status.append(f"{_ending(run, limits)} in {stuck}")
         if not remaining:
             break
     problems = []
@@ -226,16 +323,18 @@ def check_sandbox(limits: Limits, unsafe: bool) -> None:
     """Run an empty notebook first: if even that cannot run under these limits, stop before scoring anyone
     (a grader that cannot start Python must not give every submission 0)."""
     run = run_submission(json.dumps({"cells": []}).encode(), [], "cells", limits, unsafe)
-    if not _records(run.lines, set())[2]:
+    if not read_results(run.lines, []).finished:
         said = (run.output_tail.strip().splitlines() or ["nothing"])[-1][:200]
         raise ValueError(f"an empty notebook does not run in the sandbox ({_ending(run, limits)}; it said: {said}); "
                          f"raise --memory or --timeout, or check the isolation; no submission was scored")
 
 
 def grade_submissions(submissions: dict[str, bytes], exercise: str, master: Path, limits: Limits, unsafe: bool,
-                      jobs: int = 2) -> tuple[list[Question], list[Row]]:
-    """Every submission's row (sorted by file name); the expected answers are computed first, once."""
-    questions, expected = master_questions(master), expected_answers(exercise, master)
+                      jobs: int = 2, *, key: bytes) -> tuple[list[Question], list[Row]]:
+    """Every submission's row (sorted by file name); the inputs are drawn from ``key`` (the teacher's, from
+    secret_inputs.grading_key) and a fresh nonce, and their expected answers computed first, once."""
+    questions = master_questions(master)
+    expected = expected_answers(exercise, master, Secret.for_this_run(key))
     check_sandbox(limits, unsafe)
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     try:

@@ -3,7 +3,7 @@
     python exercises/teach.py release [--out dist]
     python exercises/teach.py build [MASTER.ipynb ...] [--out dist]
     python exercises/teach.py grade SUBMISSIONS_DIR --exercise 01_gpt_model [--out scores.csv] [--timeout 180]
-                                    [--memory 4096] [--jobs 2] [--unsafe]
+                                    [--memory 4096] [--jobs 2] [--unsafe] [--key-file PATH]
 
 ``release`` writes ``OUT/student/`` (one notebook per exercise, public checks only: no solutions, no
 hidden checks, no grading inputs) and ``OUT/student.zip`` to hand out, and, apart from it,
@@ -119,11 +119,13 @@ def master_of(exercise: str) -> Path:
 
 
 def grade_folder(submissions_dir: Path, exercise: str, out_csv: Path, limits=None, unsafe: bool = False,
-                 jobs: int = 2) -> Path:
+                 jobs: int = 2, key_file: Path | None = None) -> Path:
     """Grade every notebook of ``submissions_dir`` as answers to ``exercise`` into ``out_csv`` (written at the
-    end, atomically). Refuses to run without bubblewrap unless ``unsafe``."""
+    end, atomically), on inputs drawn from the key in ``key_file`` (made there on first use). Refuses to run
+    without bubblewrap unless ``unsafe``."""
     from sandbox import Limits, bwrap_path, describe_isolation
     from scoring import grade_submissions, safe_text, table
+    from secret_inputs import DEFAULT_KEY_FILE, grading_key
 
     limits = limits or Limits()
     master = master_of(exercise)
@@ -131,8 +133,9 @@ def grade_folder(submissions_dir: Path, exercise: str, out_csv: Path, limits=Non
         raise ValueError("no isolation available: bubblewrap (bwrap) is not installed; install it "
                          "(apt-get install bubblewrap) or pass --unsafe to run submissions as you, unisolated")
     submissions = submissions_in(submissions_dir)
+    key = grading_key(key_file or DEFAULT_KEY_FILE)
     print(f"teach.py: {describe_isolation(unsafe, limits)}", file=sys.stderr)
-    questions, rows = grade_submissions(submissions, master.stem, master, limits, unsafe, jobs)
+    questions, rows = grade_submissions(submissions, master.stem, master, limits, unsafe, jobs, key=key)
     for row in rows:
         if row.status:
             print(f"teach.py: {safe_text(row.file)}: {safe_text('; '.join(row.status), 1000)}", file=sys.stderr)
@@ -173,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     grade_parser.add_argument("--jobs", type=_positive(int), default=None,
                               help="submissions graded at once (default: up to 4 with a control group per "
                                    "submission, else 1: without one a CPU hog can slow its neighbours)")
+    grade_parser.add_argument("--key-file", type=Path, default=None,
+                              help="the secret the grading inputs are drawn from, outside the repository; made "
+                                   "there (mode 600) on first use (default: ~/.config/gptlora/grading-key)")
     grade_parser.add_argument("--unsafe", action="store_true",
                               help="grade without bubblewrap: submissions can then read and change your files")
     args = parser.parse_args(argv)
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
             limits = Limits(timeout_s=args.timeout, memory_mib=args.memory)
             jobs = args.jobs or (min(4, os.cpu_count() or 1) if cgroup_limits.available() else 1)
-            print(f"wrote {grade_folder(args.submissions, args.exercise, args.out, limits, args.unsafe, jobs)}")
+            print(f"wrote {grade_folder(args.submissions, args.exercise, args.out, limits, args.unsafe, jobs, args.key_file)}")
     except (ValueError, RuntimeError) as error:
         print(f"teach.py: error: {error}", file=sys.stderr)
         return 2

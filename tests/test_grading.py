@@ -30,6 +30,9 @@ teach = load_teach()
 sys.path.insert(0, str(EXERCISE_DIR))
 import grading_spec  # noqa: E402  (exercises/ is a folder of scripts, on the path since load_teach)
 import sandbox  # noqa: E402
+import secret_inputs  # noqa: E402
+
+SECRET = secret_inputs.Secret(b"a teacher's key for these tests".ljust(32, b"."), "a run's nonce")
 
 def _bwrap_works() -> bool:
     """bubblewrap installed and able to make its namespaces here (some containers forbid them)."""
@@ -50,7 +53,8 @@ def grade(folder: Path, exercise: str, out: Path, *extra: str) -> tuple[int, dic
     import subprocess
 
     command = [sys.executable, str(EXERCISE_DIR / "teach.py"), "grade", str(folder), "--exercise", exercise,
-               "--out", str(out), "--timeout", str(TIMEOUT), "--jobs", "3", *extra] + ([] if ISOLATED else ["--unsafe"])
+               "--out", str(out), "--timeout", str(TIMEOUT), "--jobs", "3", "--key-file", str(out.parent / "grading-key"),
+               *extra] + ([] if ISOLATED else ["--unsafe"])
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     rows = {row["file"]: row for row in csv.DictReader(out.open())} if out.is_file() else {}
     return done.returncode, rows, done.stdout + done.stderr
@@ -83,7 +87,7 @@ def test_solution_scores_full_and_student_notebook_zero(master, built, tmp_path,
     (submissions / "solution.ipynb").write_bytes((folder / "autograder" / master.name).read_bytes())
     (submissions / "student.ipynb").write_bytes((folder / "student" / master.name).read_bytes())
     out = teach.grade_folder(submissions, master.stem, tmp_path / "scores.csv", sandbox.Limits(timeout_s=120),
-                             unsafe=not ISOLATED, jobs=2)  # in this process: one interpreter start less
+                             unsafe=not ISOLATED, jobs=2, key_file=tmp_path / "grading-key")  # in this process
     rows, printed = {row["file"]: row for row in csv.DictReader(out.open())}, out.read_text()
     names = questions_of(master)
     assert scores(rows["solution.ipynb"], names) == scores(rows["points-per-question"], names), printed
@@ -118,6 +122,27 @@ class Anything(int):
 def block_parameters(cfg): return Anything(0), Anything(0)
 def total_parameters(cfg): return Anything(0)
 def causal_attention_weights(scores): return Anything(0)
+""", 0),
+    "replaces_a_probe": ("student", """
+import gptlora.teaching.grading_probes as probes
+for name in list(probes.PROBES):
+    probes.PROBES[name] = lambda function, *inputs, **options: inputs
+""", 0),
+    "forges_from_the_task_list": ("student", """
+import gc, json, os, sys, threading
+def forge():  # waits for the task list, then writes an answer to every case and ends the process
+    import time
+    for _ in range(2000):
+        for thing in gc.get_objects():
+            if isinstance(thing, list) and thing and isinstance(thing[0], dict) and "probe" in thing[0]:
+                with open("results.jsonl", "a") as results:
+                    for task in thing:
+                        cases = [{"tag": case.get("tag"), "value": case["args"][1:] or case["args"]} for case in task["cases"]]
+                        results.write("\\n" + json.dumps({"question": task["question"], "observations": cases}))
+                    results.write("\\n" + json.dumps({"finished": True}) + "\\n")
+                os._exit(0)
+        time.sleep(0.005)
+threading.Thread(target=forge, daemon=True).start()
 """, 0),
     "writes_a_results_file": ("student", """
 import json, pathlib
@@ -241,7 +266,8 @@ def test_attacks_get_what_their_answers_deserve(built, tmp_path):
     assert rows["endless_loop.ipynb"]["status"].startswith(f"timeout: ran past {TIMEOUT} s")
     assert rows["killed_kernel.ipynb"]["status"].startswith("crash: the process ended (signal 9)")
     assert rows["one_function_kills_the_process.ipynb"]["status"] == "crash: the process ended (exit status 1) in q3"
-    assert rows["writes_a_results_file.ipynb"]["status"] == "graded"  # its forged lines are ignored, not fatal
+    assert rows["writes_a_results_file.ipynb"]["status"].startswith("tampered: results before its cells had run")
+    assert rows["replaces_a_probe.ipynb"]["status"].startswith("tampered: it changed the grader's probes")
     # the one endless loop costs one timeout (its definitions then run at once); the rest a few seconds each
     assert seconds < 3 * TIMEOUT + 6 * len(rows), f"grading took {seconds:.0f} s: longer than its timeouts explain"
     assert len(printed) < 64 * 1024 and out.stat().st_size < 16 * 1024, "a submission's printing reached the grader's output"
@@ -278,7 +304,8 @@ def test_unsafe_grading_says_so_and_leaves_no_process(built, tmp_path):
     notebook_for(("solution", FILESYSTEM_ATTACKS["background_process"][1], 4), folder, "daemon",
                  submissions=tmp_path / "submissions", teacher=tmp_path, out=tmp_path / "scores.csv")
     command = [sys.executable, str(EXERCISE_DIR / "teach.py"), "grade", str(tmp_path / "submissions"), "--exercise",
-               "01_gpt_model", "--out", str(tmp_path / "scores.csv"), "--timeout", str(TIMEOUT), "--unsafe"]
+               "01_gpt_model", "--out", str(tmp_path / "scores.csv"), "--timeout", str(TIMEOUT), "--unsafe",
+               "--key-file", str(tmp_path / "grading-key")]
     import subprocess
 
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -303,6 +330,10 @@ def test_grade_explains_bad_input(tmp_path, capsys):
     assert "exercise '99_nothing' not found; expected one of 01_gpt_model" in capsys.readouterr().err
     assert teach.main(["grade", str(tmp_path), "--exercise", "01_gpt_model", "--unsafe"]) == 2
     assert "no submissions (*.ipynb) found" in capsys.readouterr().err
+    (tmp_path / "alice.ipynb").write_text("{}")
+    assert teach.main(["grade", str(tmp_path), "--exercise", "01_gpt_model", "--unsafe", "--key-file",
+                       str(EXERCISE_DIR / "grading-key")]) == 2
+    assert "is inside the repository, where students can read it" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         teach.main(["grade", str(tmp_path), "--exercise", "01_gpt_model", "--timeout", "0"])
     assert "expected a number above 0" in capsys.readouterr().err
@@ -317,13 +348,14 @@ def test_expected_answers_refuse_clearly_when_the_grader_lacks_what_they_need(mo
 
     monkeypatch.setitem(scoring.PROBES, "call", offline)
     with pytest.raises(ValueError, match="cannot be computed here .*TIKTOKEN_CACHE_DIR.*no submission was scored"):
-        scoring.expected_answers("01_gpt_model", EXERCISE_DIR / "01_gpt_model.ipynb")
+        scoring.expected_answers("01_gpt_model", EXERCISE_DIR / "01_gpt_model.ipynb", SECRET)
 
 
 def test_grade_refuses_limits_under_which_nothing_runs(tmp_path, capsys):
     """300 MiB cannot even import torch: one line saying so, rather than a table of zeros."""
     (tmp_path / "alice.ipynb").write_bytes((EXERCISE_DIR / "01_gpt_model.ipynb").read_bytes())
-    argv = ["grade", str(tmp_path), "--exercise", "01_gpt_model", "--out", str(tmp_path / "s.csv"), "--memory", "300"]
+    argv = ["grade", str(tmp_path), "--exercise", "01_gpt_model", "--out", str(tmp_path / "s.csv"), "--memory", "300",
+            "--key-file", str(tmp_path / "grading-key")]
     assert teach.main(argv + ([] if ISOLATED else ["--unsafe"])) == 2
     err = capsys.readouterr().err
     assert "an empty notebook does not run in the sandbox" in err and "raise --memory" in err
@@ -402,10 +434,20 @@ def test_one_submission_cannot_stop_the_grading_of_the_others(monkeypatch):
     import scoring
 
     questions = scoring.master_questions(EXERCISE_DIR / "01_gpt_model.ipynb")
-    expected = {q.name: [None] for q in questions}
-    lines = ["[" * 200000, '{"question": []}', '{"question": {"a": 1}}', '{"cells": "cells"}',
-             '{"question": "q1", "missing": "' + "\\u001b[2J" * 1000 + '"}', '{"finished": true}']
+    expected = {q.name: scoring.Drawn([{"args": []}], [None]) for q in questions}
+    lines = ["[" * 200000, '{"question": []}', '{"question": {"a": 1}}', '{"cells": "cells"}', '{"finished": true}']
     monkeypatch.setattr(scoring, "run_submission", lambda *args: sandbox.Run(lines=lines, returncode=0))
+    row = scoring.grade_one("x.ipynb", b'{"cells": []}', "01_gpt_model", questions, expected, sandbox.Limits(), True)
+    assert row.total == 0 and row.status == ["tampered: a line the grader did not ask for in its results; its answers "
+                                             "were not scored"], row.status
+
+    def missing(notebook, tasks, mode, limits, unsafe):  # a missing function, in a name that clears the screen
+        return sandbox.Run(lines=['{"cells": "cells"}', json.dumps({"question": "q1", "missing": "\x1b[2J" * 1000})] +
+                           [json.dumps({"question": t["question"], "observations": [{"tag": c["tag"], "value": 1}
+                                                                                     for c in t["cases"]]})
+                            for t in tasks[1:]] + ['{"finished": true}'], returncode=0)
+
+    monkeypatch.setattr(scoring, "run_submission", missing)
     row = scoring.grade_one("x.ipynb", b'{"cells": []}', "01_gpt_model", questions, expected, sandbox.Limits(), True)
     assert row.total == 0 and row.status == ["q1: missing function block_parameters"], row.status
     deep = scoring.grade_one("deep.ipynb", b"[" * 200000, "01_gpt_model", questions, {}, sandbox.Limits(), True)
@@ -415,7 +457,7 @@ def test_one_submission_cannot_stop_the_grading_of_the_others(monkeypatch):
         raise RuntimeError("something the submission chose to say")
 
     monkeypatch.setattr(scoring, "run_submission", broken)
-    row = scoring.grade_one("x.ipynb", b'{"cells": []}', "01_gpt_model", questions, {}, sandbox.Limits(), True)
+    row = scoring.grade_one("x.ipynb", b'{"cells": []}', "01_gpt_model", questions, expected, sandbox.Limits(), True)
     assert row.status == ["grader error: RuntimeError"] and row.total == 0
 
 
@@ -495,16 +537,18 @@ def test_a_stop_after_long_cells_is_retried_without_them_before_a_question_is_bl
     import scoring
 
     master = EXERCISE_DIR / "01_gpt_model.ipynb"
-    questions, expected = scoring.master_questions(master), scoring.expected_answers("01_gpt_model", master)
-    answers = {name: json.dumps({"question": name, "observations": [{"value": v} for v in values]})
-               for name, values in expected.items()}
+    questions, expected = scoring.master_questions(master), scoring.expected_answers("01_gpt_model", master, SECRET)
     modes = []
+
+    def answer(task):
+        return json.dumps({"question": task["question"], "observations": [
+            {"tag": case["tag"], "value": value} for case, value in zip(task["cases"], expected[task["question"]].answers)]})
 
     def fake_run(notebook, tasks, mode, limits, unsafe):
         modes.append(mode)
         if mode == "cells":  # its cells ran, q1 was answered, then the time ran out
-            return sandbox.Run(lines=['{"cells": "cells"}', answers["q1"]], returncode=None)
-        return sandbox.Run(lines=['{"cells": "definitions"}'] + [answers[t["question"]] for t in tasks] +
+            return sandbox.Run(lines=['{"cells": "cells"}', answer(tasks[0])], returncode=None)
+        return sandbox.Run(lines=['{"cells": "definitions"}'] + [answer(t) for t in tasks] +
                            ['{"finished": true}'], returncode=0)
 
     monkeypatch.setattr(scoring, "run_submission", fake_run)
@@ -525,7 +569,8 @@ def test_ctrl_c_stops_the_running_submissions_at_once(built, tmp_path):
     (tmp_path / "submissions").mkdir()
     notebook_for(ATTACKS["endless_loop"], folder, "loop", submissions=tmp_path / "submissions")
     command = [sys.executable, str(EXERCISE_DIR / "teach.py"), "grade", str(tmp_path / "submissions"), "--exercise",
-               "01_gpt_model", "--out", str(tmp_path / "scores.csv"), "--timeout", "300"] + ([] if ISOLATED else ["--unsafe"])
+               "01_gpt_model", "--out", str(tmp_path / "scores.csv"), "--timeout", "300", "--key-file",
+               str(tmp_path / "grading-key")] + ([] if ISOLATED else ["--unsafe"])
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, started = time.monotonic() + 120, []
     while not started and time.monotonic() < deadline:  # its own processes only (other graders may be running)

@@ -52,8 +52,10 @@ def build(value):
         return random_gpt_config(argument, **value.get("overrides", {}))
     if tag == "$tensor":
         return torch.tensor(argument, dtype=_dtype(value))
-    if tag == "$randn":
-        return torch.randn(argument, generator=_generator(value), dtype=_dtype(value)) * value.get("scale", 1)
+    if tag == "$randn":  # "zero_rows": [i, ...] sets those rows to 0 (an edge case drawn like any other)
+        tensor = torch.randn(argument, generator=_generator(value), dtype=_dtype(value)) * value.get("scale", 1)
+        tensor[value.get("zero_rows", [])] = 0
+        return tensor
     if tag == "$rand":  # uniform in [low, high)
         low, high = value.get("low", 0.0), value.get("high", 1.0)
         return low + (high - low) * torch.rand(argument, generator=_generator(value), dtype=_dtype(value))
@@ -96,15 +98,20 @@ def tensors_and_dtypes(function, *args, **kwargs):
     return items + [str(item.dtype) for item in items]
 
 
-def dropout_rates(function, cfg, embedding, shortcut, attention):
-    """``function(model, embedding, shortcut, attention)`` on a fresh GPTModel; the rates it leaves set."""
+def dropout_effect(function, cfg, embedding, shortcut, attention, seed):
+    """``function(model, embedding, shortcut, attention)`` on a fresh GPTModel, then its logits ``[2, T, V]`` in
+    train mode on ids drawn from ``seed``, torch's generator seeded by it: what the rates it set *do*. (The
+    rates it leaves set would be the inputs themselves, which an echo reproduces without setting anything.)"""
     from ..model import GPTModel
 
+    torch.manual_seed(seed)
     model = GPTModel(cfg)
     function(model, embedding, shortcut, attention)
-    rates = [b.att.dropout for b in model.trf_blocks]
-    return (model.drop_emb.p, [b.drop_shortcut.p for b in model.trf_blocks],
-            [r if isinstance(r, (int, float)) else f"not a number: {type(r).__name__}" for r in rates])
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.context_length), generator=torch.Generator().manual_seed(seed))
+    model.train()
+    torch.manual_seed(seed)  # the dropout masks: the same draws on both sides, whatever the function drew
+    with torch.no_grad():
+        return model(ids)
 
 
 def _train(model, optimizer, batches):
@@ -143,21 +150,25 @@ def linear_outputs(function, weight, bias, x):
         return function(weight, bias)(x)
 
 
-def head_tied_answers(function, cfg):
-    """``function(model)`` for a fresh model, a tied model saved and loaded back, and a model whose head is a copy."""
+def head_tied_answers(function, cfg, seed):
+    """``function(model)`` for five models in an order drawn from ``seed``: a fresh one, a tied one, a tied one
+    saved and loaded back, one whose head is a copy of the embedding (equal, not tied) and one tied then
+    given its own head again. Two are tied, in places an answer fixed in advance cannot know."""
     from ..model import GPTModel
     from ..pretrained import load_pretrained, save_hf
 
-    torch.manual_seed(0)
-    fresh = GPTModel(cfg)
-    answers = [function(fresh)]
-    fresh.tie_weights()
-    with tempfile.TemporaryDirectory() as folder:
-        save_hf(fresh, folder)
-        answers.append(function(load_pretrained(folder, download=False)))
-    copied = GPTModel(cfg)
+    torch.manual_seed(seed)
+    fresh, tied, copied, untied = GPTModel(cfg), GPTModel(cfg), GPTModel(cfg), GPTModel(cfg)
+    tied.tie_weights()
     copied.out_head.weight = torch.nn.Parameter(copied.tok_emb.weight.detach().clone())
-    return answers + [function(copied)]
+    untied.tie_weights()
+    untied.out_head.weight = torch.nn.Parameter(untied.tok_emb.weight.detach().clone())
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf(tied, folder)
+        loaded = load_pretrained(folder, download=False)
+    models = [fresh, tied, loaded, copied, untied]
+    order = torch.randperm(len(models), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [function(models[i]) for i in order]
 
 
 class _SeesEverything(torch.nn.Module):
@@ -257,7 +268,7 @@ def training_state_bytes(function, cfg, rank, seed):
 
 
 PROBES = {probe.__name__: probe for probe in (
-    call, call_as_tensor, call_as_tensors, tensors_and_dtypes, dropout_rates, resumed_training, linear_outputs, head_tied_answers,
+    call, call_as_tensor, call_as_tensors, tensors_and_dtypes, dropout_effect, resumed_training, linear_outputs, head_tied_answers,
     receptive_fields, accuracy_by_row, update_ranks, prompt_tuned_inputs, routed_rows, training_state_bytes)}
 
 

@@ -7,16 +7,20 @@ the notebook. ``MODE`` is ``cells`` (run every code cell in order, as a kernel w
 raises is noted and the next one runs) or ``definitions`` (run only its imports and ``def``/``class``
 statements: the grader's second try when running the cells killed or stalled the process).
 
-``tasks.json`` (read from standard input) lists, per question, the function to probe, the probe
-(from :mod:`grading_probes`) and the grader's inputs. ``RESULTS`` gets one JSON line when the cells
-have run, then one line per question with the observation of each input (or the error it raised).
-This process decides nothing: whatever it writes is compared, by a separate process, with the
-observations of the teacher's reference, so patching anything here can only change its own answers.
+``tasks.json`` (read from standard input, only once the cells have run) lists, per question, the
+function to probe, the probe (from :mod:`grading_probes`) and the grader's inputs, drawn for this
+grading run from the teacher's secret, each case with a random tag. ``RESULTS`` gets one JSON line
+when the cells have run, then one line per question with the tagged observation of each input (or
+the error it raised), then ``{"finished": true}``: the trusted side accepts exactly that sequence and
+marks the row as tampered on any other line (one written by a cell, a thread or a child, before,
+between or after). This process decides nothing: whatever it writes is compared, by a separate
+process, with the observations of the teacher's reference on inputs it could not know in advance.
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import sys
 
@@ -69,19 +73,53 @@ def run_cells(cells: list[str], mode: str, namespace: dict) -> list[str]:
     return problems
 
 
-def observe(task: dict, namespace: dict) -> dict:
-    """One question's record: the observation of each input, or why there is none."""
+class TrustedProbes:
+    """The probes and their helpers as they were before any cell ran.
+
+    A cell may replace ``grading_probes.PROBES[...]``, a function of that module, or a probe's code: each
+    case is observed through the functions kept here, anything changed is put back first, and the record
+    of the question says what was found changed (the trusted side then marks the row as tampered)."""
+
+    def __init__(self):
+        from . import grading_probes
+
+        self.module, self.probes = grading_probes, dict(PROBES)
+        self.functions = {name: value for name, value in vars(grading_probes).items() if inspect.isfunction(value)}
+        self.codes = {name: function.__code__ for name, function in self.functions.items()}
+
+    def restore(self) -> list[str]:
+        """Put back whatever was changed since; the names found changed."""
+        changed = []
+        for name, function in self.functions.items():
+            if vars(self.module).get(name) is not function:
+                setattr(self.module, name, function)
+                changed.append(name)
+            if function.__code__ is not self.codes[name]:
+                function.__code__ = self.codes[name]
+                changed.append(name)
+        for name, probe in self.probes.items():
+            if self.module.PROBES.get(name) is not probe:
+                self.module.PROBES[name] = probe
+                changed.append(f"PROBES[{name!r}]")
+        return sorted(set(changed))
+
+
+def observe(task: dict, namespace: dict, probes: TrustedProbes) -> dict:
+    """One question's record: the observation of each input with its tag, or why there is none."""
     function = namespace.get(task["function"])
     if not callable(function):
         return {"question": task["question"], "missing": task["function"]}
-    probe, observations = PROBES[task["probe"]], []
+    observations, changed = [], []
     for case in task["cases"]:
+        changed += probes.restore()
         try:
-            found = probe(function, *build(case.get("args", [])), **build(case.get("kwargs", {})))
-            observations.append({"value": to_plain(found)})
+            found = probes.probes[task["probe"]](function, *build(case.get("args", [])), **build(case.get("kwargs", {})))
+            observations.append({"tag": case.get("tag"), "value": to_plain(found)})
         except BaseException as error:  # the student's code raised: no answer for this input
-            observations.append({"error": f"{type(error).__name__}: {str(error)[:200]}"})
-    return {"question": task["question"], "observations": observations}
+            observations.append({"tag": case.get("tag"), "error": f"{type(error).__name__}: {str(error)[:200]}"})
+        changed += probes.restore()  # and after: what the function changed while it answered
+    record = {"question": task["question"], "observations": observations}
+    return {**record, "changed": sorted(set(changed))} if changed else record
 
 
 def write_line(results, record: dict):
@@ -90,18 +128,24 @@ def write_line(results, record: dict):
     results.flush()
 
 
+def respond(tasks: list[dict], namespace: dict, probes: TrustedProbes, results, header: dict) -> None:
+    """The results, in the one order the trusted side accepts: ``header``, one record per task, ``finished``."""
+    write_line(results, header)
+    for task in tasks:
+        write_line(results, observe(task, namespace, probes))
+    write_line(results, {"finished": True})
+
+
 def main(argv: list[str]) -> int:
     notebook_path, mode, results_path = argv
-    tasks = json.loads(sys.stdin.read())
+    probes, answer = TrustedProbes(), respond  # taken before any cell runs: what a cell rebinds is not used
     with open(notebook_path, encoding="utf-8") as file:
         cells = code_cells(json.load(file))
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     problems = run_cells(cells, mode, namespace)
+    tasks = json.loads(sys.stdin.read())  # read only now: while the cells ran, the task list was nowhere here
     with open(results_path, "a", encoding="utf-8") as results:  # opened only now: the cells had no handle to it
-        write_line(results, {"cells": mode, "problems": problems})
-        for task in tasks:
-            write_line(results, observe(task, namespace))
-        write_line(results, {"finished": True})
+        answer(tasks, namespace, probes, results, {"cells": mode, "problems": problems})
     return 0
 
 
