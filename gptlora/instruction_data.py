@@ -167,6 +167,14 @@ def split_instruction_data(data: list, train_ratio: float = 0.85, test_ratio: fl
     return data[:train_end], data[test_end:], data[train_end:test_end]
 
 
+def check_split_sizes(total: int, train: list, val: list, batch_size: int) -> None:
+    """A one-line ValueError unless the training split fills one batch and validation has a record."""
+    if len(train) < batch_size or not val:
+        raise ValueError(f"{total} records give {len(train)} to train on and {len(val)} to validate on; "
+                         f"one training batch needs {batch_size} (85% of the records) and validation at "
+                         "least one: use more records or a smaller --batch-size")
+
+
 # --- dataset and batches ----------------------------------------------------------------
 
 class InstructionDataset(Dataset):

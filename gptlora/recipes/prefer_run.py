@@ -31,6 +31,7 @@ from ..generation import get_tokenizer
 from ..infra.atomic import write_json
 from ..infra.checkpoint import Checkpointer
 from ..infra.distributed import fail_together, shard_loaders, start_processes, wrap_for_training
+from ..instruction_data import check_split_sizes
 from ..instruction_scoring import offline_scores
 from ..lora import apply_lora, lora_layers, merge_lora
 from ..model import count_parameters
@@ -73,10 +74,7 @@ def run_prefer(data: list[dict], settings: PreferenceSettings, out_dir: str | Pa
     device = processes.device
     source = settings.base_source
     train, val, test = split_preference_data(data)
-    if len(train) < settings.batch_size or not val:
-        raise ValueError(f"{len(data)} records give {len(train)} to train on and {len(val)} to validate on; "
-                         f"one training batch needs {settings.batch_size} (85% of the records) and validation at "
-                         "least one: use more records or a smaller --batch-size")
+    check_split_sizes(len(data), train, val, settings.batch_size)
     torch.manual_seed(settings.seed)
     model = load_start_model(source)
     limit = model.cfg.context_length
