@@ -2,7 +2,8 @@
 
 A run of a recipe is described by one dataclass (:class:`FinetuneSettings` for
 ``finetune.run_finetune``, :class:`PretrainSettings` for ``pretrain_run.run_pretrain``,
-:class:`InstructSettings` for ``instruct_run.run_instruct``). The three share the book's
+:class:`InstructSettings` for ``instruct_run.run_instruct``, :class:`PreferenceSettings` for
+``prefer_run.run_prefer``). They share the book's
 appendix-D options (:class:`ScheduleSettings`: warmup, cosine decay, clipping, accumulation).
 ``gptlora`` builds it from the command line, the recipe reads it, and the run stores it:
 its :meth:`~RunSettings.fingerprint` goes into the checkpoint (``--resume`` refuses a run
