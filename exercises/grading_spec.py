@@ -202,4 +202,27 @@ SPEC = {
             "a judge model scores the answers around 50 out of 100, as in the book")],
                   fixed_inputs="a quiz: the claims are the question, and knowing their answers is answering it"),
     },
+    "12_preference_tuning": {
+        "q1": ask("answer_mask", [[6, 9, 2], [4, 1, 1], 11], [[5], [5], 6], [[12, 3, 7, 7], [2, 2, 0, 6], 12],
+                  probe="call_as_tensor", atol=0, rtol=0),
+        "q2": ask("answer_logprobs", *[[randn(rows, width, vocab, seed=seed, scale=2),
+                                        {"$randint": [rows, width], "high": vocab, "seed": seed + 1},
+                                        {"$tensor": mask, "dtype": "bool"}]
+                                       for rows, width, vocab, seed, mask in [
+                                           (2, 7, 23, 1211, [[0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1]]),
+                                           (3, 5, 11, 1213, [[0, 1, 1, 0, 0], [0, 0, 0, 1, 0], [1, 1, 1, 1, 1]])]],
+                  probe="call_as_tensor", atol=1e-5),
+        "q3": ask("dpo_loss_value", *[[randn(rows, seed=seed, scale=3), randn(rows, seed=seed + 1, scale=3),
+                                       randn(rows, seed=seed + 2, scale=3), randn(rows, seed=seed + 3, scale=3), beta]
+                                      for rows, seed, beta in [(4, 1311, 0.1), (7, 1321, 0.3), (1, 1331, 2.0)]],
+                  probe="call_as_tensor", atol=1e-6),
+        "q4": ask("reward_margin", *[[randn(rows, seed=seed, scale=2), randn(rows, seed=seed + 1, scale=2),
+                                      randn(rows, seed=seed + 2, scale=2), randn(rows, seed=seed + 3, scale=2)]
+                                     for rows, seed in [(5, 1411), (2, 1421)]],
+                  probe="call_as_tensor", atol=1e-6),
+        "q5": ask("reference_logits", *[[small(vocab_size=61, context_length=9, emb_dim=emb, n_heads=2, n_layers=layers),
+                                           rank, 9, seed]
+                                          for emb, layers, rank, seed in [(16, 1, 2, 1511), (24, 2, 3, 1512)]],
+                  probe="reference_answers", atol=1e-5),
+    },
 }

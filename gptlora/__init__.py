@@ -18,10 +18,12 @@ exercises (``exercises/NN_*.ipynb``):
 10  ``quantization``, ``qlora``           NF4 and int8 from scratch; a quantized base under LoRA
 11  ``instruction_data``,                 the book's chapter 7: Alpaca prompts, the -100 mask, batches;
     ``instruction_scoring``               exact match, token F1 and a judge model
+12  ``preference_data``,                  the book's DPO bonus: chosen/rejected batches; answers' log-probs,
+    ``preference``                        the DPO loss, rewards, the reference with LoRA's adapters off
 ==  ====================================  ==============================================================
 
 Underneath, the plumbing, none of it needed to follow a chapter: ``cli`` (the ``gptlora`` command),
-``recipes`` (whole runs: fine-tuning, pretraining, instruction tuning, their settings objects and run
+``recipes`` (whole runs: fine-tuning, pretraining, instruction tuning, DPO, their settings objects and run
 directories), ``formats`` (files in and out: Hugging Face's layout, adapter files, ``peft`` export),
 ``infra`` (downloads, checkpoints, ``torchrun``, atomic writes, locks, ranges) and ``teaching`` (the
 notebooks' parameter cell, the exercises' checks and the grader's probes).

@@ -94,10 +94,17 @@ def instruction_data_file(data_dir: str | Path = "data", base_url: str | None = 
                          desc="instruction-data.json")
 
 
-def check_records(records, origin: str) -> list[dict]:
-    """``records`` if it is a non-empty list of ``{instruction, input, output}`` records of strings
-    (``input`` may be empty or missing, then ""); else a one-line ValueError naming the first bad record."""
-    expected = 'a JSON list of {"instruction": ..., "input": ..., "output": ...} records'
+INSTRUCTION_RECORDS = 'a JSON list of {"instruction": ..., "input": ..., "output": ...} records'
+INSTRUCTION_NEEDS = "instruction and output (and input, which may be empty)"
+
+
+def check_records(records, origin: str, fields: tuple[str, ...] = FIELDS, *, optional: tuple[str, ...] = (),
+                  nonempty: tuple[str, ...] = ("instruction",), expected: str = INSTRUCTION_RECORDS,
+                  needs: str = INSTRUCTION_NEEDS) -> list[dict]:
+    """``records`` if it is a non-empty list of records with the text ``fields`` (``input`` may be empty
+    or missing, then ""); else a one-line ValueError naming the first bad record. The ``optional`` text
+    fields are kept when present; the ``nonempty`` ones must hold more than white space. ``expected``
+    and ``needs`` word the errors (the defaults: chapter 7's ``{instruction, input, output}`` records)."""
     if not isinstance(records, list) or not records:
         found = "an empty list" if records == [] else f"a JSON {json_name(records)}"
         raise ValueError(f"{origin} holds {found}; expected {expected}")
@@ -107,32 +114,38 @@ def check_records(records, origin: str) -> list[dict]:
             raise ValueError(f"record {index} of {origin} is a JSON {json_name(record)}, not an object; "
                              f"expected {expected}")
         record = {"input": "", **record}
-        missing = [name for name in FIELDS if name not in record]
-        not_text = [name for name in FIELDS if name not in missing and not isinstance(record[name], str)]
+        kept = [name for name in (*fields, *optional) if name in record]
+        missing = [name for name in fields if name not in record]
+        not_text = [name for name in kept if not isinstance(record[name], str)]
         if missing or not_text:
             problem = f"lacks {missing}" if missing else f"has non-text {not_text}"
-            raise ValueError(f"record {index} of {origin} {problem}; each record needs the text fields "
-                             "instruction and output (and input, which may be empty)")
-        if not record["instruction"].strip():
-            raise ValueError(f"record {index} of {origin} has an empty instruction; give every record one")
-        checked.append({name: record[name] for name in FIELDS})
+            raise ValueError(f"record {index} of {origin} {problem}; each record needs the text fields {needs}")
+        empty = [name for name in nonempty if not record[name].strip()]
+        if empty:
+            raise ValueError(f"record {index} of {origin} has an empty {empty[0]}; give every record one")
+        checked.append({name: record[name] for name in kept})
     return checked
 
 
-def read_instruction_file(path: str | Path) -> list[dict]:
-    """The records of a JSON file of instruction data (see :func:`check_records`); one-line errors."""
+def read_json_file(path: str | Path, kind: str, hint: str):
+    """The JSON value in the file at ``path``: one-line errors for a missing file (``hint`` says what to
+    pass instead), bytes that are not UTF-8 and text that is not JSON (``kind``: "instruction", ...)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no instruction data at {path}; pass a JSON file of records or "
-                                f"'{INSTRUCTION_DATA_NAME}' (the book's, downloaded on first use)")
+        raise FileNotFoundError(f"no {kind} data at {path}; {hint}")
     try:
-        records = json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text; save the JSON file as UTF-8") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
-                         "expected a JSON list of instruction records") from None
-    return check_records(records, str(path))
+                         f"expected a JSON list of {kind} records") from None
+
+
+def read_instruction_file(path: str | Path) -> list[dict]:
+    """The records of a JSON file of instruction data (see :func:`check_records`); one-line errors."""
+    hint = f"pass a JSON file of records or '{INSTRUCTION_DATA_NAME}' (the book's, downloaded on first use)"
+    return check_records(read_json_file(path, "instruction", hint), str(path))
 
 
 def load_instruction_data(source: str | Path = INSTRUCTION_DATA_NAME, data_dir: str | Path = "data",
@@ -152,6 +165,14 @@ def split_instruction_data(data: list, train_ratio: float = 0.85, test_ratio: fl
     train_end = int(len(data) * train_ratio)
     test_end = train_end + int(len(data) * test_ratio)
     return data[:train_end], data[test_end:], data[train_end:test_end]
+
+
+def check_split_sizes(total: int, train: list, val: list, batch_size: int) -> None:
+    """A one-line ValueError unless the training split fills one batch and validation has a record."""
+    if len(train) < batch_size or not val:
+        raise ValueError(f"{total} records give {len(train)} to train on and {len(val)} to validate on; "
+                         f"one training batch needs {batch_size} (85% of the records) and validation at "
+                         "least one: use more records or a smaller --batch-size")
 
 
 # --- dataset and batches ----------------------------------------------------------------

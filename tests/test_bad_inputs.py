@@ -294,6 +294,19 @@ BAD_INPUTS = [
         "argument --device: expected auto, cpu, cuda, cuda:N or another torch device, found 'gpu'"),
     Bad("instruct: negative warmup", ("instruct", "--warmup-steps", "-2", "--out", "{tmp}/run"),
         "argument --warmup-steps: expected a whole number of at least 0, found -2", RUN),
+    # --- prefer (DPO, chapter 12)
+    Bad("prefer: records without chosen/rejected", ("prefer", "--data", "{instruction_records}", "--model", "{tiny}",
+                                                    "--random-init", "--out", "{tmp}/run"),
+        "record 0 of", RUN),
+    Bad("prefer: no such data", ("prefer", "--data", "{tmp}/missing.json", "--model", "{tiny}", "--random-init",
+                                 "--out", "{tmp}/run"), "no preference data at", RUN),
+    Bad("prefer: beta zero", ("prefer", "--beta", "0", "--out", "{tmp}/run"),
+        "argument --beta: expected a finite number above 0, found '0'", RUN),
+    Bad("prefer: negative beta", ("prefer", "--beta", "-0.1", "--out", "{tmp}/run"),
+        "argument --beta: expected a finite number above 0", RUN),
+    Bad("prefer: LoRA start run on another base", ("prefer", "--data", "{preference_records}", "--model",
+                                                   "{lm_lora_other_base}", "--method", "lora", "--out", "{tmp}/run"),
+        "was trained on other base weights", RUN),
 ]
 
 
@@ -402,6 +415,18 @@ def made(tmp_path_factory, small_spam_data_dir):
          b"".join(b"spam\tWIN %d\n" % i for i in range(9)))
     spam("unreadable", b"ham\thello\n")
     spam("responses", json.dumps([{"instruction": "Say hi.", "output": "Hi.", "model_response": "Hi"}]).encode())
+    spam("instruction_records", json.dumps([{"instruction": "Say hi.", "output": "Hi."}] * 20).encode())
+    spam("preference_records", json.dumps([{"instruction": "Say hi.", "chosen": "Hi.", "rejected": "No."}] * 20).encode())
+    # A LoRA language-model run whose adapter was trained on other weights than its recorded base (the tiny model).
+    from gptlora.recipes.run_dir import base_source
+
+    paths["lm_lora_other_base"] = root / "lm_lora_other_base"
+    torch.manual_seed(99)
+    other = apply_lora(GPTModel(config_from_hf(TINY_HF)), rank=2, alpha=2, verbose=False)
+    save_adapter(other, paths["lm_lora_other_base"] / "adapter", verbose=False)
+    (paths["lm_lora_other_base"] / "language_model.json").write_text(json.dumps(dict(
+        method="lora", method_options=dict(rank=2, alpha=2), base_source=base_source(str(tiny)),
+        config=other.cfg.to_dict())))
     paths["unreadable"].chmod(0)
     paths["zip_without_member"] = root / "other.zip"
     with zipfile.ZipFile(paths["zip_without_member"], "w") as archive:

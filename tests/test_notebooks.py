@@ -77,7 +77,7 @@ def workspace(tmp_path_factory, spam_file) -> dict:
         env_name("output_dir"): str(root / "figures"),
         env_name("new_tokens"): "4",  # enough to slide notebook 02's 6-token window
         env_name("epochs"): "1",
-        env_name("records"): "60",  # notebook 11 fine-tunes on the first 60 instruction records (51 train)
+        env_name("records"): "60",  # notebooks 11 and 12 tune on the first 60 records (51 train)
         env_name("device"): "cpu",
         "GPTLORA_SPAM_SOURCE": str(spam_file),
         "GPTLORA_OFFLINE": "1",  # a notebook that tries to download fails here instead of hanging
@@ -93,6 +93,10 @@ def workspace(tmp_path_factory, spam_file) -> dict:
     instructions.parent.mkdir(parents=True)
     instructions.write_bytes((REPO_ROOT.parent / "shared" / "data" / "instruction-data" /
                               "instruction-data.json").read_bytes())
+    preferences = root / "data" / "preference-data" / "instruction-data-with-preference.json"  # notebook 12's
+    preferences.parent.mkdir(parents=True)
+    preferences.write_bytes((REPO_ROOT.parent / "shared" / "data" / "preference-data" /
+                             "instruction-data-with-preference.json").read_bytes())
     return {"root": root, "env": env, "checkpoint": None}
 
 
@@ -243,6 +247,8 @@ def test_notebook_runs(path, workspace, monkeypatch):
     env = dict(workspace["env"])
     if notebook_number(path) >= 3:  # 01-02 build GPT-2 presets with random weights; 03 pretrains this shape
         env[env_name("model")] = str(checkpoint_for(workspace))
+    if notebook_number(path) == 12:  # DPO runs two forward passes per step over the 50,257-wide head: 2 steps
+        env[env_name("records")] = "20"
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own inline backend, as in Jupyter
     figures = Path(env[env_name("output_dir")])
     figures_before = set(figures.glob("*.png"))

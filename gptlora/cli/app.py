@@ -16,6 +16,7 @@ from ..infra.download import DownloadError  # light: the standard library and tq
 from .run_settings import finetune_settings, pretrain_settings, resumed_arguments, run_options
 from .instruct import (add_instruct_parser, add_instruction_arguments, check_instruction_arguments,
                        generate_response, note_untuned)
+from .prefer import add_prefer_parser
 from .run_arguments import add_lora_arguments, add_model_arguments, add_prompt_arguments, add_schedule_arguments
 
 # What a user can cause and fix (a bad option, a missing or existing file, no network): main() prints
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
 
     add_instruct_parser(sub)
+    add_prefer_parser(sub)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
     cls.add_argument("--run", required=True, action="append",

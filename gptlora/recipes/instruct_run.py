@@ -26,7 +26,8 @@ from ..generation import END_OF_TEXT_ID, generate, get_tokenizer, text_to_token_
 from ..infra.atomic import write_json
 from ..infra.distributed import is_main_process
 from ..instruction_scoring import offline_scores, with_judge_scores
-from ..instruction_data import extract_response, format_input, instruction_loaders, split_instruction_data
+from ..instruction_data import (check_split_sizes, extract_response, format_input, instruction_loaders,
+                                split_instruction_data)
 from .pretrain_run import base_context_length, load_language_model, run_pretrain
 from .settings import InstructSettings, schedule_keywords
 
@@ -67,10 +68,7 @@ def run_instruct(data: list[dict], settings: InstructSettings, out_dir: str | Pa
     tokenizer = tokenizer or get_tokenizer()
     source = settings.base_source
     train, val, test = split_instruction_data(data)
-    if len(train) < settings.batch_size or not val:
-        raise ValueError(f"{len(data)} records give {len(train)} to train on and {len(val)} to validate on; "
-                         f"one training batch needs {settings.batch_size} (85% of the records) and validation at "
-                         "least one: use more records or a smaller --batch-size")
+    check_split_sizes(len(data), train, val, settings.batch_size)
     limit = base_context_length(source)
     max_length = settings.max_length or limit
     if not 1 < max_length <= limit:

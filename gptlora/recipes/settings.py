@@ -2,7 +2,8 @@
 
 A run of a recipe is described by one dataclass (:class:`FinetuneSettings` for
 ``finetune.run_finetune``, :class:`PretrainSettings` for ``pretrain_run.run_pretrain``,
-:class:`InstructSettings` for ``instruct_run.run_instruct``). The three share the book's
+:class:`InstructSettings` for ``instruct_run.run_instruct``, :class:`PreferenceSettings` for
+``prefer_run.run_prefer``). They share the book's
 appendix-D options (:class:`ScheduleSettings`: warmup, cosine decay, clipping, accumulation).
 ``gptlora`` builds it from the command line, the recipe reads it, and the run stores it:
 its :meth:`~RunSettings.fingerprint` goes into the checkpoint (``--resume`` refuses a run
@@ -319,3 +320,56 @@ class InstructSettings(ScheduleSettings):
             "method", "method_options", "epochs", "lr", "weight_decay", "batch_size", "seed", "eval_freq",
             "eval_iter", "save_every", "base_source", *SCHEDULE_FIELDS)}
         return PretrainSettings(**same, context_length=context_length, prompt=prompt, text_name=self.data)
+
+
+# --- chapter 12: preference tuning with DPO (prefer_run.run_prefer, `gptlora prefer`) ----
+
+PREFERENCE_METHODS = ("full", "lora")
+LOGPROB_MODES = ("mean", "sum")
+
+
+@dataclass
+class PreferenceSettings(ScheduleSettings):
+    """Everything that decides a DPO run (the defaults: the book's dpo-from-scratch notebook: beta 0.1,
+    AdamW lr 5e-6 and weight decay 0.01, batch 8, 1 epoch, losses every 5 steps over 5 batches).
+
+    ``method``: full (every weight; the reference is a frozen copy) or lora (adapters only; the reference
+    is the same model with its adapters off; ``method_options``: ``classifier.lora_options``).
+    ``logprobs``: ``mean`` per answer token (the book) or ``sum`` (the paper, ``trl``), see
+    ``preference.sequence_logprobs``. ``mask_prompt``: score the answers only (the book's default).
+    ``max_length=None``: the model's context length. After training, ``response_tokens`` greedy tokens
+    answer each test record before (the reference) and after (0: none). ``base_source``
+    (``run_dir.base_source``): the model to start from, an ``instruct`` run's directory or any GPT-2.
+    """
+
+    method: str = "full"
+    method_options: dict | None = None
+    beta: float = setting(0.1, positive_float())
+    logprobs: str = "mean"
+    data: str | None = setting(None, fingerprint=False)
+    data_dir: str | Path = setting("data", fingerprint=False)
+    epochs: int = setting(1, whole_number(1), fingerprint=False)
+    lr: float = setting(5e-6, positive_float())
+    weight_decay: float = setting(0.01, real_number(0))
+    batch_size: int = setting(8, whole_number(1))
+    seed: int = setting(123, SEED)
+    eval_freq: int = setting(5, whole_number(1))
+    eval_iter: int = setting(5, whole_number(1))
+    max_length: int | None = setting(None, whole_number(2), optional=True)
+    mask_prompt: bool = True
+    response_tokens: int = setting(256, whole_number(0), fingerprint=False)
+    save_every: int | None = setting(None, whole_number(1), fingerprint=False, optional=True)
+    base_source: dict | None = setting(None, fingerprint=False)
+
+    def validate(self) -> None:
+        from ..classifier import lora_options
+
+        super().validate()
+        if self.method not in PREFERENCE_METHODS:
+            raise ValueError(f"unknown preference tuning method {self.method!r}; choose one of "
+                             f"{', '.join(PREFERENCE_METHODS)}")
+        if self.logprobs not in LOGPROB_MODES:
+            raise ValueError(f"logprobs: expected one of {', '.join(LOGPROB_MODES)}, found {self.logprobs!r}")
+        if self.method_options and self.method != "lora":
+            raise ValueError(f"method {self.method!r} takes no options, found {sorted(self.method_options)}")
+        self.method_options = lora_options(self.method_options) if self.method == "lora" else None

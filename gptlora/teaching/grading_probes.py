@@ -267,9 +267,30 @@ def training_state_bytes(function, cfg, rank, seed):
     return function(model, ids, ids)
 
 
+def reference_answers(function, cfg, rank, length, seed):
+    """``function(model, ids)`` for a GPTModel of ``cfg`` with trained-looking LoRA adapters (random ``B``) on
+    ``[2, length]`` ids; and the model's own logits on ``ids`` afterwards, so that leaving the adapters off shows."""
+    from ..lora import apply_lora
+    from ..model import GPTModel
+
+    torch.manual_seed(seed)
+    model = apply_lora(GPTModel(cfg), rank=rank, alpha=rank, verbose=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    ids = torch.randint(0, cfg.vocab_size, (2, length), generator=generator)
+    answer = function(model.eval(), ids)
+    with torch.no_grad():
+        after = model(ids)
+    return answer, after
+
+
 PROBES = {probe.__name__: probe for probe in (
     call, call_as_tensor, call_as_tensors, tensors_and_dtypes, dropout_effect, resumed_training, linear_outputs, head_tied_answers,
-    receptive_fields, accuracy_by_row, update_ranks, prompt_tuned_inputs, routed_rows, training_state_bytes)}
+    receptive_fields, accuracy_by_row, update_ranks, prompt_tuned_inputs, routed_rows, training_state_bytes,
+    reference_answers)}
 
 
 # ---- observations as JSON ----------------------------------------------------------------------------------
