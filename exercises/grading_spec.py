@@ -203,7 +203,9 @@ SPEC = {
                   fixed_inputs="a quiz: the claims are the question, and knowing their answers is answering it"),
     },
     "12_preference_tuning": {
-        "q1": ask("answer_mask", [[6, 9, 2], [4, 1, 1], 11], [[5], [5], 6], [[12, 3, 7, 7], [2, 2, 0, 6], 12],
+        "q1": ask("answer_mask", *[[{"$randint": [rows], "low": 1, "high": width + 1, "seed": salt, "as_list": True},
+                                    {"$randint": [rows], "low": 0, "high": width, "seed": salt + 1, "as_list": True}, width]
+                                   for rows, width, salt in [(3, 11, 1201), (1, 6, 1203), (4, 12, 1205)]],
                   probe="call_as_tensor", atol=0, rtol=0),
         "q2": ask("answer_logprobs", *[[randn(rows, width, vocab, seed=seed, scale=2),
                                         {"$randint": [rows, width], "high": vocab, "seed": seed + 1},
@@ -221,8 +223,8 @@ SPEC = {
                                      for rows, seed in [(5, 1411), (2, 1421)]],
                   probe="call_as_tensor", atol=1e-6),
         "q5": ask("reference_logits", *[[small(vocab_size=61, context_length=9, emb_dim=emb, n_heads=2, n_layers=layers),
-                                           rank, 9, seed]
-                                          for emb, layers, rank, seed in [(16, 1, 2, 1511), (24, 2, 3, 1512)]],
+                                           rank, 9, seed(salt)]
+                                          for emb, layers, rank, salt in [(16, 1, 2, 1511), (24, 2, 3, 1512)]],
                   probe="reference_answers", atol=1e-5),
     },
 }
