@@ -122,7 +122,7 @@ def grade_folder(submissions_dir: Path, exercise: str, out_csv: Path, limits=Non
                  jobs: int = 2) -> Path:
     """Grade every notebook of ``submissions_dir`` as answers to ``exercise`` into ``out_csv`` (written at the
     end, atomically). Refuses to run without bubblewrap unless ``unsafe``."""
-    from sandbox import Limits, bwrap_path, describe_isolation
+    from sandbox import Limits, bwrap_path, describe_isolation, isolation_problems
     from scoring import grade_submissions, safe_text, table
 
     limits = limits or Limits()
@@ -133,6 +133,9 @@ def grade_folder(submissions_dir: Path, exercise: str, out_csv: Path, limits=Non
     submissions = submissions_in(submissions_dir)
     print(f"teach.py: {describe_isolation(unsafe, limits)}", file=sys.stderr)
     questions, rows = grade_submissions(submissions, master.stem, master, limits, unsafe, jobs)
+    if isolation_problems:  # first, before the rows: a teardown that did not come clean is the teacher's concern
+        print(f"teach.py: WARNING: the sandbox's teardown found {len(isolation_problems)} problems (see the rows' "
+              f"status): {safe_text('; '.join(sorted(set(isolation_problems))), 1000)}", file=sys.stderr)
     for row in rows:
         if row.status:
             print(f"teach.py: {safe_text(row.file)}: {safe_text('; '.join(row.status), 1000)}", file=sys.stderr)
