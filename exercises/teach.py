@@ -132,6 +132,7 @@ def grade_folder(submissions_dir: Path, exercise: str, out_csv: Path, limits=Non
                          "(apt-get install bubblewrap) or pass --unsafe to run submissions as you, unisolated")
     submissions = submissions_in(submissions_dir)
     print(f"teach.py: {describe_isolation(unsafe, limits)}", file=sys.stderr)
+    isolation_problems.clear()  # this grading's only
     questions, rows = grade_submissions(submissions, master.stem, master, limits, unsafe, jobs)
     if isolation_problems:  # first, before the rows: a teardown that did not come clean is the teacher's concern
         print(f"teach.py: WARNING: the sandbox's teardown found {len(isolation_problems)} problems (see the rows' "

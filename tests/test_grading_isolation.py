@@ -345,3 +345,26 @@ def test_laptop_mode_without_root_bounds_the_submission_as_one_process(built):
         rows = {row["file"]: row for row in csv.DictReader(out.open())}
     assert {name: rows[name]["total"] for name in ("alice.ipynb", "bob.ipynb", "forking.ipynb")} == \
         {"alice.ipynb": "4", "bob.ipynb": "0", "forking.ipynb": "4"}, done.stderr
+
+
+def test_a_teardown_problem_reaches_the_rows_status_and_the_first_warning(monkeypatch, tmp_path, capsys):
+    """The row read "graded" while the run's groups were left behind: now what the teardown finds is said."""
+    import scoring
+
+    questions = scoring.master_questions(EXERCISE_DIR / "01_gpt_model.ipynb")
+    problem = f"pids limit changed to max (set {cgroup_limits.PIDS_MAX})"
+    monkeypatch.setattr(scoring, "run_submission", lambda *args: sandbox.Run(
+        lines=['{"cells": "cells"}', '{"finished": true}'], returncode=0, problems=[problem]))
+    row = scoring.grade_one("x.ipynb", b'{"cells": []}', "01_gpt_model", questions, {q.name: [] for q in questions},
+                            sandbox.Limits(), True)
+    assert f"isolation: {problem}" in row.status
+
+    def graded(*args):
+        sandbox.isolation_problems.append(problem)
+        return questions, [row]
+
+    monkeypatch.setattr(scoring, "grade_submissions", graded)
+    (tmp_path / "x.ipynb").write_text("{}")
+    teach.grade_folder(tmp_path, "01_gpt_model", tmp_path / "scores.csv", sandbox.Limits(), unsafe=True)
+    printed = capsys.readouterr().err.splitlines()
+    assert printed[1] == f"teach.py: WARNING: the sandbox's teardown found 1 problems (see the rows' status): {problem}"
