@@ -9,7 +9,12 @@ processes it runs, gets one share of the CPU, as its neighbours do).
 
 This is the cgroup v1 layout (one mounted hierarchy per controller, under ``/sys/fs/cgroup/<name>``),
 used where the grader may create groups there (as root). Elsewhere :func:`create` answers ``None`` and
-the grader says so in its isolation line; cgroup v2 (the unified ``/sys/fs/cgroup``) is not handled yet.
+the grader says so in its isolation line (on cgroup v2 without root it asks systemd for a scope instead:
+``sandbox.memory_bound``). Only this trusted side writes the groups: the submission runs as an
+unprivileged user that cannot create namespaces or mount (``seccomp_filter``), and ``/sys`` is not
+mounted in its sandbox. After each run :meth:`Group.teardown` reads the limits back, freezes the group
+so that nothing in it can fork while it is killed, kills, thaws (a frozen process dies only once
+thawed), and removes every folder it made; whatever it could not do is returned, for the row's status.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
-CONTROLLERS = ("memory", "pids", "cpu")
+CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 PIDS_MAX = 256  # processes and threads of one submission together (torch starts a few threads)
+CPU_SHARES = "1024"  # the default share: every submission gets the same
 
 
 def available() -> bool:
@@ -42,6 +48,11 @@ class Group:
         procs = [str(folder / "cgroup.procs") for folder in self.folders]
         return ["/bin/sh", "-c", script, "sh", str(len(procs))] + procs + command
 
+    def limits_now(self) -> dict:
+        """The limits as the kernel holds them now, read back from the group's files."""
+        return {"memory": _read(self.folders[0] / "memory.limit_in_bytes").strip(),
+                "pids": _read(self.folders[1] / "pids.max").strip(), "cpu": _read(self.folders[2] / "cpu.shares").strip()}
+
     def ran_out_of_memory(self) -> bool:
         """Whether the kernel killed one of its processes for the group's memory limit."""
         for line in _read(self.folders[0] / "memory.oom_control").splitlines():
@@ -49,8 +60,13 @@ class Group:
                 return True
         return _read(self.folders[0] / "memory.failcnt").strip() not in ("", "0")
 
-    def kill_and_remove(self) -> None:
-        """SIGKILL every process left in the group (until none is left), then remove its folders."""
+    def teardown(self, expected: dict) -> list[str]:
+        """Check the limits against ``expected``, then freeze, kill every process, thaw, and remove the folders.
+        Returns what went wrong (a changed limit, a process or a folder left), empty when all is clean."""
+        problems = [f"{name} limit changed to {value} (set {expected[name]})"
+                    for name, value in self.limits_now().items() if value != expected.get(name, value)]
+        freezer = self.folders[3] / "freezer.state"
+        _write(freezer, "FROZEN")  # no fork can outrun the kill
         for _ in range(100):
             pids = [int(p) for p in _read(self.folders[1] / "cgroup.procs").split()]
             if not pids:
@@ -60,7 +76,11 @@ class Group:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            _write(freezer, "THAWED")  # a frozen process acts on SIGKILL only once thawed
             time.sleep(0.02)
+        left = _read(self.folders[1] / "cgroup.procs").split()
+        if left:
+            problems.append(f"{len(left)} processes survived the teardown")
         for folder in self.folders:
             for _ in range(50):
                 try:
@@ -70,6 +90,16 @@ class Group:
                     break
                 except OSError:  # EBUSY while the last process is reaped
                     time.sleep(0.02)
+            if folder.exists():
+                problems.append(f"control group {folder} left behind")
+        return problems
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError:
+        pass
 
 
 def _read(path: Path) -> str:
@@ -93,8 +123,13 @@ def create(name: str, memory_mib: int) -> Group | None:
         if (memory / "memory.memsw.limit_in_bytes").exists():
             (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_mib * 1024 * 1024))
         (folders[1] / "pids.max").write_text(str(PIDS_MAX))
-        (folders[2] / "cpu.shares").write_text("1024")
+        (folders[2] / "cpu.shares").write_text(CPU_SHARES)
     except OSError:
-        Group(folders).kill_and_remove()
+        Group(folders).teardown({})
         return None
     return Group(folders)
+
+
+def expected_limits(memory_mib: int) -> dict:
+    """What :func:`create` set, as :meth:`Group.limits_now` reads it back."""
+    return {"memory": str(memory_mib * 1024 * 1024), "pids": str(PIDS_MAX), "cpu": CPU_SHARES}

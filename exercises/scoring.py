@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -26,7 +27,7 @@ from gptlora.teaching.grading_probes import PROBES, build, from_plain, to_plain
 from gptlora.teaching.run_submission import code_cells, definitions_only
 
 from grading_spec import SPEC
-from sandbox import Limits, run_submission, stop_all
+from sandbox import DEADLINE_RUNS, Limits, run_submission, stop_all
 from secret_inputs import Secret, resolve
 
 MAX_NOTEBOOK_BYTES = 20 * 1024 * 1024
@@ -281,9 +282,16 @@ def _grade(file: str, notebook: bytes | Unreadable, exercise: str, questions: li
     by_name, specs = {q.name: q for q in questions}, SPEC[exercise]
     remaining, mode, records = list(specs), "cells", {}
     stopped_after_cells = ""  # why a run in cells mode stopped while its questions were asked
+    deadline = time.monotonic() + DEADLINE_RUNS * limits.timeout_s  # one for all its runs: ~2 x --timeout at most
     for _ in range(len(questions) + 3):
+        left = deadline - time.monotonic()
+        if left < 1:
+            row.status.append(f"timeout: its runs used the {DEADLINE_RUNS:g} x {limits.timeout_s:g} s a submission gets;"
+                              f" {', '.join(remaining)} not asked")
+            break
         tasks = tasks_for(exercise, expected, remaining)  # fresh tags for every run
-        run = run_submission(notebook, tasks, mode, limits, unsafe)
+        run = run_submission(notebook, tasks, mode, replace(limits, timeout_s=min(limits.timeout_s, left)), unsafe)
+        row.status += [f"isolation: {problem}" for problem in run.problems if f"isolation: {problem}" not in row.status]
         results = read_results(run.lines, tasks)
         if results.tampered:
             return Row(file, row.scores, row.status + [f"tampered: {results.tampered}; its answers were not scored"])

@@ -123,7 +123,7 @@ def grade_folder(submissions_dir: Path, exercise: str, out_csv: Path, limits=Non
     """Grade every notebook of ``submissions_dir`` as answers to ``exercise`` into ``out_csv`` (written at the
     end, atomically), on inputs drawn from the key in ``key_file`` (made there on first use). Refuses to run
     without bubblewrap unless ``unsafe``."""
-    from sandbox import Limits, bwrap_path, describe_isolation
+    from sandbox import Limits, bwrap_path, describe_isolation, isolation_problems
     from scoring import grade_submissions, safe_text, table
     from secret_inputs import DEFAULT_KEY_FILE, grading_key
 
@@ -135,7 +135,11 @@ def grade_folder(submissions_dir: Path, exercise: str, out_csv: Path, limits=Non
     submissions = submissions_in(submissions_dir)
     key = grading_key(key_file or DEFAULT_KEY_FILE)
     print(f"teach.py: {describe_isolation(unsafe, limits)}", file=sys.stderr)
+    isolation_problems.clear()  # this grading's only
     questions, rows = grade_submissions(submissions, master.stem, master, limits, unsafe, jobs, key=key)
+    if isolation_problems:  # first, before the rows: a teardown that did not come clean is the teacher's concern
+        print(f"teach.py: WARNING: the sandbox's teardown found {len(isolation_problems)} problems (see the rows' "
+              f"status): {safe_text('; '.join(sorted(set(isolation_problems))), 1000)}", file=sys.stderr)
     for row in rows:
         if row.status:
             print(f"teach.py: {safe_text(row.file)}: {safe_text('; '.join(row.status), 1000)}", file=sys.stderr)
