@@ -355,11 +355,11 @@ def test_a_teardown_problem_reaches_the_rows_status_and_the_first_warning(monkey
     problem = f"pids limit changed to max (set {cgroup_limits.PIDS_MAX})"
     monkeypatch.setattr(scoring, "run_submission", lambda *args: sandbox.Run(
         lines=['{"cells": "cells"}', '{"finished": true}'], returncode=0, problems=[problem]))
-    row = scoring.grade_one("x.ipynb", b'{"cells": []}', "01_gpt_model", questions, {q.name: [] for q in questions},
-                            sandbox.Limits(), True)
+    nothing_drawn = {q.name: scoring.Drawn(cases=[], answers=[]) for q in questions}
+    row = scoring.grade_one("x.ipynb", b'{"cells": []}', "01_gpt_model", questions, nothing_drawn, sandbox.Limits(), True)
     assert f"isolation: {problem}" in row.status
 
-    def graded(*args):
+    def graded(*args, **keywords):
         sandbox.isolation_problems.append(problem)
         return questions, [row]
 
