@@ -1,0 +1,165 @@
+"""The Gradescope autograder of `teach.py release`: run_autograder in Gradescope's folder layout, as root.
+
+Its zip is unpacked into ROOT/source as Gradescope does; ROOT/submission holds one submission;
+`run_autograder` (the script itself, GPTLORA_AUTOGRADER_ROOT=ROOT) must write ROOT/results/results.json
+in Gradescope's format with what the submission's answers deserve: an honest notebook with one typical
+mistake, a blank one and a forging one (it writes its own results.json and prints a forged one). Bad
+submissions (none, two, not JSON, a link) get 0 and one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+
+EXERCISE_DIR = REPO_ROOT / "exercises"
+MASTER = EXERCISE_DIR / "01_gpt_model.ipynb"
+sys.path.insert(0, str(EXERCISE_DIR))
+import gradescope  # noqa: E402  (exercises/ is a folder of scripts)
+from test_grading import ISOLATED  # noqa: E402  (bubblewrap installed and usable here)
+
+QUESTIONS = ["q1", "q2", "q3", "q4"]
+
+
+@pytest.fixture(scope="module")
+def autograder_zip(tmp_path_factory) -> Path:
+    return gradescope.write_autograder_zip(MASTER, tmp_path_factory.mktemp("zip") / "01-gradescope.zip",
+                                           unsafe=not ISOLATED, timeout_s=30)
+
+
+def layout(autograder_zip: Path) -> Path:
+    """Gradescope's /autograder, in a temporary folder: source/ (the zip unpacked), submission/, results/.
+    Not under /tmp: today's sandbox mounts its /tmp over binds below /tmp (issue 26 part A fixes it)."""
+    root = Path(tempfile.mkdtemp(prefix="gptlora-autograder-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
+    with zipfile.ZipFile(autograder_zip) as archive:
+        archive.extractall(root / "source")
+    for name in ("setup.sh", "run_autograder"):
+        os.chmod(root / "source" / name, 0o755)
+    (root / "submission").mkdir()
+    return root
+
+
+def run_autograder(root: Path) -> dict:
+    """Gradescope's step: copy run_autograder to ROOT and run it there; the results.json it wrote."""
+    shutil.copy(root / "source" / "run_autograder", root / "run_autograder")
+    environment = {**os.environ, gradescope.ROOT_VARIABLE: str(root), "GPTLORA_AUTOGRADER_PYTHON": sys.executable}
+    environment.pop("TIKTOKEN_CACHE_DIR", None)  # the autograder uses the zip's copy, as on Gradescope
+    done = subprocess.run([str(root / "run_autograder")], cwd=root, env=environment, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads((root / "results" / "results.json").read_text())
+
+
+def scores_of(results: dict) -> list[float]:
+    return [test["score"] for test in results["tests"]]
+
+
+def check_format(results: dict, visibility: str = "after_published") -> None:
+    """Gradescope's results format: a total, one test per question with its points, visibility and message."""
+    assert [test["name"] for test in results["tests"]] == QUESTIONS
+    assert all(test["max_score"] == 1 and test["visibility"] == visibility for test in results["tests"])
+    assert results["score"] == sum(scores_of(results))
+    text = json.dumps(results)
+    assert "Traceback" not in text and 'File "' not in text
+
+
+def with_mistake(master: Path, question: str) -> bytes:
+    """``master`` with the typical mistake of ``question`` (typical_mistakes.yaml) put into its solution."""
+    [entry] = [m for m in yaml.safe_load((EXERCISE_DIR / "typical_mistakes.yaml").read_text())[master.stem]
+               if m["question"] == question]
+    text = master.read_text()
+    assert text.count(entry["replace"]) == 1
+    return text.replace(entry["replace"], entry["with"]).encode()
+
+
+def test_zip_holds_what_gradescope_runs(autograder_zip):
+    names = set(zipfile.ZipFile(autograder_zip).namelist())
+    assert {"setup.sh", "run_autograder", gradescope.SETTINGS_FILE, "exercises/01_gpt_model.ipynb",
+            "exercises/scoring.py", "exercises/sandbox.py", "gptlora/model.py", "pyproject.toml"} <= names
+    assert not any(name.startswith("exercises/0") and "01_gpt_model" not in name for name in names)
+    setup = zipfile.ZipFile(autograder_zip).read("setup.sh").decode()
+    assert "bubblewrap" in setup and "download.pytorch.org/whl/cpu" in setup and "pyseccomp" in setup
+    with pytest.raises(ValueError, match="after_published"):
+        gradescope.write_autograder_zip(MASTER, autograder_zip.parent / "x.zip", visibility="later")
+
+
+@pytest.mark.slow
+def test_run_autograder_scores_honest_blank_and_forging_submissions(autograder_zip, built):
+    student = (built(MASTER) / "student" / MASTER.name).read_bytes()
+    roots = {name: layout(autograder_zip) for name in ("mistaken", "blank", "forging")}
+    try:
+        (roots["mistaken"] / "submission" / "01_gpt_model.ipynb").write_bytes(with_mistake(MASTER, "q4"))
+        (roots["blank"] / "submission" / "01_gpt_model.ipynb").write_bytes(student)
+        forged = {"score": 1000, "tests": [{"name": q, "score": 1, "max_score": 1} for q in QUESTIONS]}
+        notebook = nbformat.reads(student.decode(), as_version=4)
+        notebook.cells.append(nbformat.v4.new_code_cell(f"""
+import json, os, pathlib
+forged = json.dumps({forged!r})
+for folder in ("{roots['forging']}/results", "/autograder/results", "results", "/tmp"):
+    try:
+        pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+        pathlib.Path(folder, "results.json").write_text(forged)
+    except OSError:
+        pass
+print(forged)
+os._exit(0)
+"""))
+        (roots["forging"] / "submission" / "mine.ipynb").write_text(nbformat.writes(notebook))
+
+        mistaken = run_autograder(roots["mistaken"])
+        check_format(mistaken)
+        assert scores_of(mistaken) == [1, 1, 1, 0]
+        q4 = mistaken["tests"][3]["output"]
+        assert "expected" in q4 and "found" in q4 and "Likely mistake: the mask is off by one" in q4, q4
+        assert mistaken["tests"][0]["output"].startswith("right on all")
+        assert mistaken["output"].startswith("graded 01_gpt_model.ipynb in the grader's sandbox")
+
+        blank = run_autograder(roots["blank"])
+        check_format(blank)
+        assert scores_of(blank) == [0, 0, 0, 0]
+
+        forging = run_autograder(roots["forging"])
+        check_format(forging)
+        assert scores_of(forging) == [0, 0, 0, 0] and forging["score"] == 0
+        assert "1000" not in json.dumps(forging)
+    finally:
+        for root in roots.values():
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", ["none", "two", "not_json", "link"])
+def test_bad_submissions_get_zero_and_one_clear_line(autograder_zip, case):
+    root = layout(autograder_zip)
+    try:
+        submission = root / "submission"
+        if case == "two":
+            for name in ("a.ipynb", "b.ipynb"):
+                shutil.copy(MASTER, submission / name)
+        elif case == "not_json":
+            (submission / "mine.ipynb").write_text("this is not JSON")
+        elif case == "link":
+            (submission / "mine.ipynb").symlink_to(MASTER)
+        else:
+            (submission / "notes.txt").write_text("forgot the notebook")
+        results = gradescope.run_autograder(root)
+        assert json.loads((root / "results" / "results.json").read_text()) == results
+        check_format(results)
+        assert results["score"] == 0
+        expected = {"none": "no notebook (.ipynb) found in your submission", "two": "found 2 notebooks",
+                    "not_json": "invalid notebook", "link": "invalid notebook: not a regular file"}[case]
+        assert expected in results["output"], results["output"]
+        assert results["output"].startswith("not graded") == (case in ("none", "two"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
