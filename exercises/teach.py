@@ -21,6 +21,10 @@ CSV: one row per submission, its points per question, total and status (why it l
 not be asked for: timeout, memory, crash, invalid notebook, missing function). Each submission runs in
 a sandbox (bubblewrap) that only reports its functions' answers on the grader's inputs; a separate
 process scores them. See exercises/GRADING.md for what this promises. Needs ``pip install -e ".[teach]"``.
+
+``similarity`` ranks pairs of submissions, and each against the master's solutions, by the overlap of their
+answer code (``similarity.py``: MOSS's winnowed fingerprints, starter code removed, nothing executed) into an
+HTML page with the matched cells side by side: a lead for a person to check, not a verdict.
 """
 
 from __future__ import annotations

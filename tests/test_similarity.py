@@ -147,3 +147,20 @@ def test_tokens_drop_names_literals_comments_and_whitespace():
     other = similarity.normalised_tokens("total   = bar(2.5, \"b\")\n")
     assert [t for t, _ in one] == [t for t, _ in other] == ["N", "=", "N", "(", "L", ",", "L", ")"]
     assert similarity.normalised_tokens("def f(:\n  return") != []  # broken code keeps what tokenizes
+
+
+def test_a_shared_run_of_k_plus_window_minus_one_tokens_is_always_found_and_one_shorter_than_k_never():
+    """Winnowing's guarantee (Schleimer et al. 2003): a shared run of K + WINDOW - 1 = 10 tokens always shares a
+    fingerprint, whatever surrounds it; a run shorter than K = 7 tokens never does."""
+    assert (similarity.K, similarity.WINDOW) == (7, 4)
+    shared_ten = "x = a [ b ] ( c ) . d"  # 10 tokens once normalised: N = N [ N ] ( N ) . N
+    shared_six = "x = a [ b ]"  # 6 tokens
+    fillers = [("while not q : pass", "lambda : None or 1"), ("yield 5", "raise E"), ("del s", "assert 3")]
+    # (each pair begins and ends with other tokens, so that the shared run cannot grow into its neighbours)
+
+    def prints(source):
+        return set(similarity.winnow(similarity.normalised_tokens(source)))
+
+    for before, after in fillers:
+        assert prints(f"{before}\n{shared_ten}\n") & prints(f"{after}\n{shared_ten}\n{after}\n")
+        assert not prints(f"{before}\n{shared_six}\n{before}\n") & prints(f"{after}\n{shared_six}\n{after}\n")
