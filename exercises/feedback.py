@@ -90,7 +90,8 @@ def describe(record: dict | None, expected: list, spec, points: float, max_point
             by_mistake = {name: from_plain(answers[index]) for name, answers in mistaken.items()}
             expect(what, found, from_plain(wanted), mistakes=by_mistake, atol=spec.atol, rtol=spec.rtol)
         except ExerciseCheckFailed as failure:
-            wrong.append(str(failure))
+            unwritten = observation["value"] is None  # the untouched `...` body returns None
+            wrong.append(str(failure) + (" Write the function's body and end it with `return`." if unwritten else ""))
         except Exception as error:  # a malformed answer that cannot even be compared
             wrong.append(f"{what}: the answer cannot be compared ({type(error).__name__})")
     if not wrong:

@@ -160,10 +160,11 @@ def read_notebooks(folder: Path) -> tuple[dict[str, dict], dict[str, str]]:
     return parsed, skipped
 
 
-def compare_folder(folder: Path, student_notebook: dict, solution_notebook: dict):
-    """The ranked pairs of submissions, each submission against the solutions, and the unreadable entries."""
+def compare_folder(folder: Path, student_notebook: dict, solution_notebook: dict, read=None):
+    """The ranked pairs of submissions, each submission against the solutions, and the unreadable entries
+    (``read``: what :func:`read_notebooks` returned for ``folder``, when it was read already)."""
     starter_lines, starter_prints = starter_of(student_notebook)
-    notebooks, skipped = read_notebooks(folder)
+    notebooks, skipped = read or read_notebooks(folder)
     documents = [document(name, notebook, starter_lines, starter_prints) for name, notebook in sorted(notebooks.items())]
     solutions = document("the master's solutions", solution_notebook, starter_lines, starter_prints)
     against_solutions = sorted((Match(d, solutions, frozenset(d.fingerprints & solutions.fingerprints))
@@ -249,11 +250,12 @@ def report_folder(folder: Path, master: Path, out: Path, built: Path | None = No
     from scoring import safe_text
     from teach import build
 
+    read = read_notebooks(folder)  # first: a wrong folder is said before the release is built
     with tempfile.TemporaryDirectory() as tmp:
         built = built or build(master, Path(tmp))
         student = json.loads((built / "student" / master.name).read_text())
         solution = json.loads((built / "autograder" / master.name).read_text())
-    pairs, against_solutions, skipped = compare_folder(folder, student, solution)
+    pairs, against_solutions, skipped = compare_folder(folder, student, solution, read)
     with replace_atomically(out) as tmp_html:
         tmp_html.write_text(report_html(master.stem, pairs, against_solutions, skipped), encoding="utf-8")
     lines = [f"wrote {out}: {len(pairs)} pairs ranked. {VERDICT}"]

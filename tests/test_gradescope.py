@@ -129,6 +129,8 @@ os._exit(0)
         blank = run_autograder(roots["blank"])
         check_format(blank)
         assert scores_of(blank) == [0, 0, 0, 0]
+        untouched = [blank["tests"][i]["output"] for i in (0, 1, 3)]  # q3's probe reads the model, not a return
+        assert all("found None" in text and "Write the function's body" in text for text in untouched), untouched
 
         forging = run_autograder(roots["forging"])
         check_format(forging)
