@@ -165,3 +165,27 @@ def test_bad_submissions_get_zero_and_one_clear_line(autograder_zip, case):
         assert results["output"].startswith("not graded") == (case in ("none", "two"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_settings_chosen_at_release_visibility_and_grading_without_bubblewrap(tmp_path, monkeypatch):
+    """The teacher's visibility reaches every test; without bubblewrap the autograder refuses (0, one line)
+    unless the teacher allowed grading without it at release, and then says so in its first line."""
+    import sandbox
+
+    monkeypatch.setattr(sandbox, "bwrap_path", lambda: None)
+    for allowed in (False, True):
+        zip_file = gradescope.write_autograder_zip(MASTER, tmp_path / f"{allowed}.zip", visibility="visible",
+                                                   unsafe=allowed)
+        root = layout(zip_file)
+        try:
+            (root / "submission" / "mine.ipynb").write_text("not JSON")  # graded without running anything
+            results = gradescope.run_autograder(root)
+            check_format(results, visibility="visible")
+            assert results["visibility"] == "visible" and results["score"] == 0
+            if allowed:
+                assert "isolation: NONE (--unsafe)" in results["output"].splitlines()[0]
+                assert "invalid notebook" in results["output"]
+            else:
+                assert results["output"].startswith("not graded: bubblewrap (bwrap) is not installed")
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
