@@ -59,9 +59,10 @@ root="${GPTLORA_AUTOGRADER_ROOT:-/autograder}"
 python="${GPTLORA_AUTOGRADER_PYTHON:-/autograder/venv/bin/python}"
 export PYTHONPATH="$root/source" TIKTOKEN_CACHE_DIR="$root/source/tiktoken-cache" GPTLORA_OFFLINE=1
 mkdir -p "$root/results"
+rm -f "$root/results/results.json"  # only what this run writes counts
 "$python" "$root/source/exercises/gradescope.py" run "$root"
 if [ ! -s "$root/results/results.json" ]; then  # the grader itself could not start: still one clear line
-    printf '%s\\n' '{"score": 0, "output": "not graded: the autograder could not start (see its stdout); tell your teacher"}' \\
+    printf '%s\\n' '{"score": 0, "stdout_visibility": "hidden", "output": "not graded: the autograder could not start; tell your teacher"}' \\
         > "$root/results/results.json"
 fi
 """
