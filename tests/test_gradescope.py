@@ -43,6 +43,7 @@ def layout(autograder_zip: Path) -> Path:
     """Gradescope's /autograder, in a temporary folder: source/ (the zip unpacked), submission/, results/.
     Not under /tmp: today's sandbox mounts its /tmp over binds below /tmp (issue 26 part A fixes it)."""
     root = Path(tempfile.mkdtemp(prefix="gptlora-autograder-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
+    os.chmod(root, 0o755)  # as /autograder: readable by a sandbox that runs as an unprivileged user outside
     with zipfile.ZipFile(autograder_zip) as archive:
         archive.extractall(root / "source")
     for name in ("setup.sh", "run_autograder"):
