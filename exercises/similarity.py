@@ -156,6 +156,11 @@ def read_notebooks(folder: Path) -> tuple[dict[str, dict], dict[str, str]]:
         if not isinstance(notebook, dict) or not isinstance(notebook.get("cells"), list):
             skipped[name] = "not a notebook (no list of cells)"
             continue
+        try:
+            code_cells(notebook)  # a source that is a list of non-strings must cost this entry, not the report
+        except TypeError:
+            skipped[name] = "not a notebook (a code cell's source is not text)"
+            continue
         parsed[name] = notebook
     return parsed, skipped
 
@@ -257,7 +262,9 @@ def report_folder(folder: Path, master: Path, out: Path, built: Path | None = No
         solution = json.loads((built / "autograder" / master.name).read_text())
     pairs, against_solutions, skipped = compare_folder(folder, student, solution, read)
     with replace_atomically(out) as tmp_html:
-        tmp_html.write_text(report_html(master.stem, pairs, against_solutions, skipped), encoding="utf-8")
+        # backslashreplace: a lone surrogate (a cell's "\ud800", a file name that is not UTF-8) is shown, not fatal
+        tmp_html.write_text(report_html(master.stem, pairs, against_solutions, skipped), encoding="utf-8",
+                            errors="backslashreplace")
     lines = [f"wrote {out}: {len(pairs)} pairs ranked. {VERDICT}"]
     for match in pairs[:5]:
         if match.shared:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import sys
 
@@ -164,3 +165,29 @@ def test_a_shared_run_of_k_plus_window_minus_one_tokens_is_always_found_and_one_
     for before, after in fillers:
         assert prints(f"{before}\n{shared_ten}\n") & prints(f"{after}\n{shared_ten}\n{after}\n")
         assert not prints(f"{before}\n{shared_six}\n{before}\n") & prints(f"{after}\n{shared_six}\n{after}\n")
+
+
+def test_a_malformed_notebook_or_an_unencodable_character_costs_one_entry_not_the_report(tmp_path):
+    """A notebook whose cell source is not text is listed as not compared (no traceback), and a lone surrogate
+    in a cell (valid JSON: "\\ud800") or a file name that is not UTF-8 still lets the report be written."""
+    built = tmp_path / "built"  # an exercise with no starter code: teach.build's layout, without otter
+    for part in ("student", "autograder"):
+        (built / part).mkdir(parents=True)
+        (built / part / MASTER.name).write_text(json.dumps({"cells": []}))
+    code = "def f(x):\n    total = 0\n    for i in range(x):\n        total = total + i * i - 1\n    return total\n"
+
+    def notebook(source) -> str:
+        return json.dumps({"cells": [{"cell_type": "code", "source": source, "metadata": {}, "outputs": []}]})
+
+    submissions = tmp_path / "submissions"
+    submissions.mkdir()
+    (submissions / "ann.ipynb").write_text(notebook(code))
+    (submissions / "bob.ipynb").write_text(notebook(code + "s = '\ud800'\n"))  # json.dumps writes \ud800
+    (submissions / "cat.ipynb").write_text(notebook([1, 2]))
+    (submissions / os.fsdecode(b"\xff-dan.ipynb")).write_text(notebook(code))
+
+    out = tmp_path / "report.html"
+    said = similarity.report_folder(submissions, MASTER, out, built=built)
+    page = out.read_text(encoding="utf-8")
+    assert "cat.ipynb: not a notebook (a code cell&#x27;s source is not text)" in page
+    assert "ann.ipynb and bob.ipynb" in page and "-dan.ipynb" in page and "ann.ipynb and bob.ipynb: 100%" in said
