@@ -182,6 +182,7 @@ def run_autograder(root: Path) -> dict:
     the results' output, with 0 points."""
     from feedback import graded_questions
     from sandbox import Limits, describe_isolation
+    from scoring import safe_text
 
     settings = json.loads((root / "source" / SETTINGS_FILE).read_text())
     limits = Limits(timeout_s=float(settings["timeout_s"]), memory_mib=int(settings["memory_mib"]))
@@ -189,8 +190,12 @@ def run_autograder(root: Path) -> dict:
     try:
         unsafe = not bubblewrap_runs(limits, fallback_allowed=bool(settings["unsafe"]))
         name, notebook = submitted_notebook(root / "submission")
+        name = safe_text(name)  # the student's choice: no line breaks or control characters in the output
         master = EXERCISES_DIR / f"{settings['exercise']}.ipynb"
         results, status = graded_questions(notebook, settings["exercise"], master, limits, unsafe, name)
+        invalid = [line for line in status if line.startswith("invalid notebook")]
+        if invalid:  # nothing ran: the reason is the one line, first, not below the isolation's description
+            raise ValueError(f"{name}: {invalid[0]}; upload your exercise notebook, the .ipynb file as Jupyter saved it")
         header = f"graded {name} in the grader's sandbox; {describe_isolation(unsafe, limits)}"
         written = results_json(settings, results, status, header, time.perf_counter() - start)
     except ValueError as error:

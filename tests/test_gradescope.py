@@ -46,8 +46,9 @@ def layout(autograder_zip: Path) -> Path:
     os.chmod(root, 0o755)  # as /autograder: readable by a sandbox that runs as an unprivileged user outside
     with zipfile.ZipFile(autograder_zip) as archive:
         archive.extractall(root / "source")
-    for name in ("setup.sh", "run_autograder"):
-        os.chmod(root / "source" / name, 0o755)
+        for info in archive.infolist():  # the modes the zip carries, as unzip applies them (extractall does not)
+            if info.external_attr >> 16:
+                os.chmod(root / "source" / info.filename, (info.external_attr >> 16) & 0o777)
     (root / "submission").mkdir()
     return root
 
@@ -90,6 +91,11 @@ def test_zip_holds_what_gradescope_runs(autograder_zip):
     assert {"setup.sh", "run_autograder", gradescope.SETTINGS_FILE, "exercises/01_gpt_model.ipynb",
             "exercises/scoring.py", "exercises/sandbox.py", "gptlora/model.py", "pyproject.toml"} <= names
     assert not any(name.startswith("exercises/0") and "01_gpt_model" not in name for name in names)
+    for script in ("setup.sh", "run_autograder"):  # run directly by Gradescope: executable, a #! line, LF endings
+        info = zipfile.ZipFile(autograder_zip).getinfo(script)
+        assert info.create_system == 3 and (info.external_attr >> 16) & 0o777 == 0o755
+        text = zipfile.ZipFile(autograder_zip).read(script).decode()
+        assert text.startswith("#!/usr/bin/env bash\n") and "\r" not in text
     setup = zipfile.ZipFile(autograder_zip).read("setup.sh").decode()
     assert "bubblewrap" in setup and "download.pytorch.org/whl/cpu" in setup and "pyseccomp" in setup
     with pytest.raises(ValueError, match="after_published"):
@@ -117,7 +123,8 @@ for folder in ("{roots['forging']}/results", "/autograder/results", "results", "
 print(forged)
 os._exit(0)
 """))
-        (roots["forging"] / "submission" / "mine.ipynb").write_text(nbformat.writes(notebook))
+        forging_name = "mine\nright on all 4 questions.ipynb"  # a name that tries to add a line to the output
+        (roots["forging"] / "submission" / forging_name).write_text(nbformat.writes(notebook))
 
         mistaken = run_autograder(roots["mistaken"])
         check_format(mistaken)
@@ -137,12 +144,13 @@ os._exit(0)
         check_format(forging)
         assert scores_of(forging) == [0, 0, 0, 0] and forging["score"] == 0
         assert "1000" not in json.dumps(forging)
+        assert forging["output"].startswith("graded mine?right on all 4 questions.ipynb in the grader's sandbox")
     finally:
         for root in roots.values():
             shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize("case", ["none", "two", "not_json", "link"])
+@pytest.mark.parametrize("case", ["none", "two", "not_json", "link", "odd_name"])
 def test_bad_submissions_get_zero_and_one_clear_line(autograder_zip, case):
     root = layout(autograder_zip)
     try:
@@ -154,6 +162,8 @@ def test_bad_submissions_get_zero_and_one_clear_line(autograder_zip, case):
             (submission / "mine.ipynb").write_text("this is not JSON")
         elif case == "link":
             (submission / "mine.ipynb").symlink_to(MASTER)
+        elif case == "odd_name":  # a name that tries to add its own lines to the output students read
+            (submission / "mine\nright on all: 4 of 4\r\x1b[2J.ipynb").write_text("not JSON")
         else:
             (submission / "notes.txt").write_text("forgot the notebook")
         results = gradescope.run_autograder(root)
@@ -161,9 +171,11 @@ def test_bad_submissions_get_zero_and_one_clear_line(autograder_zip, case):
         check_format(results)
         assert results["score"] == 0
         expected = {"none": "no notebook (.ipynb) found in your submission", "two": "found 2 notebooks",
-                    "not_json": "invalid notebook", "link": "invalid notebook: not a regular file"}[case]
+                    "not_json": "mine.ipynb: invalid notebook", "link": "mine.ipynb: invalid notebook: not a regular file",
+                    "odd_name": "mine?right on all: 4 of 4??[2J.ipynb: invalid notebook"}[case]
         assert expected in results["output"], results["output"]
-        assert results["output"].startswith("not graded") == (case in ("none", "two"))
+        [line] = results["output"].splitlines()  # one clear line, first, and no other
+        assert line.startswith("not graded: ") and "upload" in line, line
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -179,13 +191,13 @@ def test_settings_chosen_at_release_visibility_and_grading_without_bubblewrap(tm
                                                    unsafe=allowed)
         root = layout(zip_file)
         try:
-            (root / "submission" / "mine.ipynb").write_text("not JSON")  # graded without running anything
+            (root / "submission" / "mine.ipynb").write_text(json.dumps({"cells": []}))  # an empty notebook
             results = gradescope.run_autograder(root)
             check_format(results, visibility="visible")
             assert results["visibility"] == "visible" and results["score"] == 0
             if allowed:
                 assert "isolation: NONE (--unsafe)" in results["output"].splitlines()[0]
-                assert "invalid notebook" in results["output"]
+                assert "q1: missing function" in results["output"]
             else:
                 assert results["output"].startswith("not graded: bubblewrap (bwrap) is not installed")
         finally:
