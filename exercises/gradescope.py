@@ -31,6 +31,7 @@ from gptlora.infra.atomic import replace_atomically, write_json  # noqa: E402
 ROOT_VARIABLE = "GPTLORA_AUTOGRADER_ROOT"
 VISIBILITIES = ("hidden", "after_due_date", "after_published", "visible")  # Gradescope's values
 SETTINGS_FILE = "autograder-settings.json"
+DEADLINE_S = 540  # seconds: under Gradescope's default timeout of 10 minutes (its maximum is 40)
 GRADER_FILES = ("gradescope.py", "feedback.py", "scoring.py", "sandbox.py", "cgroup_limits.py", "grading_spec.py",
                 "teach.py", "typical_mistakes.yaml")  # exercises/ files the autograder runs (teach.py: read a folder)
 REPO_FILES = ("pyproject.toml", "README.md")  # what `pip install` of the package needs besides gptlora/
@@ -60,9 +61,18 @@ python="${GPTLORA_AUTOGRADER_PYTHON:-/autograder/venv/bin/python}"
 export PYTHONPATH="$root/source" TIKTOKEN_CACHE_DIR="$root/source/tiktoken-cache" GPTLORA_OFFLINE=1
 mkdir -p "$root/results"
 rm -f "$root/results/results.json"  # only what this run writes counts
-"$python" "$root/source/exercises/gradescope.py" run "$root"
-if [ ! -s "$root/results/results.json" ]; then  # the grader itself could not start: still one clear line
-    printf '%s\\n' '{"score": 0, "stdout_visibility": "hidden", "output": "not graded: the autograder could not start; tell your teacher"}' \\
+# Stop the grader before Gradescope's own timeout does: Gradescope then shows no results at all.
+deadline=$(sed -n 's/^ *"deadline_s": *\\([0-9.]*\\).*/\\1/p' "$root/source/autograder-settings.json" 2>/dev/null)
+deadline="${deadline:-540}"
+ended=0
+timeout --kill-after=10 "$deadline" "$python" "$root/source/exercises/gradescope.py" run "$root" || ended=$?
+if [ ! -s "$root/results/results.json" ]; then  # still one clear line, with 0 points
+    if [ "$ended" = 124 ] || [ "$ended" = 137 ]; then
+        why="grading ran past the $deadline s the teacher allowed (a cell or a function that never ends?); tell your teacher"
+    else
+        why="the autograder could not start; tell your teacher"
+    fi
+    printf '{"score": 0, "stdout_visibility": "hidden", "output": "not graded: %s"}\\n' "$why" \\
         > "$root/results/results.json"
 fi
 """
@@ -76,11 +86,14 @@ def grading_key_files() -> dict[str, Path]:
 
 
 def write_autograder_zip(master: Path, out_zip: Path, visibility: str = "after_published", unsafe: bool = False,
-                         timeout_s: float | None = None, memory_mib: int | None = None) -> Path:
+                         timeout_s: float | None = None, memory_mib: int | None = None,
+                         deadline_s: float = DEADLINE_S) -> Path:
     """Gradescope's autograder zip for the exercise of ``master`` (written atomically); returns ``out_zip``.
 
     ``visibility``: when students see the per-question results (one of :data:`VISIBILITIES`).
     ``unsafe``: grade without bubblewrap where it cannot run (the container is then the only isolation).
+    ``deadline_s``: ``run_autograder`` stops grading after this long and gives 0 with one line; keep it
+    under the assignment's Gradescope timeout, which otherwise ends the run with no results to show.
     """
     import gptlora
 
@@ -88,7 +101,9 @@ def write_autograder_zip(master: Path, out_zip: Path, visibility: str = "after_p
         raise ValueError(f"visibility {visibility!r} is not one of Gradescope's: {', '.join(VISIBILITIES)}")
     from sandbox import Limits
 
-    settings = {"exercise": master.stem, "visibility": visibility, "unsafe": unsafe,
+    if not deadline_s > 0:
+        raise ValueError(f"the Gradescope deadline must be a positive number of seconds, not {deadline_s!r}")
+    settings = {"exercise": master.stem, "visibility": visibility, "unsafe": unsafe, "deadline_s": deadline_s,
                 "timeout_s": timeout_s or Limits.timeout_s, "memory_mib": memory_mib or Limits.memory_mib}
     package, repo = Path(gptlora.__file__).resolve().parent, Path(gptlora.__file__).resolve().parent.parent
     cache = os.environ.get("TIKTOKEN_CACHE_DIR")

@@ -1,6 +1,7 @@
 """Build the exercise notebooks for students and for otter/Gradescope, and grade a folder of submissions.
 
     python exercises/teach.py release [--out dist] [--visibility after_published] [--gradescope-unsafe]
+                                      [--gradescope-deadline 540]
     python exercises/teach.py build [MASTER.ipynb ...] [--out dist]
     python exercises/teach.py grade SUBMISSIONS_DIR --exercise 01_gpt_model [--out scores.csv] [--timeout 180]
                                     [--memory 4096] [--jobs 2] [--unsafe]
@@ -71,12 +72,12 @@ def build(master: Path, out_dir: Path) -> Path:
 
 
 def release(out_dir: Path, masters: list[Path] | None = None, visibility: str = "after_published",
-            unsafe: bool = False) -> Path:
+            unsafe: bool = False, deadline_s: float | None = None) -> Path:
     """The student release ``out_dir/student/`` (+ ``student.zip``) and, beside it, in ``out_dir/teacher/``,
     two Gradescope autograders per exercise: ``NN_name-gradescope.zip`` (this grader's sandbox and comparison,
-    ``gradescope.py``; ``visibility`` and ``unsafe`` are its settings) and ``NN_name-otter-in-kernel.zip``
-    (otter's, which checks in the student's kernel); returns ``out_dir``. The student folder holds only the
-    student notebooks."""
+    ``gradescope.py``; ``visibility``, ``unsafe`` and ``deadline_s`` are its settings) and
+    ``NN_name-otter-in-kernel.zip`` (otter's, which checks in the student's kernel); returns ``out_dir``. The
+    student folder holds only the student notebooks."""
     from gradescope import write_autograder_zip
 
     student, teacher = out_dir / "student", out_dir / "teacher"
@@ -89,7 +90,8 @@ def release(out_dir: Path, masters: list[Path] | None = None, visibility: str = 
             built = build(master, Path(tmp))
             shutil.copyfile(built / "student" / master.name, student / master.name)
             shutil.copyfile(built / "autograder.zip", teacher / f"{master.stem}-otter-in-kernel.zip")
-            write_autograder_zip(master, teacher / f"{master.stem}-gradescope.zip", visibility, unsafe)
+            write_autograder_zip(master, teacher / f"{master.stem}-gradescope.zip", visibility, unsafe,
+                                 **({"deadline_s": deadline_s} if deadline_s else {}))
     with replace_atomically(out_dir / "student.zip") as tmp_zip:
         with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as archive:
             for notebook in sorted(student.glob("*.ipynb")):
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     release_parser.add_argument("--gradescope-unsafe", action="store_true",
                                 help="let the Gradescope autograder grade without bubblewrap where it cannot run "
                                      "(the container is then the only isolation); default: it refuses")
+    release_parser.add_argument("--gradescope-deadline", type=float, default=None, metavar="SECONDS",
+                                help="the Gradescope autograder stops grading after this long and gives 0 with one "
+                                     "line (default 540: under Gradescope's default timeout of 10 minutes)")
     build_parser = commands.add_parser("build", help="otter assign the master notebooks into student and autograder versions")
     build_parser.add_argument("masters", nargs="*", type=Path, help="master notebooks (default: every exercises/NN_*.ipynb)")
     build_parser.add_argument("--out", type=Path, default=Path("dist"), help="output folder (default: dist)")
@@ -204,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "release":
-            print(f"wrote {release(args.out, visibility=args.visibility, unsafe=args.gradescope_unsafe)}: student/ "
+            written = release(args.out, visibility=args.visibility, unsafe=args.gradescope_unsafe,
+                              deadline_s=args.gradescope_deadline)
+            print(f"wrote {written}: student/ "
                   f"and student.zip to hand out, teacher/ for Gradescope")
         elif args.command == "similarity":
             from similarity import report_folder

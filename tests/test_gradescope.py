@@ -53,10 +53,10 @@ def layout(autograder_zip: Path) -> Path:
     return root
 
 
-def run_autograder(root: Path) -> dict:
+def run_autograder(root: Path, python: str = sys.executable) -> dict:
     """Gradescope's step: copy run_autograder to ROOT and run it there; the results.json it wrote."""
     shutil.copy(root / "source" / "run_autograder", root / "run_autograder")
-    environment = {**os.environ, gradescope.ROOT_VARIABLE: str(root), "GPTLORA_AUTOGRADER_PYTHON": sys.executable}
+    environment = {**os.environ, gradescope.ROOT_VARIABLE: str(root), "GPTLORA_AUTOGRADER_PYTHON": python}
     environment.pop("TIKTOKEN_CACHE_DIR", None)  # the autograder uses the zip's copy, as on Gradescope
     done = subprocess.run([str(root / "run_autograder")], cwd=root, env=environment, capture_output=True, text=True,
                           timeout=300)
@@ -200,5 +200,25 @@ def test_settings_chosen_at_release_visibility_and_grading_without_bubblewrap(tm
                 assert "q1: missing function" in results["output"]
             else:
                 assert results["output"].startswith("not graded: bubblewrap (bwrap) is not installed")
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_grader_that_hangs_or_cannot_start_still_leaves_one_line_of_results(tmp_path):
+    """Gradescope kills run_autograder at its own timeout (10 minutes by default) and then shows no results:
+    run_autograder stops the grader at the zip's deadline first and writes 0 with one line; a grader that
+    cannot start gets its own line. A stand-in for the grader's Python that hangs (or fails) stands for both."""
+    zip_file = gradescope.write_autograder_zip(MASTER, tmp_path / "a.zip", deadline_s=2)
+    for name, body, said in (("hangs", "exec sleep 60", "not graded: grading ran past the 2 s"),
+                             ("fails", "exit 3", "not graded: the autograder could not start")):
+        stand_in = tmp_path / name
+        stand_in.write_text(f"#!/bin/sh\n{body}\n")
+        stand_in.chmod(0o755)
+        root = layout(zip_file)
+        try:
+            results = run_autograder(root, python=str(stand_in))
+            assert results["score"] == 0 and results["stdout_visibility"] == "hidden"
+            [line] = results["output"].splitlines()
+            assert line.startswith(said), line
         finally:
             shutil.rmtree(root, ignore_errors=True)
