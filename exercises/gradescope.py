@@ -32,8 +32,7 @@ ROOT_VARIABLE = "GPTLORA_AUTOGRADER_ROOT"
 VISIBILITIES = ("hidden", "after_due_date", "after_published", "visible")  # Gradescope's values
 SETTINGS_FILE = "autograder-settings.json"
 DEADLINE_S = 540  # seconds: under Gradescope's default timeout of 10 minutes (its maximum is 40)
-GRADER_FILES = ("gradescope.py", "feedback.py", "scoring.py", "sandbox.py", "cgroup_limits.py", "grading_spec.py",
-                "teach.py", "typical_mistakes.yaml")  # exercises/ files the autograder runs (teach.py: read a folder)
+GRADER_DATA = ("typical_mistakes.yaml",)  # besides every exercises/*.py (the autograder runs teach.py grade's code)
 REPO_FILES = ("pyproject.toml", "README.md")  # what `pip install` of the package needs besides gptlora/
 
 SETUP_SH = """#!/usr/bin/env bash
@@ -115,8 +114,9 @@ def write_autograder_zip(master: Path, out_zip: Path, visibility: str = "after_p
                 archive.writestr(info, text)
             archive.writestr(SETTINGS_FILE, json.dumps(settings, indent=1))
             archive.write(master, f"exercises/{master.name}")
-            for name in GRADER_FILES:
-                archive.write(EXERCISES_DIR / name, f"exercises/{name}")
+            # every module of exercises/, not a list: a module that one of them imports later travels too
+            for path in sorted(EXERCISES_DIR.glob("*.py")) + [EXERCISES_DIR / name for name in GRADER_DATA]:
+                archive.write(path, f"exercises/{path.name}")
             for name in REPO_FILES:
                 if (repo / name).is_file():
                     archive.write(repo / name, name)
