@@ -56,8 +56,10 @@ def graded_questions(notebook, exercise: str, master: Path, limits, unsafe: bool
     mistakes = TypicalMistakes(exercise, master)
     results = []
     for question in questions:
+        answered_right = row.scores[question.name] >= question.points
+        mistaken = {} if answered_right else mistakes.answers_for(question.name)  # each costs a run of the master
         message = describe(row.records.get(question.name), expected[question.name], SPEC[exercise][question.name],
-                           row.scores[question.name], question.points, mistakes.answers_for(question.name))
+                           row.scores[question.name], question.points, mistaken)
         results.append(QuestionResult(question.name, row.scores[question.name], question.points,
                                       scoring.safe_text(message, MESSAGE_LIMIT)))
     return results, row.status

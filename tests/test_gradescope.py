@@ -225,3 +225,22 @@ def test_a_grader_that_hangs_or_cannot_start_still_leaves_one_line_of_results(tm
             assert line.startswith(said), line
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def test_typical_mistakes_are_worked_out_only_for_questions_answered_wrongly(monkeypatch):
+    """Each typical mistake costs a run of the master's solutions on every grading input: a question answered
+    right needs none (feedback.TypicalMistakes promises 'on demand'), so a perfect submission costs none."""
+    import feedback
+    import scoring
+    from sandbox import Limits
+
+    questions = scoring.master_questions(MASTER)
+    perfect_but_q2 = scoring.Row("mine.ipynb", {q.name: (0.0 if q.name == "q2" else q.points) for q in questions})
+    monkeypatch.setattr(scoring, "grade_one", lambda *args, **kwargs: perfect_but_q2)  # no sandbox run here
+    worked_out = []
+    original = feedback.TypicalMistakes._compute
+    monkeypatch.setattr(feedback.TypicalMistakes, "_compute",
+                        lambda self, entry: worked_out.append(entry["question"]) or original(self, entry))
+    results, _ = feedback.graded_questions(b"{}", MASTER.stem, MASTER, Limits(), unsafe=True)
+    assert [r.points for r in results] == [1, 0, 1, 1]
+    assert worked_out == ["q2"]
