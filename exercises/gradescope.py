@@ -84,6 +84,14 @@ def grading_key_files() -> dict[str, Path]:
     return {}
 
 
+def check_settings(visibility: str, deadline_s: float) -> None:
+    """``ValueError`` (one line) for a visibility Gradescope does not know or a deadline that is not positive."""
+    if visibility not in VISIBILITIES:
+        raise ValueError(f"visibility {visibility!r} is not one of Gradescope's: {', '.join(VISIBILITIES)}")
+    if not deadline_s > 0:
+        raise ValueError(f"the Gradescope deadline must be a positive number of seconds, not {deadline_s!r}")
+
+
 def write_autograder_zip(master: Path, out_zip: Path, visibility: str = "after_published", unsafe: bool = False,
                          timeout_s: float | None = None, memory_mib: int | None = None,
                          deadline_s: float = DEADLINE_S) -> Path:
@@ -96,12 +104,9 @@ def write_autograder_zip(master: Path, out_zip: Path, visibility: str = "after_p
     """
     import gptlora
 
-    if visibility not in VISIBILITIES:
-        raise ValueError(f"visibility {visibility!r} is not one of Gradescope's: {', '.join(VISIBILITIES)}")
     from sandbox import Limits
 
-    if not deadline_s > 0:
-        raise ValueError(f"the Gradescope deadline must be a positive number of seconds, not {deadline_s!r}")
+    check_settings(visibility, deadline_s)
     settings = {"exercise": master.stem, "visibility": visibility, "unsafe": unsafe, "deadline_s": deadline_s,
                 "timeout_s": timeout_s or Limits.timeout_s, "memory_mib": memory_mib or Limits.memory_mib}
     package, repo = Path(gptlora.__file__).resolve().parent, Path(gptlora.__file__).resolve().parent.parent

@@ -78,8 +78,10 @@ def release(out_dir: Path, masters: list[Path] | None = None, visibility: str = 
     ``gradescope.py``; ``visibility``, ``unsafe`` and ``deadline_s`` are its settings) and
     ``NN_name-otter-in-kernel.zip`` (otter's, which checks in the student's kernel); returns ``out_dir``. The
     student folder holds only the student notebooks."""
-    from gradescope import write_autograder_zip
+    from gradescope import DEADLINE_S, check_settings, write_autograder_zip
 
+    deadline_s = DEADLINE_S if deadline_s is None else deadline_s
+    check_settings(visibility, deadline_s)  # before anything in out_dir is replaced
     student, teacher = out_dir / "student", out_dir / "teacher"
     for folder in (student, teacher):
         if folder.exists():
@@ -91,7 +93,7 @@ def release(out_dir: Path, masters: list[Path] | None = None, visibility: str = 
             shutil.copyfile(built / "student" / master.name, student / master.name)
             shutil.copyfile(built / "autograder.zip", teacher / f"{master.stem}-otter-in-kernel.zip")
             write_autograder_zip(master, teacher / f"{master.stem}-gradescope.zip", visibility, unsafe,
-                                 **({"deadline_s": deadline_s} if deadline_s else {}))
+                                 deadline_s=deadline_s)
     with replace_atomically(out_dir / "student.zip") as tmp_zip:
         with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as archive:
             for notebook in sorted(student.glob("*.ipynb")):

@@ -244,3 +244,11 @@ def test_typical_mistakes_are_worked_out_only_for_questions_answered_wrongly(mon
     results, _ = feedback.graded_questions(b"{}", MASTER.stem, MASTER, Limits(), unsafe=True)
     assert [r.points for r in results] == [1, 0, 1, 1]
     assert worked_out == ["q2"]
+
+
+def test_release_refuses_a_deadline_that_is_not_positive_before_it_touches_the_output(tmp_path, capsys):
+    import teach
+
+    assert teach.main(["release", "--out", str(tmp_path / "dist"), "--gradescope-deadline", "0"]) == 2
+    assert "deadline must be a positive number of seconds" in capsys.readouterr().err
+    assert not (tmp_path / "dist").exists()
