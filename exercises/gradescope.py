@@ -66,12 +66,12 @@ deadline="${deadline:-540}"
 ended=0
 timeout --kill-after=10 "$deadline" "$python" "$root/source/exercises/gradescope.py" run "$root" || ended=$?
 if [ ! -s "$root/results/results.json" ]; then  # still one clear line, with 0 points
-    if [ "$ended" = 124 ] || [ "$ended" = 137 ]; then
-        why="grading ran past the $deadline s the teacher allowed (a cell or a function that never ends?); tell your teacher"
-    else
-        why="the autograder could not start; tell your teacher"
-    fi
-    printf '{"score": 0, "stdout_visibility": "hidden", "output": "not graded: %s"}\\n' "$why" \\
+    case "$ended" in  # timeout(1): 124 past the deadline; 137 killed (SIGKILL: the kernel's OOM killer, or us)
+        124) why="grading ran past the $deadline s the teacher allowed (a cell or a function that never ends?)" ;;
+        137) why="the grader was killed: out of the container's memory (raise it in Gradescope's settings)" ;;
+        *) why="the autograder could not start or stopped early (exit status $ended)" ;;
+    esac
+    printf '{"score": 0, "stdout_visibility": "hidden", "output": "not graded: %s; tell your teacher"}\\n' "$why" \\
         > "$root/results/results.json"
 fi
 """

@@ -209,11 +209,13 @@ def test_settings_chosen_at_release_visibility_and_grading_without_bubblewrap(tm
 
 def test_a_grader_that_hangs_or_cannot_start_still_leaves_one_line_of_results(tmp_path):
     """Gradescope kills run_autograder at its own timeout (10 minutes by default) and then shows no results:
-    run_autograder stops the grader at the zip's deadline first and writes 0 with one line; a grader that
-    cannot start gets its own line. A stand-in for the grader's Python that hangs (or fails) stands for both."""
+    run_autograder stops the grader at the zip's deadline first and writes 0 with one line; a grader killed
+    (by the kernel's OOM killer in a small container) or that cannot start gets its own line. A stand-in for
+    the grader's Python that hangs, is killed or fails stands for each."""
     zip_file = gradescope.write_autograder_zip(MASTER, tmp_path / "a.zip", deadline_s=2)
     for name, body, said in (("hangs", "exec sleep 60", "not graded: grading ran past the 2 s"),
-                             ("fails", "exit 3", "not graded: the autograder could not start")):
+                             ("killed", "kill -9 $$", "not graded: the grader was killed: out of the container's"),
+                             ("fails", "exit 3", "not graded: the autograder could not start or stopped early")):
         stand_in = tmp_path / name
         stand_in.write_text(f"#!/bin/sh\n{body}\n")
         stand_in.chmod(0o755)
