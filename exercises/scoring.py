@@ -67,6 +67,7 @@ class Row:
     file: str
     scores: dict
     status: list[str] = field(default_factory=list)
+    records: dict = field(default_factory=dict)  # question -> what the sandbox answered (for feedback messages)
 
     @property
     def total(self) -> float:
@@ -324,7 +325,7 @@ def _grade(file: str, notebook: bytes | Unreadable, exercise: str, questions: li
         row.scores[question.name] = points
         if problem.startswith("missing"):
             problems.append(f"{question.name}: {problem}")
-    return Row(file, row.scores, row.status + problems)
+    return Row(file, row.scores, row.status + problems, records)
 
 
 def check_sandbox(limits: Limits, unsafe: bool) -> None:

@@ -1,13 +1,17 @@
 """Build the exercise notebooks for students and for otter/Gradescope, and grade a folder of submissions.
 
-    python exercises/teach.py release [--out dist]
+    python exercises/teach.py release [--out dist] [--visibility after_published] [--gradescope-unsafe]
+                                      [--gradescope-deadline 540] [--key-file PATH]
     python exercises/teach.py build [MASTER.ipynb ...] [--out dist]
     python exercises/teach.py grade SUBMISSIONS_DIR --exercise 01_gpt_model [--out scores.csv] [--timeout 180]
                                     [--memory 4096] [--jobs 2] [--unsafe] [--key-file PATH]
+    python exercises/teach.py similarity SUBMISSIONS_DIR --exercise 01_gpt_model [--out similarity.html]
 
 ``release`` writes ``OUT/student/`` (one notebook per exercise, public checks only: no solutions, no
 hidden checks, no grading inputs) and ``OUT/student.zip`` to hand out, and, apart from it,
-``OUT/teacher/NN_name-autograder.zip``, otter's autograder for Gradescope.
+``OUT/teacher/``, per exercise, two autograders for Gradescope: ``NN_name-gradescope.zip`` grades with this
+grader's sandbox and comparison (``gradescope.py``), ``NN_name-otter-in-kernel.zip`` is otter's, whose
+checks run in the student's kernel.
 
 ``build`` runs ``otter assign`` on each master notebook (default: every ``exercises/NN_*.ipynb``)
 into ``OUT/<name>/``: ``student/<name>.ipynb``, ``autograder/<name>.ipynb`` (the solutions) and
@@ -18,6 +22,10 @@ CSV: one row per submission, its points per question, total and status (why it l
 not be asked for: timeout, memory, crash, invalid notebook, missing function). Each submission runs in
 a sandbox (bubblewrap) that only reports its functions' answers on the grader's inputs; a separate
 process scores them. See exercises/GRADING.md for what this promises. Needs ``pip install -e ".[teach]"``.
+
+``similarity`` ranks pairs of submissions, and each against the master's solutions, by the overlap of their
+answer code (``similarity.py``: MOSS's winnowed fingerprints, starter code removed, nothing executed) into an
+HTML page with the matched cells side by side: a lead for a person to check, not a verdict.
 """
 
 from __future__ import annotations
@@ -63,9 +71,18 @@ def build(master: Path, out_dir: Path) -> Path:
     return target
 
 
-def release(out_dir: Path, masters: list[Path] | None = None) -> Path:
-    """The student release ``out_dir/student/`` (+ ``student.zip``) and, beside it, the otter autograder zips
-    in ``out_dir/teacher/``; returns ``out_dir``. The student folder holds only the student notebooks."""
+def release(out_dir: Path, masters: list[Path] | None = None, visibility: str = "after_published",
+            unsafe: bool = False, deadline_s: float | None = None, key_file: Path | None = None) -> Path:
+    """The student release ``out_dir/student/`` (+ ``student.zip``) and, beside it, in ``out_dir/teacher/``,
+    two Gradescope autograders per exercise: ``NN_name-gradescope.zip`` (this grader's sandbox and comparison,
+    ``gradescope.py``; ``visibility``, ``unsafe`` and ``deadline_s`` are its settings, and it carries the grading
+    key of ``key_file``: keep these zips to yourself) and
+    ``NN_name-otter-in-kernel.zip`` (otter's, which checks in the student's kernel); returns ``out_dir``. The
+    student folder holds only the student notebooks."""
+    from gradescope import DEADLINE_S, check_settings, write_autograder_zip
+
+    deadline_s = DEADLINE_S if deadline_s is None else deadline_s
+    check_settings(visibility, deadline_s)  # before anything in out_dir is replaced
     student, teacher = out_dir / "student", out_dir / "teacher"
     for folder in (student, teacher):
         if folder.exists():
@@ -75,7 +92,9 @@ def release(out_dir: Path, masters: list[Path] | None = None) -> Path:
         for master in masters or master_notebooks():
             built = build(master, Path(tmp))
             shutil.copyfile(built / "student" / master.name, student / master.name)
-            shutil.copyfile(built / "autograder.zip", teacher / f"{master.stem}-autograder.zip")
+            shutil.copyfile(built / "autograder.zip", teacher / f"{master.stem}-otter-in-kernel.zip")
+            write_autograder_zip(master, teacher / f"{master.stem}-gradescope.zip", visibility, unsafe,
+                                 deadline_s=deadline_s, key_file=key_file)
     with replace_atomically(out_dir / "student.zip") as tmp_zip:
         with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as archive:
             for notebook in sorted(student.glob("*.ipynb")):
@@ -166,6 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     release_parser = commands.add_parser("release", help="the student release and, apart, otter's autograder zips")
     release_parser.add_argument("--out", type=Path, default=Path("dist"), help="output folder (default: dist)")
+    release_parser.add_argument("--visibility", default="after_published",
+                                choices=("hidden", "after_due_date", "after_published", "visible"),
+                                help="when students see the Gradescope autograder's results (default: after_published)")
+    release_parser.add_argument("--gradescope-unsafe", action="store_true",
+                                help="let the Gradescope autograder grade without bubblewrap where it cannot run "
+                                     "(the container is then the only isolation); default: it refuses")
+    release_parser.add_argument("--gradescope-deadline", type=float, default=None, metavar="SECONDS",
+                                help="the Gradescope autograder stops grading after this long and gives 0 with one "
+                                     "line (default 540: under Gradescope's default timeout of 10 minutes)")
+    release_parser.add_argument("--key-file", type=Path, default=None,
+                                help="the grading key the Gradescope zips carry (default: the one `grade` uses, "
+                                     "~/.config/gptlora/grading-key, made there on first use)")
     build_parser = commands.add_parser("build", help="otter assign the master notebooks into student and autograder versions")
     build_parser.add_argument("masters", nargs="*", type=Path, help="master notebooks (default: every exercises/NN_*.ipynb)")
     build_parser.add_argument("--out", type=Path, default=Path("dist"), help="output folder (default: dist)")
@@ -185,10 +216,23 @@ def main(argv: list[str] | None = None) -> int:
                                    "there (mode 600) on first use (default: ~/.config/gptlora/grading-key)")
     grade_parser.add_argument("--unsafe", action="store_true",
                               help="grade without bubblewrap: submissions can then read and change your files")
+    similar_parser = commands.add_parser("similarity", help="rank pairs of submissions by overlap of their answer "
+                                                            "code: a lead for a person to check, not a verdict")
+    similar_parser.add_argument("submissions", type=Path, help="folder of submitted .ipynb files")
+    similar_parser.add_argument("--exercise", required=True, help="the exercise they answer, e.g. 01_gpt_model")
+    similar_parser.add_argument("--out", type=Path, default=Path("similarity.html"),
+                                help="HTML report to write (default: similarity.html)")
     args = parser.parse_args(argv)
     try:
         if args.command == "release":
-            print(f"wrote {release(args.out)}: student/ and student.zip to hand out, teacher/ for Gradescope")
+            written = release(args.out, visibility=args.visibility, unsafe=args.gradescope_unsafe,
+                              deadline_s=args.gradescope_deadline, key_file=args.key_file)
+            print(f"wrote {written}: student/ "
+                  f"and student.zip to hand out, teacher/ for Gradescope")
+        elif args.command == "similarity":
+            from similarity import report_folder
+
+            print(report_folder(args.submissions, master_of(args.exercise), args.out))
         elif args.command == "build":
             for master in args.masters or master_notebooks():
                 if not master.is_file():

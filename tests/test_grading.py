@@ -388,9 +388,10 @@ def test_release_holds_student_notebooks_only(tmp_path):
     import zipfile
 
     assert zipfile.ZipFile(out / "student.zip").namelist() == ["exercises/01_gpt_model.ipynb"]
-    assert sorted(p.name for p in (out / "teacher").iterdir()) == ["01_gpt_model-autograder.zip"]
+    assert sorted(p.name for p in (out / "teacher").iterdir()) == ["01_gpt_model-gradescope.zip",
+                                                                   "01_gpt_model-otter-in-kernel.zip"]
     assert not any("grading_spec" in name for name in zipfile.ZipFile(out / "student.zip").namelist())
-    assert os.access(out / "teacher" / "01_gpt_model-autograder.zip", os.R_OK)
+    assert os.access(out / "teacher" / "01_gpt_model-otter-in-kernel.zip", os.R_OK)
 
 
 def test_definitions_keep_literal_constants_and_drop_everything_else():
