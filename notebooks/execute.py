@@ -177,6 +177,7 @@ def sanitize_text(text: str, root: Path) -> str:
 def clean_outputs(nb, root: Path) -> None:
     """Sanitise every text output of ``nb`` in place and number the executed cells from 1."""
     count = 0
+    nb.metadata.pop("widgets", None)  # the progress-bar widgets' state, dropped with them below
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
