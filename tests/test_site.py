@@ -128,9 +128,8 @@ def test_a_chapter_page_shows_its_plots_and_opens_in_colab(notebook, base_url, b
 
 @needs_browser
 def test_search_finds_lora(base_url, browser):
-    page = browser.new_page()
+    page = browser.new_page(viewport={"width": 1280, "height": 800})  # wide: the search box is in the header
     page.goto(base_url, wait_until="load")
-    page.locator("label.md-search__icon, label[for='__search']").first.click()
     page.locator("input.md-search__input").fill("LoRA")
     results = page.locator(".md-search-result__item")
     results.first.wait_for(timeout=15_000)
