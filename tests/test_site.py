@@ -129,9 +129,11 @@ def test_a_chapter_page_shows_its_plots_and_opens_in_colab(notebook, base_url, b
 @needs_browser
 def test_search_finds_lora(base_url, browser):
     page = browser.new_page(viewport={"width": 1280, "height": 800})  # wide: the search box is in the header
-    page.goto(base_url, wait_until="load")
-    page.locator("input.md-search__input").fill("LoRA")
+    page.goto(base_url, wait_until="networkidle")  # the search index and its worker loaded
+    search = page.locator("input.md-search__input")
+    search.click()
+    search.press_sequentially("LoRA", delay=50)  # key by key, as a reader types: the theme searches on each key
     results = page.locator(".md-search-result__item")
-    results.first.wait_for(timeout=15_000)
+    results.first.wait_for(timeout=60_000)
     assert results.count() >= 3 and "LoRA" in results.first.inner_text()
     page.close()
