@@ -5,12 +5,19 @@ passed through the ``GPTLORA_*`` variables of ``gptlora.teaching.notebook_params
 notebooks read what earlier ones wrote (05's parquet files, 06's run) and the repository
 itself stays clean. From notebook 03 on, ``GPTLORA_MODEL`` is a small GPT-2-shaped
 checkpoint written here (03 pretrains a model of its shape from random weights), and ``GPTLORA_EPOCHS=1`` keeps the fine-tuning of 06 and 07 short.
+
+The notebooks are committed with their outputs (``notebooks/execute.py`` writes them). Those marked
+``"check": "compare"`` in their metadata are cheap: instead of the short run, they run here with the
+parameters they were executed with, and nbval compares every output with the committed one (after
+``notebooks/nbval_sanitize.cfg``). The others are checked against the fingerprint execute.py recorded:
+the code cells, and the gptlora modules and input files the run used.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import xml.etree.ElementTree as ElementTree
 import os
 import re
 import subprocess
@@ -33,9 +40,9 @@ REPO_OUTPUT_DIRS = ("data", "weights", "runs", "notebooks")
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def load_colab_script():
-    """notebooks/add_colab_cells.py as a module, without leaving a __pycache__ in notebooks/."""
-    spec = importlib.util.spec_from_file_location("add_colab_cells", NOTEBOOK_DIR / "add_colab_cells.py")
+def load_colab_script(name: str):
+    """notebooks/<name>.py as a module, without leaving a __pycache__ in notebooks/."""
+    spec = importlib.util.spec_from_file_location(name, NOTEBOOK_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
@@ -45,8 +52,10 @@ def load_colab_script():
     return module
 
 
-colab = load_colab_script()
+colab = load_colab_script("add_colab_cells")
+executor = load_colab_script("execute")
 REPOSITORY = colab.repository_url()  # pyproject.toml's [project.urls] Repository
+NOTEBOOKS_SIZE_LIMIT = 10 * 1024**2
 
 
 def is_install_cell(cell) -> bool:
@@ -168,20 +177,116 @@ def test_there_are_notebooks_in_sequence():
         f"expected notebooks numbered from 01_... without gaps in {NOTEBOOK_DIR}, found {numbers}"
 
 
+def check_of(path: Path) -> str:
+    return executor.settings(nbformat.read(path, as_version=4)).get("check", "")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
-def test_notebook_is_committed_clean(path):
-    """No outputs or execution counts (numbers from a test checkpoint would mislead a reader)."""
+def test_notebook_is_committed_with_clean_outputs(path):
+    """Outputs as execute.py writes them: none of this machine's paths or addresses, counts from 1, a note."""
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert not [i for i, cell in enumerate(code) if cell.outputs or cell.execution_count], \
-        f"{path.name} has outputs; clear them (Jupyter: Edit > Clear Outputs of All Cells) before committing"
+    refresh = f"run `{executor.REFRESH} notebooks/{path.name}`"
+    assert check_of(path) in ("compare", "fingerprint"), \
+        f"{path.name}: metadata.gptlora.execute.check must be 'compare' or 'fingerprint' (see notebooks/execute.py)"
+    code = [cell for cell in nb.cells if cell.cell_type == "code" and not is_install_cell(cell)]
+    counts = [cell.execution_count for cell in code]
+    assert counts == list(range(1, len(code) + 1)), f"{path.name} is not executed as a whole (counts {counts}); {refresh}"
+    text = json.dumps([cell.outputs for cell in code])
+    for leak in (str(REPO_ROOT), str(REPO_ROOT.parent / "shared"), "/tmp/", "/home/", "/root/"):
+        assert leak not in text, f"{path.name}: an output shows the path {leak}; {refresh}"
+    assert not re.search(r"\b0x[0-9a-f]{8,}", text), f"{path.name}: an output shows a memory address; {refresh}"
+    note = "".join(output.get("text", "") for output in parameter_cell(nb).outputs)
+    assert "[outputs made by notebooks/execute.py on " in note, f"{path.name}: the parameter cell lacks the note; {refresh}"
+    if executor.settings(nb).get("parameters", {}).get("model") == executor.STAND_IN:
+        assert "[run on a random-weight stand-in" in note, f"{path.name}: the stand-in note is missing; {refresh}"
     first_parameters = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])]
-    after_install = [cell for cell in code if not is_install_cell(cell)]
+    after_install = [cell for cell in nb.cells if cell.cell_type == "code" and not is_install_cell(cell)]
     assert first_parameters and nb.cells[first_parameters[0]] is after_install[0], \
         f"{path.name}: the first code cell after Colab's install cell must be the parameter cell, tagged 'parameters'"
     assert re.search(r"Needs from earlier notebooks", nb.cells[0].source), \
         f"{path.name}: the first cell must say what the notebook needs from earlier ones"
+
+
+def parameter_cell(nb):
+    return next(cell for cell in nb.cells if "parameters" in cell.metadata.get("tags", []))
+
+
+def test_the_notebooks_stay_small():
+    sizes = {path.name: path.stat().st_size for path in NOTEBOOK_DIR.iterdir() if path.is_file()}
+    assert sum(sizes.values()) < NOTEBOOKS_SIZE_LIMIT, \
+        f"notebooks/ holds {sum(sizes.values()) / 1024**2:.1f} MB, more than 10 MB: {sorted(sizes.items())}"
+
+
+@pytest.mark.parametrize("path", [path for path in NOTEBOOKS if check_of(path) == "fingerprint"],
+                         ids=[path.stem for path in NOTEBOOKS if check_of(path) == "fingerprint"])
+def test_expensive_notebook_outputs_match_their_fingerprint(path):
+    """The code cells, gptlora modules and input files the committed outputs came from are still those."""
+    reason = executor.stale_reason(path)
+    if reason:
+        pytest.fail(reason, pytrace=False)
+
+
+def test_a_stale_fingerprint_names_the_notebook_the_cell_or_the_module(tmp_path, monkeypatch):
+    path = next(path for path in NOTEBOOKS if check_of(path) == "fingerprint")
+    copy = tmp_path / path.name
+    nb = nbformat.read(path, as_version=4)
+    nbformat.write(nb, copy)
+    assert executor.stale_reason(copy) is None
+    module = next(iter(nb.metadata.gptlora.fingerprint.modules))
+    nb.metadata.gptlora.fingerprint.modules[module] = "0" * 64
+    nbformat.write(nb, copy)
+    assert executor.stale_reason(copy) == (f"notebooks/{path.name}: {module} changed since its outputs were made; "
+                                           f"refresh its outputs: {executor.REFRESH} notebooks/{path.name}")
+    index = next(i for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and not is_install_cell(cell))
+    nb.cells[index].source += "\nprint('one more line')"
+    nbformat.write(nb, copy)
+    reason = executor.stale_reason(copy)
+    assert reason.startswith(f"notebooks/{path.name}, cell {index}: its code changed") and reason.count("\n") == 0
+
+
+def test_a_changed_output_of_a_compared_notebook_fails_with_one_line_naming_it(tmp_path):
+    """As for 01 and 05: an output committed that the code does not produce is found, cell and values named."""
+    path = tmp_path / "99_made_up.ipynb"
+    cell = nbformat.v4.new_code_cell("print(6 * 7)", execution_count=1,
+                                     outputs=[nbformat.v4.new_output("stream", name="stdout", text="41\n")])
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# 99"), cell]), path)
+    failures = nbval_failures(path, {}, tmp_path)
+    assert failures == [f"notebooks/99_made_up.ipynb, cell 1: the output differs from the committed one (committed '41', "
+                        f"now '42'); "
+                        f"refresh it: {executor.REFRESH} notebooks/99_made_up.ipynb"]
+
+
+def nbval_failures(path: Path, env: dict, workspace_root: Path) -> list[str]:
+    """Execute ``path`` under nbval and compare its outputs with the committed ones; one line per differing cell."""
+    sanitize = workspace_root / "nbval_sanitize.cfg"
+    sanitize.write_text(executor.SANITIZE_FILE.read_text(encoding="utf-8") + "".join(
+        f"\n[strip a path]\nregex: {re.escape(str(folder))}\nreplace: {mark}\n"
+        for folder, mark in ((workspace_root.resolve(), executor.WORKSPACE_MARK), (REPO_ROOT, executor.REPO_MARK))),
+        encoding="utf-8")
+    report = workspace_root / f"nbval-{path.stem}.xml"
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval", str(path), "--nbval-current-env", "-p", "no:cacheprovider",
+         f"--nbval-sanitize-with={sanitize}", f"--nbval-cell-timeout={CELL_TIMEOUT_S}", "-q", f"--junitxml={report}"],
+        cwd=REPO_ROOT, capture_output=True, text=True,
+        env={name: value for name, value in {**os.environ, **env}.items() if name != "MPLBACKEND"})  # inline plots
+    if not report.is_file():
+        return [f"{path.name}: nbval did not run: {(completed.stdout + completed.stderr).strip()[-500:]}"]
+    code_cells = [index for index, cell in enumerate(nbformat.read(path, as_version=4).cells) if cell.cell_type == "code"]
+    failures = []
+    for case in ElementTree.parse(report).iter("testcase"):  # nbval names them "Cell N", N counting code cells
+        if case.find("failure") is not None or case.find("error") is not None:
+            ordinal = re.search(r"\d+", case.get("name"))
+            cell = code_cells[int(ordinal.group())] if ordinal and int(ordinal.group()) < len(code_cells) else "?"
+            problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+            details = ANSI_COLOUR.sub("", (problem.text or "") + (problem.get("message") or ""))
+            # pytest's diff of nbval's `reference == test`: "+" lines are the committed output, "-" the new one
+            lines = {sign: next((line.strip()[2:100] for line in details.splitlines()
+                                 if line.strip().startswith(sign + " ")), None) for sign in "+-"}
+            found = f"committed {lines['+']!r}, now {lines['-']!r}" if lines["+"] else "or the cell failed"
+            failures.append(f"notebooks/{path.name}, cell {cell}: the output differs from the committed one "
+                            f"({found}); refresh it: {executor.REFRESH} notebooks/{path.name}")
+    return failures
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
@@ -243,7 +348,17 @@ def test_the_script_gives_a_new_notebook_its_cells_once(tmp_path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
 def test_notebook_runs(path, workspace, monkeypatch):
+    """A cheap notebook runs as it was executed and reproduces its committed outputs; the others run short."""
     monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "1")
+    if check_of(path) == "compare":
+        nb = nbformat.read(path, as_version=4)
+        shortened = (env_name("epochs"), env_name("new_tokens"), env_name("records"))  # not as executed
+        env = {name: value for name, value in workspace["env"].items() if name not in shortened}
+        env.update(executor.parameter_env(nb, workspace["root"]))
+        failures = nbval_failures(path, env, workspace["root"])
+        if failures:
+            pytest.fail("\n".join(failures), pytrace=False)
+        return
     env = dict(workspace["env"])
     if notebook_number(path) >= 3:  # 01-02 build GPT-2 presets with random weights; 03 pretrains this shape
         env[env_name("model")] = str(checkpoint_for(workspace))

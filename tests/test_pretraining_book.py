@@ -8,7 +8,12 @@ epoch. The 28 printed lines are ../shared/data/the-verdict/book-ch05-training-lo
 losses are compared as printed (three decimals), texts exactly.
 
 Bitwise results depend on the number of threads the matrix products use; this
-run was checked with 1 and 2 threads, and uses 2 (the CI machine's cores).
+run was checked with 1 and 2 threads, and uses 2 (the CI machine's cores). They also
+depend on the CPU: PyTorch picks its vectorised kernels (AVX-512, AVX2, NEON) and the
+math library its code path when it starts, and float32 results can differ in the last
+bit between them. Where the book prints more digits than float32 carries across CPUs,
+the tests assert the digits that hold on any CPU exactly and the rest to a stated
+tolerance; docs/numbers.md says on which CPU the last digit was seen.
 """
 
 import contextlib
@@ -65,8 +70,11 @@ def test_untrained_124m_model_gives_the_books_tokens_loss_and_perplexity(tokeniz
         logits = model(inputs)
     assert logits.argmax(dim=-1).tolist() == [[16657, 339, 42826], [49906, 29669, 41751]]
     loss = calc_loss_batch(inputs, targets, model, "cpu")
-    assert f"{loss.item():.4f} {perplexity(loss).item():.4f}" == "10.7940 48725.8203"
-    assert perplexity(loss.item()) == pytest.approx(48725.8203, rel=1e-6)
+    assert f"{loss.item():.4f}" == "10.7940"
+    # The book prints the perplexity to 8 significant digits: one float32 ulp of the loss (9.5e-7) moves
+    # exp(loss) by 0.046, so the last two decimals hold only on a CPU that rounds as the book's did.
+    assert perplexity(loss).item() == pytest.approx(48725.8203, abs=0.1)
+    assert perplexity(loss.item()) == pytest.approx(48725.8203, abs=0.1)
 
 
 def book_gelu(self, x):
@@ -77,22 +85,26 @@ def book_gelu(self, x):
 def test_untrained_loss_over_the_loaders(book_loaders, threads, monkeypatch):
     """The book prints 10.98758347829183 and 10.98110580444336 (section 5.1.3).
 
-    Validation reproduces exactly. Training differs in the 8th digit (10.9875835843):
-    PyTorch's fused tanh-GELU rounds a few of its float32 results differently from the
-    book's written-out formula, which changes one batch's loss by a float32 ulp. With
-    the book's formula put in, both printed numbers come out to the last digit.
+    Each is the mean of float32 batch losses, and a batch loss can come out one float32 ulp (9.5e-7 at 11)
+    apart on two CPUs: an AVX2-only AMD EPYC gives 10.987583584255642 for the training mean where this
+    project's AVX-512 Xeon gives the book's bits (docs/numbers.md). So the digits to the fifth decimal, which
+    hold on any CPU, are asserted exactly, and the rest to 2e-7 (about two ulps of a batch loss, over the
+    9 training batches). The same holds with the book's written-out GELU in place of PyTorch's fused
+    tanh-GELU kernel, which can round a few float32 results differently (with torch 2.13.0 on the Xeon,
+    both give the book's bits; under ATEN_CPU_CAPABILITY=avx2 the book's formula gives 10.987583372328016
+    for training there. The test prints the losses with the kernels PyTorch chose: pytest -s).
     """
     train_loader, val_loader = book_loaders
+    book = (10.98758347829183, 10.98110580444336)
     torch.manual_seed(123)
     model = GPTModel(GPT_CONFIG_124M).eval()
-    torch.manual_seed(123)  # the book seeds again: the training loader's shuffle draws from it
-    losses = calc_loss_loader(train_loader, model, "cpu"), calc_loss_loader(val_loader, model, "cpu")
-    assert losses[1] == 10.98110580444336
-    assert losses[0] == pytest.approx(10.98758347829183, abs=2e-7)  # one float32 ulp of a batch mean, over 9
-    monkeypatch.setattr(GELU, "forward", book_gelu)
-    torch.manual_seed(123)
-    assert (calc_loss_loader(train_loader, model, "cpu"),
-            calc_loss_loader(val_loader, model, "cpu")) == (10.98758347829183, 10.98110580444336)
+    for gelu in (GELU.forward, book_gelu):
+        monkeypatch.setattr(GELU, "forward", gelu)
+        torch.manual_seed(123)  # the book seeds again: the training loader's shuffle draws from it
+        losses = calc_loss_loader(train_loader, model, "cpu"), calc_loss_loader(val_loader, model, "cpu")
+        assert [f"{loss:.5f}" for loss in losses] == ["10.98758", "10.98111"], gelu.__name__
+        assert losses == pytest.approx(book, abs=2e-7), gelu.__name__
+        print(f"{gelu.__name__}: {losses[0]!r} {losses[1]!r} on {torch.backends.cpu.get_cpu_capability()}")
 
 
 @pytest.fixture(scope="module")
