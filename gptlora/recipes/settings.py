@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
-from ..infra.ranges import (DECAYS, SCHEDULE_RANGES, SEED, NumberRange, fraction, positive_float, real_number,
-                            whole_number)
+from ..infra.ranges import (DECAYS, PRECISIONS, SCHEDULE_RANGES, SEED, NumberRange, check_precision, fraction,
+                            positive_float, real_number, whole_number)
 
 
 def setting(default, check: NumberRange | None = None, *, fingerprint: bool = True, optional: bool = False):
@@ -102,6 +102,8 @@ def _json_value(value):
 # --- appendix D: the learning-rate schedule and gradients of every training run ----------
 
 SCHEDULE_FIELDS = ("warmup_steps", "initial_lr", "decay", "min_lr", "clip_grad_norm", "accumulation_steps")
+# How the steps are computed (infra.precision, docs/performance.md): not appendix D, shared the same way.
+SPEED_FIELDS = ("precision", "gradient_checkpointing", "compile")
 
 
 @dataclass
@@ -120,9 +122,15 @@ class ScheduleSettings(RunSettings):
     min_lr: float = setting(0.0, SCHEDULE_RANGES["min_lr"], fingerprint=False)
     clip_grad_norm: float | None = setting(None, SCHEDULE_RANGES["clip_grad_norm"], fingerprint=False, optional=True)
     accumulation_steps: int = setting(1, SCHEDULE_RANGES["accumulation_steps"], fingerprint=False)
+    # How the steps are computed. Only a precision other than the default changes the numbers enough to be in
+    # the fingerprint (and only then, so older checkpoints resume); checkpointing and compiling do not.
+    precision: str = setting(PRECISIONS[0], fingerprint=False)
+    gradient_checkpointing: bool = setting(False, fingerprint=False)
+    compile: bool = setting(False, fingerprint=False)
 
     def validate(self) -> None:
         self.schedule  # noqa: B018  (made once here: a bad decay fails now, not when training starts)
+        check_precision(self.precision)
 
     @property
     def schedule(self):
@@ -134,7 +142,14 @@ class ScheduleSettings(RunSettings):
     def fingerprint(self) -> dict:
         from ..training import schedule_fingerprint
 
-        return {**super().fingerprint(), **schedule_fingerprint(self.schedule)}
+        precision = {} if self.precision == PRECISIONS[0] else {"precision": self.precision}
+        return {**super().fingerprint(), **schedule_fingerprint(self.schedule), **precision}
+
+    def precision_on(self, device):
+        """The ``infra.precision.Precision`` of this run on ``device`` (``auto`` resolved there)."""
+        from ..infra.precision import Precision
+
+        return Precision(self.precision, device)
 
 
 def schedule_keywords(schedule) -> dict:
@@ -317,5 +332,5 @@ class InstructSettings(ScheduleSettings):
         of ``context_length`` tokens and ``prompt`` (a validation record's) sampled after each epoch."""
         same = {name: getattr(self, name) for name in (
             "method", "method_options", "epochs", "lr", "weight_decay", "batch_size", "seed", "eval_freq",
-            "eval_iter", "save_every", "base_source", *SCHEDULE_FIELDS)}
+            "eval_iter", "save_every", "base_source", *SCHEDULE_FIELDS, *SPEED_FIELDS)}
         return PretrainSettings(**same, context_length=context_length, prompt=prompt, text_name=self.data)
