@@ -294,6 +294,16 @@ BAD_INPUTS = [
         "argument --device: expected auto, cpu, cuda, cuda:N or another torch device, found 'gpu'"),
     Bad("instruct: negative warmup", ("instruct", "--warmup-steps", "-2", "--out", "{tmp}/run"),
         "argument --warmup-steps: expected a whole number of at least 0, found -2", RUN),
+    Bad("pretrain: unknown precision", ("pretrain", "--precision", "fp8", "--out", "{tmp}/run"),
+        "argument --precision: invalid choice: 'fp8'", RUN),
+    Bad("finetune: tf32 on a cpu", finetune("--random-init", "--precision", "tf32"),
+        "precision tf32 is a setting of CUDA's tensor cores, found device cpu", RUN),
+    Bad("bench: unknown option", ("bench", "--options", "fp64", "--device", "cpu"),
+        "--options: unknown fp64; expected some of fp32"),
+    Bad("bench: unknown model", ("bench", "--model", "gpt2-huge", "--device", "cpu"), "unknown GPT-2 preset"),
+    Bad("generate: --compile with --instruction", ("generate", "--model", "{tiny}", "--instruction", "Say hi",
+                                                  "--compile"),
+        "--compile continues a plain --prompt"),
 ]
 
 

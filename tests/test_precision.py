@@ -21,6 +21,7 @@ from gptlora.recipes.settings import FinetuneSettings, InstructSettings, Pretrai
 from gptlora.training import train_epochs, trainable_adamw
 
 from test_prefix_cache import one_thread  # noqa: F401 (a fixture)
+from test_pretraining import short_text, tiny_model_dir, verdict  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only waits on a loaded machine
 
@@ -182,3 +183,25 @@ def test_the_training_commands_take_the_speed_options():
         assert parser.parse_args([command]).precision == "auto"
     args = parser.parse_args(["pretrain", "--precision", "fp16"])
     assert pretrain_settings(args).precision == "fp16"
+
+
+def test_a_bf16_checkpointed_pretrain_run_records_its_precision_and_follows_fp32(run_cli, short_text, tiny_model_dir,
+                                                                                 tmp_path):
+    """The options reach the one loop through the command: ``metrics.json`` records the precision used, the
+    losses stay near the float32 run's, and resuming with another precision is refused."""
+    import json
+
+    from test_pretraining import pretrain_args
+
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16", ["--precision", "bf16", "--gradient-checkpointing"])):
+        status, out = run_cli(pretrain_args(short_text, tiny_model_dir, tmp_path / name, "--epochs", "1", *extra))
+        assert status == 0, out
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert "precision_used" not in runs["fp32"] and runs["fp32"]["precision"] == "auto"
+    assert runs["bf16"]["precision_used"] == "bf16" and runs["bf16"]["skipped_steps"] == 0
+    assert runs["bf16"]["gradient_checkpointing"] is True
+    fp32, bf16 = (runs[name]["history"]["train_losses"] for name in ("fp32", "bf16"))
+    assert len(fp32) == len(bf16) and max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05
+    status, _ = run_cli(["pretrain", "--resume", str(tmp_path / "bf16"), "--precision", "fp16"])
+    assert status == 1

@@ -284,6 +284,7 @@ def run_finetune(model: GPTModel, tokenizer, settings: FinetuneSettings, out_dir
         check_quantize_method(next(iter(quantized_layers(model).values())).method, settings.method)
     processes = start_processes(device)
     device = processes.device
+    precision = settings.precision_on(device)  # tf32 on a CPU fails here, before anything is written
     show = progress and processes.is_main  # progress bars and log lines: one process shows them
     torch.manual_seed(settings.seed)
     loaders = create_dataloaders(settings.data_dir, tokenizer, settings.batch_size,
@@ -312,7 +313,6 @@ def run_finetune(model: GPTModel, tokenizer, settings: FinetuneSettings, out_dir
         trained_model, loaders = cache_frozen_prefix(model, loaders, progress=show)
     history = TrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
     trained_model = wrap_for_training(speed_options(trained_model, settings, device), processes)
-    precision = settings.precision_on(device)
     history = train_classifier(trained_model, loaders[0], loaders[1], optimizer, device, settings.epochs,
                                settings.eval_freq, settings.eval_iter, progress=show, history=history,
                                checkpoints=checkpoints, schedule=settings.schedule, precision=precision)

@@ -229,6 +229,7 @@ def run_pretrain(text: str, settings: PretrainSettings, out_dir: str | Path, *, 
     tokenizer = tokenizer or get_tokenizer()
     processes = start_processes(device)
     device = processes.device
+    precision = settings.precision_on(device)  # tf32 on a CPU fails here, before anything is written
     virtual = settings.method_options["num_virtual_tokens"] if method == "p-tuning" else 0  # room for the prompt
     if virtual:  # n virtual tokens and a window (of at least one token) must fit in the model's context
         check_virtual_tokens(virtual, base_context_length(source), settings.context_length or 1)
@@ -261,7 +262,6 @@ def run_pretrain(text: str, settings: PretrainSettings, out_dir: str | Path, *, 
     if seed_before_training:
         torch.manual_seed(settings.seed)
     history = PretrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
-    precision = settings.precision_on(device)
     history = train_language_model(wrap_for_training(speed_options(model, settings, device), processes), loaders[0],
                                    loaders[1], optimizer, device,
                                    settings.epochs, settings.eval_freq, settings.eval_iter, settings.prompt, tokenizer,
