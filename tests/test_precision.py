@@ -170,6 +170,11 @@ def test_precision_is_recorded_and_in_the_fingerprint_only_when_not_the_default(
         kind(precision="half")
 
 
+def test_checkpointing_and_a_cached_prefix_exclude_each_other():
+    with pytest.raises(ValueError, match="--gradient-checkpointing recomputes blocks .* leave out one of the two"):
+        FinetuneSettings(cache_prefix=True, gradient_checkpointing=True)
+
+
 def test_instruction_runs_hand_the_speed_options_to_their_training():
     settings = InstructSettings(precision="fp16", gradient_checkpointing=True).pretrain_settings(64, "prompt")
     assert (settings.precision, settings.gradient_checkpointing, settings.compile) == ("fp16", True, False)

@@ -209,6 +209,9 @@ class FinetuneSettings(ScheduleSettings):
         if self.quantize_method and (self.method_options or {}).get("use_dora"):
             raise ValueError(f"--dora needs the base weights themselves (their row norms, at every step), found "
                              f"--quantize-base {self.quantize_method}: leave out one of the two")
+        if self.cache_prefix and self.gradient_checkpointing:
+            raise ValueError("--gradient-checkpointing recomputes blocks in the backward pass, and --cache-prefix "
+                             "runs only the last one (the frozen blocks once per message): leave out one of the two")
         if self.cache_prefix and self.method != "last-block":
             why = ("its virtual tokens change what the frozen blocks compute at every step"
                    if self.method in PROMPT_METHODS
