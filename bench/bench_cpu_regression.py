@@ -86,12 +86,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workloads", nargs="+", choices=("book", "lora"), default=("book", "lora"))
     parser.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "the-verdict" / "the-verdict.txt")
     args = parser.parse_args()
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken-cache"))
     print(f"| workload | baseline ({args.baseline}) s/step | this checkout s/step | ratio |")
     print("|---|---|---|---|")
-    for kind in ("book", "lora"):
+    for kind in args.workloads:
         times = {"baseline": [], "this": []}
         for _ in range(args.repeats):  # alternate, so that a change in the machine's load hits both
             times["baseline"].append(time_once(args.baseline.resolve(), kind, args.steps, args.threads, args.text))
