@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .infra.checkpoint import NoCheckpoints
 from .infra.distributed import sum_over_processes
+from .infra.precision import FP32, Precision
 from .generation import END_OF_TEXT_ID
 from .lora import apply_lora, check_lora_hyperparameters
 from .model import GPTModel, evaluating
@@ -222,7 +223,7 @@ class TrainingHistory:
 def train_classifier(model, train_loader, val_loader, optimizer, device, num_epochs: int, eval_freq: int,
                      eval_iter: int, *, progress: bool = True, history: TrainingHistory | None = None,
                      checkpoints: NoCheckpoints | None = None,
-                     schedule: TrainingSchedule = NO_SCHEDULE) -> TrainingHistory:
+                     schedule: TrainingSchedule = NO_SCHEDULE, precision: Precision = FP32) -> TrainingHistory:
     """Train for ``num_epochs`` epochs; the book's ``train_classifier_simple`` with a progress bar.
 
     Every ``eval_freq`` steps the mean loss over ``eval_iter`` batches of each
@@ -235,7 +236,8 @@ def train_classifier(model, train_loader, val_loader, optimizer, device, num_epo
     steps and epochs, and when resuming hands out only the batches still to train
     on. The same loop runs under ``torchrun`` (see ``distributed``); the loop itself
     is ``training.train_epochs``, shared with language-model pretraining; ``schedule``
-    adds appendix D's warmup, cosine decay, clipping and accumulation (``training.TrainingSchedule``).
+    adds appendix D's warmup, cosine decay, clipping and accumulation (``training.TrainingSchedule``);
+    ``precision`` (``infra.precision.Precision``): fp32 (the book), or autocast to bf16/fp16.
     """
     history = history or TrainingHistory()
     log = tqdm.write if progress else (lambda message: None)
@@ -258,7 +260,7 @@ def train_classifier(model, train_loader, val_loader, optimizer, device, num_epo
 
     return train_epochs(model, train_loader, optimizer, num_epochs, history, batch_loss=batch_loss,
                         eval_freq=eval_freq, evaluate=evaluate, end_epoch=end_epoch, progress=progress,
-                        checkpoints=checkpoints, schedule=schedule)
+                        checkpoints=checkpoints, schedule=schedule, precision=precision)
 
 
 # --- plots -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -134,6 +135,16 @@ class KVCache:
         """Forget every stored token (the buffers are kept and overwritten)."""
         self.length = 0
 
+    def attention_mask(self, t: int, device) -> tuple[torch.Tensor | None, bool]:
+        """``(attn_mask, is_causal)`` for ``scaled_dot_product_attention`` of ``t`` new tokens after the cached ones."""
+        past = self.length
+        if past == 0:  # plain causal attention over the T new tokens
+            return None, True
+        if t == 1:  # one new token may see every cached token: no mask needed
+            return None, False
+        # several new tokens after a cached prefix: new token i sees positions <= past + i
+        return torch.ones(t, past + t, dtype=torch.bool, device=device).tril(diagonal=past), False
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append ``k, v`` (``[B, H, T_new, hd]``) for ``layer``; return all keys and values so far."""
         start, end = self.length, self.length + k.shape[2]
@@ -181,18 +192,11 @@ class MultiHeadAttention(nn.Module):
         q = self._split_heads(self.W_query(x))
         k = self._split_heads(self.W_key(x))
         v = self._split_heads(self.W_value(x))
-        past = 0
-        if cache is not None:
-            past = cache.length
-            k, v = cache.update(layer, k, v)
-
-        if past == 0:  # plain causal attention over the T new tokens
+        if cache is None:  # plain causal attention over the T new tokens
             mask, is_causal = None, True
-        elif t == 1:  # one new token may see every cached token: no mask needed
-            mask, is_causal = None, False
-        else:  # several new tokens after a cached prefix: new token i sees positions <= past + i
-            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            is_causal = False
+        else:
+            mask, is_causal = cache.attention_mask(t, x.device)  # before the update: it depends on the past
+            k, v = cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
@@ -251,6 +255,8 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        # Training only: recompute each block's activations in the backward pass instead of keeping them.
+        self.gradient_checkpointing = False
 
     def tie_weights(self) -> None:
         """Make the output head share the token embedding's tensor (GPT-2's weight tying)."""
@@ -323,8 +329,14 @@ class GPTModel(nn.Module):
         ``output_from`` applies the norm and head from that position on only (``[B, T - output_from, V]``):
         prompt tuning drops its virtual tokens' outputs this way.
         """
+        # Gradient checkpointing keeps only each block's input: memory per block drops from its activations
+        # (~34 x B x T x D numbers) to B x T x D, for one more forward pass of the blocks in backward.
+        checkpointing = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, cache=cache, layer=i)
+            if checkpointing:  # the same dropout masks when recomputed (preserve_rng_state, the default)
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache=cache, layer=i)
         if cache is not None:
             cache.length += x.shape[1]
         x = x[:, -1:, :] if last_only else x[:, output_from:, :]

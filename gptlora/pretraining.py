@@ -30,6 +30,7 @@ from .infra.checkpoint import (NoCheckpoints, load_optimizer_state, load_trainab
 from .generation import generate, text_to_token_ids, token_ids_to_text
 from .prompt_tuning import VirtualTokenModel
 from .model import evaluating
+from .infra.precision import FP32, Precision
 from .training import NO_SCHEDULE, TrainingSchedule, mean_batch_loss, plot_values, train_epochs, unwrapped
 
 
@@ -114,7 +115,7 @@ def train_language_model(model, train_loader, val_loader, optimizer, device, num
                          eval_iter: int, start_context: str, tokenizer, *, sample_tokens: int = 50,
                          progress: bool = False, verbose: bool = True, history: PretrainingHistory | None = None,
                          checkpoints: NoCheckpoints | None = None,
-                         schedule: TrainingSchedule = NO_SCHEDULE) -> PretrainingHistory:
+                         schedule: TrainingSchedule = NO_SCHEDULE, precision: Precision = FP32) -> PretrainingHistory:
     """The book's ``train_model_simple``, returning the whole :class:`PretrainingHistory`.
 
     Every ``eval_freq`` steps: the mean loss over ``eval_iter`` batches of each
@@ -123,7 +124,8 @@ def train_language_model(model, train_loader, val_loader, optimizer, device, num
     from ``start_context``. ``progress`` shows a bar, ``verbose=False`` prints
     nothing. ``history`` and ``checkpoints`` resume and save as in
     ``classifier.train_classifier``; ``schedule`` adds appendix D (``training.TrainingSchedule``:
-    with a warmup, cosine decay and clipping this is the book's appendix-D ``train_model``).
+    with a warmup, cosine decay and clipping this is the book's appendix-D ``train_model``);
+    ``precision`` (``infra.precision.Precision``): fp32 (the book), or autocast to bf16/fp16.
     """
     history = history or PretrainingHistory()
     log = tqdm.write if verbose else (lambda message: None)  # tqdm.write: print, below any bar
@@ -147,7 +149,7 @@ def train_language_model(model, train_loader, val_loader, optimizer, device, num
 
     return train_epochs(model, train_loader, optimizer, num_epochs, history, batch_loss=batch_loss,
                         eval_freq=eval_freq, evaluate=evaluate, end_epoch=end_epoch, progress=progress,
-                        checkpoints=checkpoints, schedule=schedule)
+                        checkpoints=checkpoints, schedule=schedule, precision=precision)
 
 
 def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from .infra.atomic import replace_atomically
 from .infra.checkpoint import NoCheckpoints
 from .infra.distributed import set_sampler_epoch, sum_over_processes, world_size
+from .infra.precision import FP32, Precision
 from .infra.ranges import DECAYS, SCHEDULE_RANGES
 from .model import evaluating
 
@@ -150,7 +151,8 @@ def steps_per_epoch(num_batches: int, schedule: TrainingSchedule = NO_SCHEDULE) 
 
 def train_epochs(model, train_loader, optimizer, num_epochs: int, history, *, batch_loss: Callable,
                  eval_freq: int, evaluate: Callable, end_epoch: Callable, progress: bool = True,
-                 checkpoints: NoCheckpoints | None = None, schedule: TrainingSchedule = NO_SCHEDULE):
+                 checkpoints: NoCheckpoints | None = None, schedule: TrainingSchedule = NO_SCHEDULE,
+                 precision: Precision = FP32):
     """Train ``model`` until ``history.epochs_done == num_epochs``; returns ``history``.
 
     ``history`` is a dataclass with ``global_step`` (-1 before the first step, as in
@@ -160,6 +162,8 @@ def train_epochs(model, train_loader, optimizer, num_epochs: int, history, *, ba
     every ``eval_freq`` steps, ``evaluate(history)``. ``progress=False`` hides the bar.
     See the module docstring for the three callbacks, and :class:`TrainingSchedule`
     for ``schedule`` (``global_step`` then counts optimizer steps, not batches).
+    ``precision`` (``infra.precision.Precision``): the callbacks run under its autocast, the backward
+    pass and the step go through its fp16 scaler; the default, fp32, is the plain calls.
     """
     checkpoints = checkpoints or NoCheckpoints()
     step_count = steps_per_epoch(len(train_loader), schedule)
@@ -181,8 +185,9 @@ def train_epochs(model, train_loader, optimizer, num_epochs: int, history, *, ba
             position += 1
             if in_group == 0:
                 optimizer.zero_grad()
-            loss, counted = batch_loss(batch)
-            (loss / group_size if group_size > 1 else loss).backward()  # the group's mean gradient
+            with precision.autocast():
+                loss, counted = batch_loss(batch)
+            precision.backward(loss / group_size if group_size > 1 else loss)  # the group's mean gradient
             history.count(counted * world_size())  # each process trains on its share
             if in_group + 1 < group_size:
                 continue
@@ -191,13 +196,16 @@ def train_epochs(model, train_loader, optimizer, num_epochs: int, history, *, ba
                 for group in optimizer.param_groups:
                     group["lr"] = schedule.lr_at(step, group["peak_lr"], total_steps)
             if schedule.clip_grad_norm is not None and step >= schedule.warmup_steps:
+                precision.unscale(optimizer)  # fp16: clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(trainable, max_norm=schedule.clip_grad_norm)
-            optimizer.step()
+            precision.step(optimizer)  # fp16: an inf/NaN gradient skips the step (counted in the precision)
             history.global_step = step
             if history.global_step % eval_freq == 0:
-                bar.set_postfix(evaluate(history))
+                with precision.autocast():
+                    bar.set_postfix(evaluate(history))
             checkpoints.step_done(history)
-        end_epoch(history, epoch)
+        with precision.autocast():
+            end_epoch(history, epoch)
         history.epochs_done = epoch + 1
         checkpoints.epoch_done(history)
     return history
@@ -208,9 +216,12 @@ def trainable_adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> t
 
     ``foreach=True``: one batched update of all tensors (PyTorch's default on GPUs,
     not on CPUs, where it is faster too); the arithmetic is the default loop's, bit for
-    bit (``tests/test_pretraining.py``).
+    bit (``tests/test_pretraining.py``). On CUDA, ``fused=True``: the whole update in one
+    kernel per group of tensors (the same formula; float rounding may differ in the last bit).
     """
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if trainable and all(parameter.is_cuda for parameter in trainable):
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=True)
     return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, foreach=True)
 
 

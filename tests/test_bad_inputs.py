@@ -307,6 +307,16 @@ BAD_INPUTS = [
     Bad("prefer: LoRA start run on another base", ("prefer", "--data", "{preference_records}", "--model",
                                                    "{lm_lora_other_base}", "--method", "lora", "--out", "{tmp}/run"),
         "was trained on other base weights", RUN),
+    Bad("pretrain: unknown precision", ("pretrain", "--precision", "fp8", "--out", "{tmp}/run"),
+        "argument --precision: invalid choice: 'fp8'", RUN),
+    Bad("finetune: tf32 on a cpu", finetune("--random-init", "--precision", "tf32"),
+        "precision tf32 is a setting of CUDA's tensor cores, found device cpu", RUN),
+    Bad("bench: unknown option", ("bench", "--options", "fp64", "--device", "cpu"),
+        "--options: unknown fp64; expected some of fp32"),
+    Bad("bench: unknown model", ("bench", "--model", "gpt2-huge", "--device", "cpu"), "unknown GPT-2 preset"),
+    Bad("generate: --compile with --instruction", ("generate", "--model", "{tiny}", "--instruction", "Say hi",
+                                                  "--compile"),
+        "--compile continues a plain --prompt"),
 ]
 
 

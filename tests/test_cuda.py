@@ -196,3 +196,68 @@ def test_nccl_process_group_reduces_on_the_gpu(tmp_path):
                           capture_output=True, text=True, cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "nccl cuda:0 [1.0, 1.0, 1.0]" in done.stdout
+
+
+# --- issue 24: precision, fused AdamW, checkpointing, compiled generation, bench -----------------
+
+def test_bf16_and_fp16_training_on_cuda_follow_float32_and_keep_float32_weights():
+    """The training loop's autocast on the GPU: losses near float32's, master weights and AdamW (fused on
+    CUDA) in float32; an fp16 step with an inf gradient is skipped and counted."""
+    from test_precision import train
+
+    from gptlora.infra.precision import Precision
+
+    torch.manual_seed(123)
+    _, _, fp32_losses = train(Precision("fp32", "cuda"), model=GPTModel(TINY_CUDA).cuda())
+    for name in ("bf16", "fp16", "tf32"):
+        precision = Precision(name, "cuda")
+        torch.manual_seed(123)
+        model, optimizer, losses = train(precision, model=GPTModel(TINY_CUDA).cuda())
+        assert max(abs(a - b) for a, b in zip(losses, fp32_losses)) < 0.05, name
+        assert all(p.dtype == torch.float32 and p.is_cuda for p in model.parameters())
+        assert optimizer.defaults["fused"] is True
+    precision = Precision("fp16", "cuda")
+    torch.manual_seed(123)
+    train(precision, poison_step=0, model=GPTModel(TINY_CUDA).cuda())
+    assert precision.skipped_steps == 1
+    assert Precision("auto", "cuda").name == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+
+
+TINY_CUDA = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
+
+
+def test_gradient_checkpointing_on_cuda_gives_the_same_gradients():
+    from gptlora.infra.speed import set_gradient_checkpointing
+
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = set_gradient_checkpointing(GPTModel(TINY_CUDA).cuda(), checkpointing)
+        ids = torch.randint(0, 97, (2, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        model(ids).float().pow(2).mean().backward()
+        gradients.append([p.grad for p in model.parameters()])
+    for a, b in zip(*gradients):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_generate_compile_on_cuda_gives_the_eager_tokens_with_cuda_graphs():
+    from gptlora.static_generation import CompiledGenerator
+
+    torch.manual_seed(123)
+    model = GPTModel(GPTConfig(vocab_size=1000, context_length=64, emb_dim=64, n_heads=4, n_layers=2,
+                               drop_rate=0.0, qkv_bias=True)).cuda().eval()
+    prompt = torch.tensor([[5, 17, 42]], device="cuda")
+    generator = CompiledGenerator(model, 40)
+    eager = generate(model, prompt, 30)
+    assert torch.equal(generator.generate(prompt, 30), eager)
+    assert torch.equal(generator.generate(prompt, 30), eager)  # replayed graphs, same tokens
+
+
+def test_bench_on_cuda_reports_mfu_and_peak_memory():
+    from gptlora.benchmark import run_bench
+
+    config = GPTConfig(vocab_size=1000, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
+    rows = run_bench(config, "cuda", batch_size=2, steps=2, generate_tokens=4, progress=False)
+    assert rows[0].option == "fp32" and {"tf32", "fp16", "fp32+checkpointing"} <= {row.option for row in rows}
+    for row in rows:
+        assert row.train_tokens_per_s > 0 and row.peak_memory_mb > 0 and row.mfu_of_measured > 0

@@ -16,6 +16,7 @@ from ..infra.download import DownloadError  # light: the standard library and tq
 from .run_settings import finetune_settings, pretrain_settings, resumed_arguments, run_options
 from .instruct import (add_instruct_parser, add_instruction_arguments, check_instruction_arguments,
                        generate_response, note_untuned)
+from .bench import add_bench_parser
 from .prefer import add_prefer_parser
 from .run_arguments import add_lora_arguments, add_model_arguments, add_prompt_arguments, add_schedule_arguments
 
@@ -65,13 +66,38 @@ def cmd_generate(args) -> int:
     # the model drew from the generator (its initial weights, before the saved ones replace them), so the
     # seed above alone gave other draws than the book's and its sample "Every effort moves you stand to work ...".
     torch.manual_seed(args.seed)
+    if args.instruction is not None and args.compile:
+        raise ValueError("--compile continues a plain --prompt; an --instruction's response is generated eagerly: "
+                         "leave out one of the two")
     if args.instruction is not None:  # an `instruct` run: the Alpaca prompt in, only the response out
         note_untuned(args.model, info)
         return generate_response(args, model)
+    if args.compile:  # one fixed-shape step, compiled (CUDA graphs on a GPU): static_generation
+        return print_compiled_generation(args, model, virtual)
     # (a P-tuning run's prompt cannot stay in a sliding KV cache: it generates without one)
     text = generate_text(model, args.prompt, get_tokenizer(), args.max_new_tokens, use_cache=not virtual,
                          temperature=args.temperature, top_k=args.top_k, progress=True)
     print(text)
+    return 0
+
+
+def print_compiled_generation(args, model, virtual: bool) -> int:
+    """``generate --compile``: the prompt's continuation from ``static_generation.CompiledGenerator``."""
+    from ..generation import get_tokenizer, text_to_token_ids, token_ids_to_text
+    from ..infra.speed import compile_unavailable
+    from ..static_generation import CompiledGenerator
+
+    if virtual:
+        raise ValueError("generate --compile runs a plain GPT model; a P-tuning run's prompt needs the eager "
+                         "path: leave out --compile")
+    device = next(model.parameters()).device
+    reason = compile_unavailable(device)
+    if reason:
+        print(f"--compile: torch.compile cannot run here ({reason}); generating without it", file=sys.stderr)
+    ids = text_to_token_ids(args.prompt, get_tokenizer()).to(device)
+    generator = CompiledGenerator(model.eval(), ids.shape[1] + args.max_new_tokens, compile=reason is None)
+    print(token_ids_to_text(generator.generate(ids, args.max_new_tokens, args.temperature, args.top_k),
+                            get_tokenizer()))
     return 0
 
 
@@ -215,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "PyTorch's fused int8 kernel where it has one: faster and smaller, slightly different")
     gen.add_argument("--device", default="auto", type=device_name,
                      help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    gen.add_argument("--compile", action="store_true",
+                     help="a fixed-shape decode step compiled once (CUDA graphs on a GPU; the gpt-fast approach): "
+                          "the same tokens, much faster per token after a one-off compile; the prompt and new "
+                          "tokens must fit the context")
     add_instruction_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -321,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_instruct_parser(sub)
     add_prefer_parser(sub)
+    add_bench_parser(sub)
 
     cls = sub.add_parser("classify", help="label a text with a classifier from `gptlora finetune`")
     cls.add_argument("--run", required=True, action="append",

@@ -1,7 +1,7 @@
 """The options the training commands share, added to a subcommand's parser: the base model
 (``--model``, ``--models-dir``, ``--random-init``), LoRA's (``--rank``, ..., ``--dora``), the virtual
 tokens' (``--num-virtual-tokens``, ..., P-tuning's ``--prompt-encoder``) and the book's appendix D
-(``--warmup-steps``, ``--decay``, ...).
+(``--warmup-steps``, ``--decay``, ...) with the speed options (``--precision``, ``--compile``, ...).
 
 ``run_settings`` turns them back into a run's settings. The appendix-D options take their range and
 default from ``recipes.settings.ScheduleSettings``, the fields that hold them: one place for both.
@@ -82,3 +82,22 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--accumulation-steps", type=SCHEDULE.option_type("accumulation_steps"),
                        default=SCHEDULE.default("accumulation_steps"), metavar="N",
                        help="average the gradients of N batches per optimizer step (default: 1)")
+    add_speed_arguments(parser)
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--precision``, ``--compile`` and ``--gradient-checkpointing`` (``infra.precision``, ``infra.speed``;
+    docs/performance.md), added with the appendix-D group to every training command."""
+    from ..infra.ranges import PRECISIONS
+
+    group = parser.add_argument_group("speed and memory (docs/performance.md; defaults: the book's float32 steps)")
+    group.add_argument("--precision", default=PRECISIONS[0], choices=PRECISIONS,
+                       help="number format of the matrix products: auto (default: bf16 on a CUDA GPU that has it, "
+                            "else fp32, so fp32 on a CPU), fp32, tf32 (CUDA), bf16, or fp16 (with loss scaling); "
+                            "weights and optimizer stay float32")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model for training (a one-off compile first; skipped with a "
+                            "message where torch.compile cannot run)")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute each block's activations in the backward pass: much less memory, "
+                            "about a third more compute, the same gradients")

@@ -151,7 +151,7 @@ def instruct_settings(args: argparse.Namespace):
 
 
 def schedule_options(args: argparse.Namespace) -> dict:
-    """The appendix-D options (``run_arguments.add_schedule_arguments``) as settings keywords."""
-    from ..recipes.settings import SCHEDULE_FIELDS
+    """The appendix-D and speed options (``run_arguments.add_schedule_arguments``) as settings keywords."""
+    from ..recipes.settings import SCHEDULE_FIELDS, SPEED_FIELDS
 
-    return {name: getattr(args, name) for name in SCHEDULE_FIELDS}
+    return {name: getattr(args, name) for name in (*SCHEDULE_FIELDS, *SPEED_FIELDS)}

@@ -103,3 +103,12 @@ SEED = whole_number(0, 2**32 - 1)  # the range numpy and most tools accept; torc
 SCHEDULE_RANGES = dict(warmup_steps=whole_number(0), initial_lr=real_number(0), min_lr=real_number(0),
                        clip_grad_norm=positive_float(), accumulation_steps=whole_number(1))
 DECAYS = ("none", "cosine")
+# --precision (infra.precision): "auto" is bf16 on a CUDA device with bfloat16, else fp32.
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+
+
+def check_precision(name: str) -> str:
+    """``name`` if it is one of :data:`PRECISIONS`, else a ValueError saying what was expected."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, found {name!r}")
+    return name

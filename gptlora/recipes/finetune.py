@@ -33,6 +33,8 @@ from ..prompt_tuning import PROMPT_METHODS, VirtualTokenModel, check_virtual_tok
 from ..formats.prompt_tuning_io import export_prompt_peft, load_prompt, save_prompt
 from ..qlora import check_quantize_method, quantize_base, quantized_layers
 from ..spam import create_dataloaders, split_paths
+from ..infra.precision import precision_record
+from ..infra.speed import speed_options
 from ..training import schedule_fingerprint, trainable_adamw
 from .run_dir import ADAPTER_DIR, RUN_FILES, open_run_dir, frozen_weights_sha256, peft_base_name  # noqa: F401
 from .run_dir import base_source  # noqa: F401  (notebooks build a run's base_source next to finetune_spam)
@@ -282,6 +284,7 @@ def run_finetune(model: GPTModel, tokenizer, settings: FinetuneSettings, out_dir
         check_quantize_method(next(iter(quantized_layers(model).values())).method, settings.method)
     processes = start_processes(device)
     device = processes.device
+    precision = settings.precision_on(device)  # tf32 on a CPU fails here, before anything is written
     show = progress and processes.is_main  # progress bars and log lines: one process shows them
     torch.manual_seed(settings.seed)
     loaders = create_dataloaders(settings.data_dir, tokenizer, settings.batch_size,
@@ -309,10 +312,10 @@ def run_finetune(model: GPTModel, tokenizer, settings: FinetuneSettings, out_dir
     if settings.cache_prefix:
         trained_model, loaders = cache_frozen_prefix(model, loaders, progress=show)
     history = TrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
-    trained_model = wrap_for_training(trained_model, processes)
+    trained_model = wrap_for_training(speed_options(trained_model, settings, device), processes)
     history = train_classifier(trained_model, loaders[0], loaders[1], optimizer, device, settings.epochs,
                                settings.eval_freq, settings.eval_iter, progress=show, history=history,
-                               checkpoints=checkpoints, schedule=settings.schedule)
+                               checkpoints=checkpoints, schedule=settings.schedule, precision=precision)
     seconds = checkpoints.training_seconds()
     # The final pass over every split takes minutes on a CPU: show it too.
     accuracy = {split: calc_accuracy_loader(tqdm(loader, desc=f"evaluating {split}", unit="batch", disable=not show),
@@ -324,7 +327,7 @@ def run_finetune(model: GPTModel, tokenizer, settings: FinetuneSettings, out_dir
                 seed=settings.seed, base_source=settings.base_source)
     if processes.is_main:  # under torchrun, one process writes the run directory
         save_classifier(model, out_dir, info)
-    metrics = dict(settings.to_json(), **info, **schedule_fingerprint(settings.schedule),
+    metrics = dict(settings.to_json(), **info, **schedule_fingerprint(settings.schedule), **precision_record(precision),
                    training_seconds=round(seconds, 1), trainable_parameters=count_parameters(model, trainable_only=True), history=asdict(history))
     if processes.is_main:
         write_json(metrics, Path(out_dir) / "metrics.json")

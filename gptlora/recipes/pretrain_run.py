@@ -44,6 +44,8 @@ from ..pretrained import load_pretrained
 from ..pretraining import PretrainingHistory, perplexity, plot_history, train_language_model
 from ..prompt_tuning import apply_virtual_tokens, check_virtual_tokens
 from ..text_data import create_dataloader, split_text
+from ..infra.precision import precision_record
+from ..infra.speed import speed_options
 from ..training import schedule_fingerprint, trainable_adamw
 from .run_dir import ADAPTER_DIR, frozen_weights_sha256, open_run_dir, peft_base_name
 from .run_dir import base_source  # noqa: F401  (notebooks build a run's base_source next to pretrain_on_text)
@@ -227,6 +229,7 @@ def run_pretrain(text: str, settings: PretrainSettings, out_dir: str | Path, *, 
     tokenizer = tokenizer or get_tokenizer()
     processes = start_processes(device)
     device = processes.device
+    precision = settings.precision_on(device)  # tf32 on a CPU fails here, before anything is written
     virtual = settings.method_options["num_virtual_tokens"] if method == "p-tuning" else 0  # room for the prompt
     if virtual:  # n virtual tokens and a window (of at least one token) must fit in the model's context
         check_virtual_tokens(virtual, base_context_length(source), settings.context_length or 1)
@@ -259,16 +262,18 @@ def run_pretrain(text: str, settings: PretrainSettings, out_dir: str | Path, *, 
     if seed_before_training:
         torch.manual_seed(settings.seed)
     history = PretrainingHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
-    history = train_language_model(wrap_for_training(model, processes), loaders[0], loaders[1], optimizer, device,
+    history = train_language_model(wrap_for_training(speed_options(model, settings, device), processes), loaders[0],
+                                   loaders[1], optimizer, device,
                                    settings.epochs, settings.eval_freq, settings.eval_iter, settings.prompt, tokenizer,
                                    sample_tokens=settings.sample_tokens, progress=progress and processes.is_main,
                                    verbose=verbose and processes.is_main, history=history, checkpoints=checkpoints,
-                                   schedule=settings.schedule)
+                                   schedule=settings.schedule, precision=precision)
     info = dict(method=method, method_options=settings.method_options, base_source=source, seed=settings.seed,
                 context_length=context_length, text=settings.text_name, prompt=settings.prompt, **(info_extra or {}))
     final = dict(train_loss=history.train_losses[-1], val_loss=history.val_losses[-1]) if history.train_losses else {}
     metrics = dict(settings.to_json(), **info, **final, **{f"{k}_perplexity": perplexity(v) for k, v in final.items()},
-                   **schedule_fingerprint(settings.schedule), training_seconds=round(checkpoints.training_seconds(), 1),
+                   **schedule_fingerprint(settings.schedule), **precision_record(precision),
+                   training_seconds=round(checkpoints.training_seconds(), 1),
                    trainable_parameters=count_parameters(model, trainable_only=True),
                    train_tokens=train_tokens, val_tokens=val_tokens, history=asdict(history))
     if processes.is_main:  # under torchrun, one process writes the run directory

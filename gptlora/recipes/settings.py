@@ -30,8 +30,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
-from ..infra.ranges import (DECAYS, SCHEDULE_RANGES, SEED, NumberRange, fraction, positive_float, real_number,
-                            whole_number)
+from ..infra.ranges import (DECAYS, PRECISIONS, SCHEDULE_RANGES, SEED, NumberRange, check_precision, fraction,
+                            positive_float, real_number, whole_number)
 
 
 def setting(default, check: NumberRange | None = None, *, fingerprint: bool = True, optional: bool = False):
@@ -103,6 +103,8 @@ def _json_value(value):
 # --- appendix D: the learning-rate schedule and gradients of every training run ----------
 
 SCHEDULE_FIELDS = ("warmup_steps", "initial_lr", "decay", "min_lr", "clip_grad_norm", "accumulation_steps")
+# How the steps are computed (infra.precision, docs/performance.md): not appendix D, shared the same way.
+SPEED_FIELDS = ("precision", "gradient_checkpointing", "compile")
 
 
 @dataclass
@@ -121,9 +123,15 @@ class ScheduleSettings(RunSettings):
     min_lr: float = setting(0.0, SCHEDULE_RANGES["min_lr"], fingerprint=False)
     clip_grad_norm: float | None = setting(None, SCHEDULE_RANGES["clip_grad_norm"], fingerprint=False, optional=True)
     accumulation_steps: int = setting(1, SCHEDULE_RANGES["accumulation_steps"], fingerprint=False)
+    # How the steps are computed. Only a precision other than the default changes the numbers enough to be in
+    # the fingerprint (and only then, so older checkpoints resume); checkpointing and compiling do not.
+    precision: str = setting(PRECISIONS[0], fingerprint=False)
+    gradient_checkpointing: bool = setting(False, fingerprint=False)
+    compile: bool = setting(False, fingerprint=False)
 
     def validate(self) -> None:
         self.schedule  # noqa: B018  (made once here: a bad decay fails now, not when training starts)
+        check_precision(self.precision)
 
     @property
     def schedule(self):
@@ -135,7 +143,14 @@ class ScheduleSettings(RunSettings):
     def fingerprint(self) -> dict:
         from ..training import schedule_fingerprint
 
-        return {**super().fingerprint(), **schedule_fingerprint(self.schedule)}
+        precision = {} if self.precision == PRECISIONS[0] else {"precision": self.precision}
+        return {**super().fingerprint(), **schedule_fingerprint(self.schedule), **precision}
+
+    def precision_on(self, device):
+        """The ``infra.precision.Precision`` of this run on ``device`` (``auto`` resolved there)."""
+        from ..infra.precision import Precision
+
+        return Precision(self.precision, device)
 
 
 def schedule_keywords(schedule) -> dict:
@@ -195,6 +210,9 @@ class FinetuneSettings(ScheduleSettings):
         if self.quantize_method and (self.method_options or {}).get("use_dora"):
             raise ValueError(f"--dora needs the base weights themselves (their row norms, at every step), found "
                              f"--quantize-base {self.quantize_method}: leave out one of the two")
+        if self.cache_prefix and self.gradient_checkpointing:
+            raise ValueError("--gradient-checkpointing recomputes blocks in the backward pass, and --cache-prefix "
+                             "runs only the last one (the frozen blocks once per message): leave out one of the two")
         if self.cache_prefix and self.method != "last-block":
             why = ("its virtual tokens change what the frozen blocks compute at every step"
                    if self.method in PROMPT_METHODS
@@ -318,7 +336,7 @@ class InstructSettings(ScheduleSettings):
         of ``context_length`` tokens and ``prompt`` (a validation record's) sampled after each epoch."""
         same = {name: getattr(self, name) for name in (
             "method", "method_options", "epochs", "lr", "weight_decay", "batch_size", "seed", "eval_freq",
-            "eval_iter", "save_every", "base_source", *SCHEDULE_FIELDS)}
+            "eval_iter", "save_every", "base_source", *SCHEDULE_FIELDS, *SPEED_FIELDS)}
         return PretrainSettings(**same, context_length=context_length, prompt=prompt, text_name=self.data)
 
 
