@@ -36,6 +36,7 @@ from .infra.distributed import sum_over_processes
 from .lora import lora_disabled, lora_layers
 from .model import evaluating
 from .infra.checkpoint import NoCheckpoints
+from .infra.precision import FP32, Precision
 from .training import NO_SCHEDULE, TrainingSchedule, first_batches, train_epochs, unwrapped
 
 
@@ -186,14 +187,15 @@ def train_preference(policy, train_loader, val_loader, optimizer, num_epochs: in
                      reference=None, average: bool = True, eval_freq: int = 5, eval_iter: int = 5, device=None,
                      progress: bool = False, verbose: bool = True, history: PreferenceHistory | None = None,
                      checkpoints: NoCheckpoints | None = None,
-                     schedule: TrainingSchedule = NO_SCHEDULE) -> PreferenceHistory:
+                     schedule: TrainingSchedule = NO_SCHEDULE, precision: Precision = FP32) -> PreferenceHistory:
     """The book's ``train_model_dpo_simple`` through the one loop (``training.train_epochs``).
 
     Every ``eval_freq`` steps: :func:`dpo_scores` of ``eval_iter`` batches of each loader, printed
     as the book prints it (``Ep 1 (Step 000000): Train loss 0.692, Val loss 0.693, Train reward
     margins 0.014, Val reward margins 0.006``). ``reference`` as in :func:`reference_of` (None: the
     policy with its adapters off). ``device``: where batches go. ``history``, ``checkpoints`` and
-    ``schedule`` (appendix D) as in ``pretraining.train_language_model``.
+    ``schedule`` (appendix D) and ``precision`` (``infra.precision``: autocast, fp16's scaler) as in
+    ``pretraining.train_language_model``.
     """
     history = history or PreferenceHistory()
     log = tqdm.write if verbose else (lambda message: None)  # tqdm.write: print, below any bar
@@ -219,4 +221,4 @@ def train_preference(policy, train_loader, val_loader, optimizer, num_epochs: in
 
     return train_epochs(policy, train_loader, optimizer, num_epochs, history, batch_loss=batch_loss,
                         eval_freq=eval_freq, evaluate=evaluate, end_epoch=lambda history, epoch: None,
-                        progress=progress, checkpoints=checkpoints, schedule=schedule)
+                        progress=progress, checkpoints=checkpoints, schedule=schedule, precision=precision)

@@ -92,6 +92,22 @@ def test_full_dpo_from_a_lora_instruct_run_resumes_to_the_same_end(run_cli, smal
     assert resumed["val_chosen_rewards"] == straight["val_chosen_rewards"]
 
 
+def test_prefer_takes_the_training_commands_precision_and_checkpointing(run_cli, small_data, tiny_shape, tmp_path,
+                                                                       one_thread):
+    """`prefer` shares the training options of issue 24: a bf16 run with checkpointed blocks records the
+    precision it used in metrics.json, and its losses stay near the float32 run's."""
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16", ["--precision", "bf16", "--gradient-checkpointing"])):
+        status, out = run_cli(prefer_args(small_data, tiny_shape, tmp_path / name, "--random-init", "--method", "lora",
+                                          "--rank", "4", "--response-tokens", "0", *extra))
+        assert status == 0, out
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert "precision_used" not in runs["fp32"]
+    assert runs["bf16"]["precision_used"] == "bf16" and runs["bf16"]["gradient_checkpointing"] is True
+    fp32, bf16 = (runs[name]["history"]["train_losses"] for name in ("fp32", "bf16"))
+    assert len(fp32) == len(bf16) > 0 and max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05
+
+
 def test_preference_settings_are_checked_when_made():
     from gptlora.recipes.settings import PreferenceSettings
 

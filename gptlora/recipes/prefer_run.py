@@ -31,6 +31,8 @@ from ..generation import get_tokenizer
 from ..infra.atomic import write_json
 from ..infra.checkpoint import Checkpointer
 from ..infra.distributed import fail_together, shard_loaders, start_processes, wrap_for_training
+from ..infra.precision import precision_record
+from ..infra.speed import speed_options
 from ..instruction_data import check_split_sizes
 from ..instruction_scoring import offline_scores
 from ..lora import apply_lora, lora_layers, merge_lora
@@ -72,6 +74,7 @@ def run_prefer(data: list[dict], settings: PreferenceSettings, out_dir: str | Pa
     tokenizer = tokenizer or get_tokenizer()
     processes = start_processes(device)
     device = processes.device
+    precision = settings.precision_on(device)  # tf32 on a CPU fails here, before anything is written
     source = settings.base_source
     train, val, test = split_preference_data(data)
     check_split_sizes(len(data), train, val, settings.batch_size)
@@ -100,12 +103,12 @@ def run_prefer(data: list[dict], settings: PreferenceSettings, out_dir: str | Pa
     train_loader, val_loader = shard_loaders(loaders[:2], processes, settings.seed)
     torch.manual_seed(settings.seed)  # the book seeds right before training (the first shuffle)
     history = PreferenceHistory(**checkpoints.resume()) if resume else None  # last: it sets the generators
-    history = train_preference(wrap_for_training(model, processes), train_loader, val_loader, optimizer,
+    history = train_preference(wrap_for_training(speed_options(model, settings, device), processes), train_loader, val_loader, optimizer,
                                settings.epochs, beta=settings.beta, reference=reference,
                                average=settings.logprobs == "mean", eval_freq=settings.eval_freq,
                                eval_iter=settings.eval_iter, device=device, progress=progress and processes.is_main,
                                verbose=verbose and processes.is_main, history=history, checkpoints=checkpoints,
-                               schedule=settings.schedule)
+                               schedule=settings.schedule, precision=precision)
     info = dict(method="full", base_source=source, seed=settings.seed, context_length=limit,
                 instruction=dict(mask_prompt=settings.mask_prompt, max_length=max_length, data=settings.data),
                 preference=dict(method=settings.method, beta=settings.beta, logprobs=settings.logprobs,
@@ -114,7 +117,7 @@ def run_prefer(data: list[dict], settings: PreferenceSettings, out_dir: str | Pa
     if history.train_losses:
         final = dict(train_loss=history.train_losses[-1], val_loss=history.val_losses[-1],
                      train_margin=history.margins("train")[-1], val_margin=history.margins("val")[-1])
-    metrics = dict(settings.to_json(), **final, **schedule_fingerprint(settings.schedule),
+    metrics = dict(settings.to_json(), **final, **schedule_fingerprint(settings.schedule), **precision_record(precision),
                    training_seconds=round(checkpoints.training_seconds(), 1),
                    trainable_parameters=count_parameters(model, trainable_only=True), history=asdict(history))
     if not processes.is_main:  # under torchrun, one process answers and writes the run directory
