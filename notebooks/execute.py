@@ -15,7 +15,8 @@ Each notebook records how it is executed in its metadata, ``metadata["gptlora"][
 * ``note``: a line shown with the outputs, e.g. why a run is shorter than the notebook's default.
 * ``check``: ``"compare"`` for notebooks cheap enough that tests/test_notebooks.py runs them again and
   compares every output (through nbval, with ``nbval_sanitize.cfg``); ``"fingerprint"`` for the expensive
-  ones: the script records the SHA-256 of every gptlora module the kernel had loaded, of every input data file
+  ones: the script records the SHA-256 of every gptlora module the kernel had loaded (of its code: docstrings,
+  comments and layout left out), of every input data file
   it opened (and those of the notebooks it needs), and of each code cell, and the test checks those.
 
 What varies from machine to machine is taken out of the outputs before they are written (``SANITIZERS``):
@@ -89,6 +90,22 @@ def sha256(path: Path) -> str:
 
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def code_sha256(path: Path) -> str:
+    """SHA-256 of a Python module's code: its syntax tree without docstrings, comments or layout, so that
+    rewording a docstring (the package's chapter map, say) does not make every notebook's outputs stale,
+    while any change to what runs does."""
+    import ast
+
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return text_sha256(ast.dump(tree, include_attributes=False))
 
 
 def machine() -> str:
@@ -228,7 +245,7 @@ def fingerprint(report: dict, root: Path) -> dict:
     for file in report["modules"]:
         path = Path(file).resolve()
         if path.is_relative_to(REPO_ROOT):
-            modules[str(path.relative_to(REPO_ROOT))] = sha256(path)
+            modules[str(path.relative_to(REPO_ROOT))] = code_sha256(path)
     data, copies = {}, (Path(root) / "data").resolve()
     for file in report["opened"]:
         path = Path(file).resolve()
@@ -256,7 +273,7 @@ def stale_reason(path: Path) -> str | None:
         if now.get(index) != recorded["cells"].get(index):
             return f"notebooks/{path.name}, cell {index}: its code changed since its outputs were made; {refresh}"
     for name, digest in recorded["modules"].items():
-        if not (REPO_ROOT / name).is_file() or sha256(REPO_ROOT / name) != digest:
+        if not (REPO_ROOT / name).is_file() or code_sha256(REPO_ROOT / name) != digest:
             return f"notebooks/{path.name}: {name} changed since its outputs were made; {refresh}"
     for name, digest in recorded["data"].items():
         if (SHARED_DATA.parent / name).is_file() and sha256(SHARED_DATA.parent / name) != digest:

@@ -245,6 +245,22 @@ def test_a_stale_fingerprint_names_the_notebook_the_cell_or_the_module(tmp_path,
     assert reason.startswith(f"notebooks/{path.name}, cell {index}: its code changed") and reason.count("\n") == 0
 
 
+def test_a_module_fingerprint_follows_its_code_not_its_docstrings_or_comments(tmp_path):
+    """Rewording a docstring or a comment leaves the notebooks that loaded the module fresh; changing what runs
+    (a number, a name) makes them stale."""
+    module = tmp_path / "m.py"
+    versions = {
+        "original": '"""A module."""\n\ndef f(x):\n    """Twice x."""\n    return 2 * x  # doubled\n',
+        "reworded": '"""The module, said otherwise."""\n\n\ndef f(x):\n    """x, two times."""\n    return 2 * x\n',
+        "changed": '"""A module."""\n\ndef f(x):\n    """Twice x."""\n    return 3 * x  # doubled\n',
+    }
+    digests = {}
+    for name, text in versions.items():
+        module.write_text(text)
+        digests[name] = executor.code_sha256(module)
+    assert digests["original"] == digests["reworded"] != digests["changed"]
+
+
 def test_a_changed_output_of_a_compared_notebook_fails_with_one_line_naming_it(tmp_path):
     """As for 01 and 05: an output committed that the code does not produce is found, cell and values named."""
     path = tmp_path / "99_made_up.ipynb"
