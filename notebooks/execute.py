@@ -124,7 +124,8 @@ def prepare_workspace(root: Path) -> dict:
     """Folders and inputs for a run under ``root``; returns the environment's ``GPTLORA_*`` folder variables.
 
     The data of ``../shared/data`` is copied to ``root/data`` where a notebook would download it; the SMS
-    collection is also named by ``GPTLORA_SPAM_SOURCE``; ``GPTLORA_OFFLINE=1`` makes a download fail at once.
+    collection is also named by ``GPTLORA_SPAM_SOURCE``; ``GPTLORA_OFFLINE=1`` makes a download fail at once;
+    the tokenizer's files come from ``TIKTOKEN_CACHE_DIR``, else from ``../shared/tiktoken-cache`` when it is there.
     """
     from gptlora.teaching.notebook_params import env_name
 
@@ -134,6 +135,9 @@ def prepare_workspace(root: Path) -> dict:
     env = {env_name(name): str(root / name.removesuffix("_dir").replace("output", "figures")) for name in FOLDERS}
     env.update({"GPTLORA_OFFLINE": "1", env_name("device"): "cpu",
                 "GPTLORA_SPAM_SOURCE": str(root / "data" / "sms_spam_collection" / "SMSSpamCollection")})
+    shared_cache = SHARED_DATA.parent / "tiktoken-cache"
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and shared_cache.is_dir():
+        env["TIKTOKEN_CACHE_DIR"] = str(shared_cache)
     return env
 
 
