@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .infra.checkpoint import NoCheckpoints
 from .infra.distributed import sum_over_processes
 from .infra.precision import FP32, Precision
+from .infra.speed import to_device
 from .generation import END_OF_TEXT_ID
 from .lora import apply_lora, check_lora_hyperparameters
 from .model import GPTModel, evaluating
@@ -146,7 +147,7 @@ def split_batch(batch, device):
     to ``device``, lengths stay where they are (``classification_logits`` moves them).
     """
     inputs, labels, *rest = batch
-    return inputs.to(device), labels.to(device), (rest[0] if rest else None)
+    return to_device(inputs, device), to_device(labels, device), (rest[0] if rest else None)
 
 
 def calc_loss_batch(input_batch, target_batch, model, device, lengths=None) -> torch.Tensor:
@@ -156,8 +157,8 @@ def calc_loss_batch(input_batch, target_batch, model, device, lengths=None) -> t
     ``model`` takes), ``target_batch`` ``[B]`` class ids, ``lengths`` ``[B]`` real tokens per
     row with dynamic padding (None: read every row at its last position).
     """
-    logits = classification_logits(model(input_batch.to(device)), lengths)
-    return F.cross_entropy(logits, target_batch.to(device))
+    logits = classification_logits(model(to_device(input_batch, device)), lengths)
+    return F.cross_entropy(logits, to_device(target_batch, device))
 
 
 def calc_loss_loader(data_loader, model, device, num_batches=None) -> float:

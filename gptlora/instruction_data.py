@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .generation import END_OF_TEXT_ID
 from .infra.download import download_file
+from .infra.speed import to_device
 
 # The book's data set: 1,100 Alpaca-style records (rasbt/LLMs-from-scratch, Apache-2.0).
 INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
@@ -231,7 +232,7 @@ def collate(batch, pad_token_id: int = END_OF_TEXT_ID, ignore_index: int = IGNOR
                          f"{allowed_max_length} keeps only prompt tokens; use a larger maximum length "
                          "(--max-length) or leave out --mask-prompt")
     if device is not None:
-        inputs, targets = inputs.to(device), targets.to(device)
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
     return inputs, targets
 
 

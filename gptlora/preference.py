@@ -37,6 +37,7 @@ from .lora import lora_disabled, lora_layers
 from .model import evaluating
 from .infra.checkpoint import NoCheckpoints
 from .infra.precision import FP32, Precision
+from .infra.speed import to_device
 from .training import NO_SCHEDULE, TrainingSchedule, first_batches, train_epochs, unwrapped
 
 
@@ -134,7 +135,7 @@ def dpo_batch(policy, batch: dict, beta: float = 0.1, reference=None, average: b
 
 def on_device(batch: dict, device=None) -> dict:
     """A collated batch with its tensors on ``device`` (unchanged for None)."""
-    return batch if device is None else {key: value.to(device) for key, value in batch.items()}
+    return batch if device is None else {key: to_device(value, device) for key, value in batch.items()}
 
 
 def dpo_scores(data_loader, policy, beta: float = 0.1, reference=None, num_batches: int | None = None,

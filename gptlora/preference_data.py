@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .generation import END_OF_TEXT_ID
 from .infra.download import download_file
+from .infra.speed import to_device
 from .instruction_data import RESPONSE_HEADER, check_records, format_input, read_json_file, split_instruction_data
 
 # The book's preference data (rasbt/LLMs-from-scratch, Apache-2.0): 1,100 records.
@@ -141,7 +142,7 @@ def collate_preferences(batch: list[dict], pad_token_id: int = END_OF_TEXT_ID, a
         if not bool(out[key][:, 1:].any(dim=1).all()):
             raise ValueError(f"a {key.split('_')[0]} answer of this batch keeps no token: allowed_max_length "
                              f"{allowed_max_length} keeps only its prompt; use a larger maximum length (--max-length)")
-    return {key: value.to(device) for key, value in out.items()} if device is not None else out
+    return {key: to_device(value, device) for key, value in out.items()} if device is not None else out
 
 
 def preference_loaders(train_data, val_data, test_data, tokenizer, batch_size: int = 8,

@@ -31,6 +31,7 @@ from .generation import generate, text_to_token_ids, token_ids_to_text
 from .prompt_tuning import VirtualTokenModel
 from .model import evaluating
 from .infra.precision import FP32, Precision
+from .infra.speed import to_device
 from .training import NO_SCHEDULE, TrainingSchedule, mean_batch_loss, plot_values, train_epochs, unwrapped
 
 
@@ -40,8 +41,8 @@ def calc_loss_batch(input_batch, target_batch, model, device) -> torch.Tensor:
     ``input_batch`` and ``target_batch`` are token ids ``[B, T]``; the logits
     ``[B, T, V]`` are flattened to ``[B*T, V]`` against targets ``[B*T]``.
     """
-    logits = model(input_batch.to(device))
-    return F.cross_entropy(logits.flatten(0, 1), target_batch.to(device).flatten())
+    logits = model(to_device(input_batch, device))
+    return F.cross_entropy(logits.flatten(0, 1), to_device(target_batch, device).flatten())
 
 
 def calc_loss_loader(data_loader, model, device, num_batches=None) -> float:

@@ -261,3 +261,21 @@ def test_bench_on_cuda_reports_mfu_and_peak_memory():
     assert rows[0].option == "fp32" and {"tf32", "fp16", "fp32+checkpointing"} <= {row.option for row in rows}
     for row in rows:
         assert row.train_tokens_per_s > 0 and row.peak_memory_mb > 0 and row.mfu_of_measured > 0
+
+
+def test_a_pinned_non_blocking_copy_arrives_equal_on_the_gpu():
+    from gptlora.infra.speed import to_device
+    from gptlora.pretraining import calc_loss_batch
+
+    batch = torch.randint(0, 97, (8, 17), generator=torch.Generator().manual_seed(0))
+    moved = to_device(batch, "cuda")
+    assert moved.device.type == "cuda" and not batch.is_pinned()  # the pinned copy is a new host tensor
+    assert torch.equal(moved.cpu(), batch)
+    pinned = batch.pin_memory()  # as a DataLoader(pin_memory=True) hands it over
+    assert torch.equal(to_device(pinned, torch.device("cuda")).cpu(), batch)
+    assert to_device(moved, "cuda") is moved
+    torch.manual_seed(0)
+    model = GPTModel(TINY_CUDA).cuda().eval()
+    with torch.no_grad():  # the loss reads the non-blocking copy on the same stream: as if it had waited
+        expected = calc_loss_batch(batch[:, :-1].cuda(), batch[:, 1:].cuda(), model, "cuda")
+        assert torch.equal(calc_loss_batch(batch[:, :-1], batch[:, 1:], model, "cuda"), expected)

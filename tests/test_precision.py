@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gptlora.cli import app as cli
 from gptlora.cli.run_settings import pretrain_settings
 from gptlora.infra.precision import FP32, Precision, precision_record, resolve_precision
-from gptlora.infra.speed import set_gradient_checkpointing, speed_options
+from gptlora.infra.speed import set_gradient_checkpointing, speed_options, to_device
 from gptlora.lora import apply_lora
 from gptlora.model import GPTConfig, GPTModel
 from gptlora.recipes.settings import FinetuneSettings, InstructSettings, PretrainSettings
@@ -154,6 +154,43 @@ def test_gradient_checkpointing_needs_a_gpt_model_inside():
         set_gradient_checkpointing(torch.nn.Linear(2, 2))
     plain = GPTModel(TINY)
     assert speed_options(plain, PretrainSettings(), "cpu") is plain and not plain.gradient_checkpointing
+
+
+def record_copies(monkeypatch, pinned=False):
+    """Replace ``Tensor.to``, ``pin_memory`` and ``is_pinned`` by recorders (no GPU needed); returns the calls."""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: pinned)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin_memory") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: calls.append(("to", args, kwargs)) or self)
+    return calls
+
+
+def test_to_device_on_the_cpu_and_other_devices_is_the_plain_copy():
+    batch = torch.arange(12).reshape(3, 4)
+    moved = to_device(batch, "cpu")
+    assert moved is batch.to("cpu") and torch.equal(moved, torch.arange(12).reshape(3, 4))
+    on_meta = to_device(batch, torch.device("meta"))  # a device that is not CUDA, tensors without data
+    assert on_meta.device.type == "meta" and on_meta.shape == batch.shape and on_meta.dtype == batch.dtype
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), "meta", "mps"])
+def test_to_device_calls_exactly_tensor_to_device_off_cuda(monkeypatch, device):
+    calls = record_copies(monkeypatch)
+    to_device(torch.zeros(2), device)
+    assert calls == [("to", (device,), {})]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda", 0)])
+def test_to_device_pins_and_copies_without_blocking_to_cuda(monkeypatch, device):
+    calls = record_copies(monkeypatch)
+    to_device(torch.zeros(2), device)
+    assert calls == ["pin_memory", ("to", (device,), {"non_blocking": True})]
+
+
+def test_to_device_does_not_pin_a_pinned_batch_again(monkeypatch):
+    calls = record_copies(monkeypatch, pinned=True)  # a DataLoader(pin_memory=True) batch
+    to_device(torch.zeros(2), "cuda")
+    assert calls == [("to", ("cuda",), {"non_blocking": True})]
 
 
 @pytest.mark.parametrize("kind", [FinetuneSettings, PretrainSettings, InstructSettings])

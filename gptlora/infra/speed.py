@@ -1,5 +1,6 @@
 """The options that make a training step faster or smaller without changing what it computes
-(to float tolerance): ``--compile`` and ``--gradient-checkpointing`` (docs/performance.md).
+(to float tolerance): ``--compile`` and ``--gradient-checkpointing`` (docs/performance.md), and
+``to_device``, the pinned, non-blocking copy of every batch to a CUDA device.
 
 ``--precision`` changes the numbers more and lives in ``infra.precision``; fused AdamW is
 ``training.trainable_adamw``'s choice on CUDA.
@@ -53,3 +54,19 @@ def speed_options(model: torch.nn.Module, settings, device) -> torch.nn.Module:
     if settings.gradient_checkpointing:
         set_gradient_checkpointing(model)
     return compile_for_training(model, device) if settings.compile else model
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor`` on ``device``: exactly ``tensor.to(device)``, except for a CPU tensor bound for a CUDA device,
+    which goes through pinned memory with a non-blocking copy.
+
+    Pinned (page-locked) host memory can be read by the GPU's copy engine directly, so the copy runs
+    asynchronously and overlaps with the kernels already queued; from ordinary pageable memory CUDA first
+    stages the data through a pinned buffer of its own and the CPU waits. ``non_blocking=True`` is safe here
+    because the kernels that read the copy are queued on the same CUDA stream, after it. A tensor already
+    pinned (a ``DataLoader(pin_memory=True)`` batch) is not pinned again. Shapes and dtype are unchanged.
+    """
+    if device is not None and tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        host = tensor if tensor.is_pinned() else tensor.pin_memory()
+        return host.to(device, non_blocking=True)
+    return tensor.to(device)
