@@ -233,7 +233,7 @@ def test_grading_with_the_environment_under_tmp_and_an_escaping_neighbour(built,
                 'exec "$@"')
         command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", bind, "sh", sys.prefix, str(venv),
                    str(venv / "bin" / "python"), str(EXERCISE_DIR / "teach.py"), "grade", str(submissions), "--exercise", "01_gpt_model", "--out", str(out),
-                   "--timeout", str(4 * TIMEOUT), "--jobs", "3"]
+                   "--timeout", str(4 * TIMEOUT), "--jobs", "3", "--key-file", str(tmp_path / "grading-key")]
         grader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         stdout, stderr = grader.communicate(timeout=600)
     assert grader.returncode == 0, stderr
