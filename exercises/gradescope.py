@@ -33,6 +33,9 @@ VISIBILITIES = ("hidden", "after_due_date", "after_published", "visible")  # Gra
 SETTINGS_FILE = "autograder-settings.json"
 KEY_IN_ZIP = "grading-key"  # the teacher's key; the zip is the teacher's, never handed to students
 DEADLINE_S = 540  # seconds: under Gradescope's default timeout of 10 minutes (its maximum is 40)
+# Of the deadline, what drawing the inputs, computing the expected answers and diagnosing typical mistakes may
+# take; the sandboxed runs get the rest (all of a submission's runs take at most DEADLINE_RUNS x their timeout).
+ANSWERS_MARGIN_S = 60
 GRADER_DATA = ("typical_mistakes.yaml",)  # besides every exercises/*.py (the autograder runs teach.py grade's code)
 REPO_FILES = ("pyproject.toml", "README.md")  # what `pip install` of the package needs besides gptlora/
 
@@ -101,6 +104,8 @@ def autograder_key(root: Path) -> bytes:
         with replace_atomically(key_path) as temporary:
             temporary.write_bytes(packed.read_bytes())
             os.chmod(temporary, 0o600)
+    if key_path.is_file():
+        packed.unlink(missing_ok=True)  # moved, not copied: no key left in the source tree
     return grading_key(key_path)
 
 
@@ -222,11 +227,14 @@ def run_autograder(root: Path) -> dict:
     returns what was written. Never raises for a bad submission or an unusable sandbox: that is said in
     the results' output, with 0 points."""
     from feedback import graded_questions
-    from sandbox import Limits, describe_isolation
+    from sandbox import DEADLINE_RUNS, Limits, describe_isolation
     from scoring import safe_text
 
     settings = json.loads((root / "source" / SETTINGS_FILE).read_text())
-    limits = Limits(timeout_s=float(settings["timeout_s"]), memory_mib=int(settings["memory_mib"]))
+    # all runs of a hanging submission must end before the zip's deadline, so that its definitions are graded
+    # rather than the whole grader stopped: the per-run timeout shrinks where the teacher's would not fit
+    fits = max((float(settings["deadline_s"]) - ANSWERS_MARGIN_S) / DEADLINE_RUNS, 1.0)
+    limits = Limits(timeout_s=min(float(settings["timeout_s"]), fits), memory_mib=int(settings["memory_mib"]))
     start = time.perf_counter()
     try:
         unsafe = not bubblewrap_runs(limits, fallback_allowed=bool(settings["unsafe"]))

@@ -106,6 +106,8 @@ def test_zip_holds_what_gradescope_runs(autograder_zip):
     root = layout(autograder_zip)
     try:
         assert len(gradescope.autograder_key(root)) == 32 and (root / gradescope.KEY_IN_ZIP).stat().st_mode & 0o077 == 0
+        assert not (root / "source" / gradescope.KEY_IN_ZIP).exists()  # moved out of the source tree, not copied
+        assert len(gradescope.autograder_key(root)) == 32  # and found there on the next call
     finally:
         shutil.rmtree(root, ignore_errors=True)
     setup = zipfile.ZipFile(autograder_zip).read("setup.sh").decode()
@@ -264,3 +266,30 @@ def test_release_refuses_a_deadline_that_is_not_positive_before_it_touches_the_o
     assert teach.main(["release", "--out", str(tmp_path / "dist"), "--gradescope-deadline", "0"]) == 2
     assert "deadline must be a positive number of seconds" in capsys.readouterr().err
     assert not (tmp_path / "dist").exists()
+
+
+def test_a_teachers_timeout_that_would_outlast_the_deadline_is_shortened_to_fit(tmp_path, monkeypatch):
+    """All runs of a submission take up to DEADLINE_RUNS x the timeout: with --timeout 400 and the default 540 s
+    deadline a hanging submission would be cut off by the deadline (0, 'not graded') instead of having its
+    definitions graded, so run_autograder gives each run what fits after the answers' margin."""
+    import feedback
+    import sandbox
+
+    seen = {}
+
+    def graded(notebook, exercise, master, limits, unsafe, name, *, key):
+        seen["timeout_s"] = limits.timeout_s
+        return [], []
+
+    monkeypatch.setattr(feedback, "graded_questions", graded)
+    monkeypatch.setattr(gradescope, "bubblewrap_runs", lambda *args, **kwargs: True)
+    for timeout, expected in ((400, (gradescope.DEADLINE_S - gradescope.ANSWERS_MARGIN_S) / sandbox.DEADLINE_RUNS),
+                              (30, 30)):
+        root = layout(gradescope.write_autograder_zip(MASTER, tmp_path / f"{timeout}.zip", timeout_s=timeout,
+                                                      key_file=tmp_path / "grading-key"))
+        try:
+            (root / "submission" / "mine.ipynb").write_text('{"cells": []}')
+            gradescope.run_autograder(root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        assert seen["timeout_s"] == expected
