@@ -143,8 +143,11 @@ def main(argv: list[str]) -> int:
         cells = code_cells(json.load(file))
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     problems = run_cells(cells, mode, namespace)
-    tasks = json.loads(sys.stdin.read())  # read only now: while the cells ran, the task list was nowhere here
-    with open(results_path, "a", encoding="utf-8") as results:  # opened only now: the cells had no handle to it
+    # Read only now. The list waits in the pipe from the start and the results descriptor is inherited, so
+    # a cell could read or write them first; the grader's strict order (scoring.read_results) makes any
+    # line other than the one expected here a tampered row, and a right line needs the right values.
+    tasks = json.loads(sys.stdin.read())
+    with open(results_path, "a", encoding="utf-8") as results:
         answer(tasks, namespace, probes, results, {"cells": mode, "problems": problems})
     return 0
 
