@@ -207,23 +207,6 @@ def test_precision_is_recorded_and_in_the_fingerprint_only_when_not_the_default(
         kind(precision="half")
 
 
-@pytest.mark.parametrize("kind", [FinetuneSettings, PretrainSettings, InstructSettings])
-def test_a_checkpoint_fingerprints_the_precision_that_computes_not_the_one_asked_for(kind):
-    """``auto`` is fp32 on a CPU and bf16 on a GPU: a run that auto ran in fp32 must not resume in bf16 on
-    another device, while ``--precision fp32`` resumes it (and fp32 adds no entry, as before the options)."""
-    auto, fp32 = kind(), kind(precision="fp32")
-    on_cpu = Precision("auto", "cpu")
-    assert auto.fingerprint(on_cpu) == fp32.fingerprint(Precision("fp32", "cpu")) == kind().fingerprint()
-
-    @dataclass
-    class ResolvedOnAGpu:  # what Precision("auto", "cuda") is on a GPU with bfloat16 (none here)
-        name: str = "bf16"
-        is_default: bool = False
-
-    assert auto.fingerprint(ResolvedOnAGpu()) != auto.fingerprint(on_cpu)
-    assert auto.fingerprint(ResolvedOnAGpu()) == kind(precision="bf16").fingerprint(Precision("bf16", "cpu"))
-
-
 def test_checkpointing_and_a_cached_prefix_exclude_each_other():
     with pytest.raises(ValueError, match="--gradient-checkpointing recomputes blocks .* leave out one of the two"):
         FinetuneSettings(cache_prefix=True, gradient_checkpointing=True)

@@ -302,7 +302,7 @@ def run_finetune(model: GPTModel, tokenizer, settings: FinetuneSettings, out_dir
     model = apply_method(model, settings.method, settings.method_options, len(LABEL_NAMES)).to(device)
     torch.manual_seed(settings.seed)
     optimizer = trainable_adamw(model, settings.lr, settings.weight_decay)  # foreach: ~2.5x faster, small model
-    fingerprint = dict(config=model.cfg.to_dict(), **settings.fingerprint(precision), frozen_weights=frozen_weights_sha256(model),
+    fingerprint = dict(config=model.cfg.to_dict(), **settings.fingerprint(), frozen_weights=frozen_weights_sha256(model),
                        data=data_sha256(settings.data_dir), data_order="distributed" if processes.distributed else "book")
     checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, settings.save_every,
                                writes_files=processes.is_main, extra=command_options)

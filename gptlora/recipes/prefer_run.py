@@ -95,7 +95,7 @@ def run_prefer(data: list[dict], settings: PreferenceSettings, out_dir: str | Pa
     model.to(device)
     optimizer = trainable_adamw(model, settings.lr, settings.weight_decay)
     data_sha256 = hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
-    fingerprint = dict(config=model.cfg.to_dict(), **{**settings.fingerprint(precision), "max_length": max_length},
+    fingerprint = dict(config=model.cfg.to_dict(), **{**settings.fingerprint(), "max_length": max_length},
                        frozen_weights=frozen_weights_sha256(model), data=data_sha256,
                        data_order="distributed" if processes.distributed else "book")
     checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, settings.save_every,

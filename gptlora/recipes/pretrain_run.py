@@ -250,7 +250,7 @@ def run_pretrain(text: str, settings: PretrainSettings, out_dir: str | Path, *, 
         model = apply_virtual_tokens(model, method, settings.method_options)
     model.to(device)
     optimizer = trainable_adamw(model, settings.lr, settings.weight_decay)
-    fingerprint = dict(config=model.cfg.to_dict(), **{**settings.fingerprint(precision), "context_length": context_length},
+    fingerprint = dict(config=model.cfg.to_dict(), **{**settings.fingerprint(), "context_length": context_length},
                        frozen_weights=frozen_weights_sha256(model), text=hashlib.sha256(text.encode("utf-8")).hexdigest(),
                        data_order="distributed" if processes.distributed else "book")
     checkpoints = Checkpointer(checkpoint_path, model, optimizer, fingerprint, settings.save_every,

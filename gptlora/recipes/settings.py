@@ -140,18 +140,11 @@ class ScheduleSettings(RunSettings):
 
         return TrainingSchedule(**{name: getattr(self, name) for name in SCHEDULE_FIELDS})
 
-    def fingerprint(self, precision=None) -> dict:
-        """The run's checkpoint fingerprint. With ``precision`` (the ``infra.precision.Precision`` this run
-        resolved on its device), the precision that computes, not the one asked for: ``auto`` resolved to
-        bf16 on a GPU must not resume a run that ``auto`` ran in fp32 on a CPU, while an explicit fp32 may.
-        fp32 adds no entry (checkpoints written before the precision options still resume)."""
+    def fingerprint(self) -> dict:
         from ..training import schedule_fingerprint
 
-        if precision is None:
-            entry = {} if self.precision == PRECISIONS[0] else {"precision": self.precision}
-        else:
-            entry = {} if precision.is_default else {"precision": precision.name}
-        return {**super().fingerprint(), **schedule_fingerprint(self.schedule), **entry}
+        precision = {} if self.precision == PRECISIONS[0] else {"precision": self.precision}
+        return {**super().fingerprint(), **schedule_fingerprint(self.schedule), **precision}
 
     def precision_on(self, device):
         """The ``infra.precision.Precision`` of this run on ``device`` (``auto`` resolved there)."""
