@@ -197,7 +197,7 @@ def test_a_submission_that_hangs_everywhere_costs_about_two_timeouts(built):
     nb = json.loads(blank)
     nb["cells"].append(nbformat.v4.new_code_cell(HANGS))
     questions, timeout = scoring.master_questions(master), 8
-    expected = {q.name: [None] for q in questions}
+    expected = {q.name: scoring.Drawn(cases=[], answers=[]) for q in questions}  # never reached: it hangs
     start = time.monotonic()
     row = scoring.grade_one("hangs.ipynb", json.dumps(nb).encode(), "01_gpt_model", questions, expected,
                             sandbox.Limits(timeout_s=timeout), not ISOLATED)
