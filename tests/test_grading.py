@@ -145,10 +145,15 @@ def forge():  # waits for the task list, then writes an answer to every case and
 threading.Thread(target=forge, daemon=True).start()
 """, 0),
     "writes_a_results_file": ("student", """
-import json, pathlib
+import json, sys
 forged = {"question": "q1", "observations": [{"value": 1000}]}
-for name in ("results.jsonl", "results.json", "/tmp/results.json"):
-    pathlib.Path(name).write_text(json.dumps(forged) + "\\n" + json.dumps({"cells": "cells", "finished": True}))
+# files a grader might read, and the real results channel (the pipe named on the command line)
+for name in ("results.jsonl", "results.json", "/tmp/results.json", sys.argv[-1]):
+    try:
+        with open(name, "a") as file:
+            file.write(json.dumps(forged) + "\\n" + json.dumps({"cells": "cells", "finished": True}) + "\\n")
+    except OSError:
+        pass
 print(json.dumps({"q1": 1, "q2": 1, "q3": 1, "q4": 1, "total": 4}))
 """, 0),
     "forged_extra_question": ("student", """
